@@ -1,0 +1,110 @@
+"""One error hierarchy for the whole engine.
+
+The CLI turns any ``LoyaltyError`` into a short message and an exit code in one
+place: 1 for rules or data that are wrong, 3 for an outside failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class LoyaltyError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding in a rule file: ``file:line:col: message (hint)``."""
+
+    file: str
+    line: int
+    column: int
+    message: str
+    hint: str = ""
+    severity: str = "error"  # "error" or "warning"
+    source_line: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        text = f"{self.file}:{self.line}:{self.column}: {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "severity": self.severity,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+class RuleError(LoyaltyError):
+    """Rule files (or loyalty.yaml) are wrong; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.column))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ExpressionError(LoyaltyError):
+    """An expression could not be parsed or type-checked.
+
+    ``offset`` is the 0-based character offset inside the expression text;
+    the workspace loader turns it into a file position.
+    """
+
+    def __init__(self, message: str, offset: int = 0, hint: str = ""):
+        self.message = message
+        self.offset = offset
+        self.hint = hint
+        super().__init__(message + (f" ({hint})" if hint else ""))
+
+
+class DataError(LoyaltyError):
+    """Customer data is wrong: names the source, and the row and column when known."""
+
+    def __init__(self, source: str, message: str, row: int | None = None,
+                 column: str | None = None, hint: str = ""):
+        self.source = source
+        self.message = message
+        self.row = row
+        self.column = column
+        self.hint = hint
+        where = source
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column '{column}'"
+        super().__init__(f"{where}: {message}" + (f" ({hint})" if hint else ""))
+
+
+class TemplateError(LoyaltyError):
+    """A template failed to load or render."""
+
+    def __init__(self, template: str, message: str, line: int | None = None,
+                 customer_id: str | None = None):
+        self.template = template
+        self.message = message
+        self.line = line
+        self.customer_id = customer_id
+        where = template + (f":{line}" if line else "")
+        who = f" (customer {customer_id})" if customer_id else ""
+        super().__init__(f"{where}: {message}{who}")
+
+
+class DeliveryError(LoyaltyError):
+    """A channel could not deliver; an outside failure."""
+
+    exit_code = 3
+
+
+class StateError(LoyaltyError):
+    """The state database is locked, newer than this version, or inconsistent."""
+
+    exit_code = 3
