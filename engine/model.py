@@ -81,6 +81,9 @@ class Settings:
     coupon_prefix: str = ""
     coupon_length: int = 10
     salt: str = "loyalty"
+    point_value: float = 0.01        # currency per point, for cost estimates
+    shipping_cost: float = 10.0      # cost of one free-shipping reward
+    message_cost: float = 0.0        # cost of sending one message
 
 
 # --------------------------------------------------------------------------- rules
