@@ -1,0 +1,233 @@
+"""The `loyalty` command line: a thin layer over engine.api.
+
+Exit codes: 0 ok, 1 the rules or data are wrong, 2 bad usage, 3 an outside failure
+(delivery, a locked state database).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from engine import __version__
+from engine.errors import LoyaltyError, RuleError
+
+workspace_argument = click.argument("workspace", type=click.Path(file_okay=False, path_type=Path),
+                                    default=".", required=False)
+as_of_option = click.option("--as-of", "as_of", default=None, metavar="TIME",
+                            help="The instant evaluated, e.g. 2026-11-23 or 2026-11-23T10:00:00+08:00 (default: now).")
+
+
+def format_option(*choices: str):
+    return click.option("--format", "fmt", type=click.Choice(choices), default=choices[0], show_default=True,
+                        help="Output format.")
+
+
+def handle_errors(command):
+    """Turn engine errors into a short message and a fixed exit code, in one place."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RuleError as exc:
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            click.echo(f"{len(exc.problems)} problem(s); run `loyalty validate` for details.", err=True)
+            sys.exit(1)
+        except LoyaltyError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+def csv_safe(value) -> str:
+    """Neutralise spreadsheet formulas: prefix ' to cells starting with = + - @ tab or CR."""
+    text = "" if value is None else str(value)
+    if text and text[0] in "=+-@\t\r":
+        return "'" + text
+    return text
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="loyalty")
+def main():
+    """loyalty: rules-driven loyalty and retention campaigns from YAML files."""
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@handle_errors
+def init(directory: Path):
+    """Create a small working workspace in DIRECTORY."""
+    from engine.scaffold import init_workspace
+    created = init_workspace(directory)
+    click.echo(f"Created a workspace in {directory}:")
+    for path in created:
+        click.echo(f"  {path}")
+    click.echo(f"Next: loyalty validate {directory} && loyalty preview {directory}")
+
+
+@main.command()
+@workspace_argument
+@format_option("text", "json", "github")
+@handle_errors
+def validate(workspace: Path, fmt: str):
+    """Check every rule file, loyalty.yaml and template; exit 1 on errors."""
+    from engine.api import validate as run_validate
+    result = run_validate(workspace)
+    if fmt == "json":
+        _echo_json([p.as_dict() for p in result.problems])
+    elif fmt == "github":
+        for p in result.problems:
+            level = "error" if p.severity == "error" else "warning"
+            click.echo(f"::{level} file={p.file},line={p.line},col={p.column}::{p.message}"
+                       + (f" ({p.hint})" if p.hint else ""))
+    else:
+        for p in result.problems:
+            click.echo(str(p))
+            if p.source_line:
+                click.echo(f"    {p.source_line}")
+                click.echo("    " + " " * max(p.column - 1, 0) + "^")
+        if result.ok:
+            click.echo(f"OK: {len(result.files)} files, "
+                       f"{len(result.workspace.program.campaigns)} campaigns, "
+                       f"{len(result.workspace.program.segments)} segments.")
+        else:
+            click.echo(f"{len(result.errors)} error(s).")
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@workspace_argument
+@as_of_option
+@click.option("--campaign", "campaigns", multiple=True, help="Only this campaign (repeatable).")
+@click.option("--customer", default=None, help="Explain every stage and condition for this customer id.")
+@click.option("--diff", "diff", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Compare with another version of the workspace (e.g. a git worktree).")
+@click.option("--sample", default=2, show_default=True, help="Rendered messages shown per campaign.")
+@click.option("--since", default=None, help="Event triggers: events since this time (default: the last run).")
+@format_option("table", "json", "csv")
+@handle_errors
+def preview(workspace, as_of, campaigns, customer, diff, sample, since, fmt):
+    """Dry run: who would get what, and why. Writes nothing."""
+    from engine.api import preview as run_preview
+    from engine.report_text import print_preview
+    result = run_preview(workspace, as_of, campaigns=list(campaigns) or None, customer=customer,
+                         diff=diff, sample=sample, since=since)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        from engine.evaluation import STAGES
+        writer.writerow(["campaign", "name", "channel", *STAGES, "cost"])
+        for c in result.campaigns:
+            writer.writerow([csv_safe(c.id), csv_safe(c.name), csv_safe(c.channel),
+                             *[c.funnel[s] for s in STAGES], c.cost])
+        click.echo(out.getvalue(), nl=False)
+    else:
+        print_preview(result)
+
+
+@main.command()
+@workspace_argument
+@as_of_option
+@click.option("--campaign", "campaigns", multiple=True, help="Only this campaign (repeatable).")
+@click.option("--due", is_flag=True, help="Only campaigns whose schedule is due since their last run.")
+@click.option("--no-deliver", is_flag=True, help="Record the offers without delivering them.")
+@click.option("--now", default=None, help="Delivery clock (default: the real time).")
+@format_option("text", "json")
+@handle_errors
+def run(workspace, as_of, campaigns, due, no_deliver, now, fmt):
+    """Evaluate, record the offers, and deliver them. Safe to rerun."""
+    from engine.api import run as do_run
+    result = do_run(workspace, as_of, campaigns=list(campaigns) or None, due=due,
+                    deliver=not no_deliver, now=now, progress=fmt == "text")
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    else:
+        from engine.report_text import print_run
+        print_run(result)
+    if result.render_errors or result.conflicts:
+        sys.exit(1)
+    if result.delivery is not None and result.delivery.failed:
+        sys.exit(3)
+
+
+@main.command()
+@workspace_argument
+@click.option("--now", default=None, help="Delivery clock (default: the real time).")
+@handle_errors
+def deliver(workspace, now):
+    """Send what is recorded and due; retry failures."""
+    from engine.api import deliver as do_deliver
+    result = do_deliver(workspace, now)
+    click.echo(f"sent {result.sent}, failed {result.failed}, skipped {result.skipped}, "
+               f"not yet due {result.not_due}")
+    sys.exit(3 if result.failed else 0)
+
+
+@main.command()
+@workspace_argument
+@click.option("--customer", required=True, help="The customer id.")
+@format_option("table", "json")
+@handle_errors
+def history(workspace, customer, fmt):
+    """Every offer a customer got, and why."""
+    from engine.api import history as get_history
+    rows = get_history(workspace, customer)
+    if fmt == "json":
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"No offers recorded for customer {customer}.")
+        return
+    for row in rows:
+        reward = row.get("reward") or {}
+        click.echo(f"{row.get('as_of')}  {row.get('campaign')} ({row.get('campaign_name')})  "
+                   f"variant {row.get('variant') or '-'}  {reward.get('description', reward.get('kind'))}  "
+                   f"status {row.get('status')}  rules {row.get('rule_version')}")
+        why = row.get("explanation") or {}
+        if why:
+            click.echo("    because " + ", ".join(f"{k}={v}" for k, v in why.items()))
+
+
+@main.command("runs")
+@workspace_argument
+@click.option("--limit", default=20, show_default=True)
+@format_option("table", "json")
+@handle_errors
+def list_runs(workspace, limit, fmt):
+    """List recent runs."""
+    from engine.api import runs as get_runs
+    rows = get_runs(workspace, limit)
+    if fmt == "json":
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['run_id']}  as_of {row['as_of']}  {row['status']}  {row.get('counts') or ''}")
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to build the demo workspace (default: a new temporary folder).")
+@click.option("--customers", default=2000, show_default=True, help="How many sample customers.")
+@handle_errors
+def demo(directory, customers):
+    """Sample data + the example programme, end to end."""
+    from engine.demo import run_demo
+    run_demo(directory, customers, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

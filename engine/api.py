@@ -1,0 +1,248 @@
+"""The public surface: everything the CLI can do, as Python functions returning results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from croniter import croniter
+
+from .delivery import deliver as deliver_outbox
+from .errors import LoyaltyError
+from .evaluation import evaluate
+from .model import Workspace
+from .pipeline import (build_messages, edge_state_rows, make_renderer, parse_as_of, prepare)
+from .policy import reachable
+from .preview import Preview, diff_offers, explain_customer, sample_rows, summarise
+from .rewards import generate_codes
+from .sources import load_tables
+from .store import StateStore
+from .workspace import ValidationResult, load_workspace, rule_version, validate_workspace
+
+__all__ = ["validate", "load_workspace", "preview", "run", "deliver", "history", "runs", "RunResult"]
+
+
+def validate(root: Path | str) -> ValidationResult:
+    """Schema and semantic checks of a workspace."""
+    return validate_workspace(root)
+
+
+def _open_store(workspace: Workspace, create: bool) -> StateStore | None:
+    path = workspace.settings.state_path
+    if not create and not path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return StateStore(path)
+
+
+def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
+            customer: str | None = None, diff: Path | str | None = None, sample: int = 3,
+            since=None, trace: bool = False) -> Preview:
+    """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state."""
+    workspace = load_workspace(root)
+    as_of = parse_as_of(as_of, workspace.settings.timezone)
+    since_ts = parse_as_of(since, workspace.settings.timezone) if since is not None else None
+    _check_campaigns(workspace, campaigns)
+    store = _open_store(workspace, create=False)
+    try:
+        prepared = prepare(workspace, as_of, store, since_ts)
+    finally:
+        if store is not None:
+            store.close()
+    evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context,
+                          campaigns, trace=trace or customer is not None)
+    renderer = make_renderer(workspace)
+    rows = sample_rows(evaluation.offers, sample)
+    sms = evaluation.offers[evaluation.offers["channel"] == "sms"] if len(evaluation.offers) else rows
+    records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
+    warnings = list(prepared.tables.warnings) + evaluation.warnings
+    result = summarise(workspace, evaluation, len(prepared.features), records, errors, warnings)
+    if customer is not None:
+        result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
+    if diff is not None:
+        other = load_workspace(diff)
+        other_prepared = prepare(other, as_of, None, since_ts or prepared.context.previous_as_of,
+                                 tables=prepared.tables if _same_data(workspace, other) else None)
+        other_prepared.context = prepared.context
+        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context,
+                              campaigns)
+        result.diff = diff_offers(evaluation, other_eval)
+    result._evaluation = evaluation  # for --trace export and tests
+    del sms
+    return result
+
+
+def _same_data(a: Workspace, b: Workspace) -> bool:
+    return dict(a.settings.data) == dict(b.settings.data)
+
+
+def _check_campaigns(workspace: Workspace, campaigns) -> None:
+    from .schema import did_you_mean
+    for name in campaigns or []:
+        if name not in workspace.program.campaigns:
+            hint = did_you_mean(name, workspace.program.campaigns)
+            raise LoyaltyError(f"no campaign '{name}'" + (f" ({hint})" if hint else ""))
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    as_of: str
+    new_offers: int = 0
+    already_recorded: int = 0
+    conflicts: list[dict] = field(default_factory=list)
+    holdouts: int = 0
+    funnels: dict = field(default_factory=dict)
+    render_errors: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    delivery: object | None = None
+    campaigns: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "delivery"}
+        if self.delivery is not None:
+            data["delivery"] = {k: v for k, v in self.delivery.__dict__.items()}
+        return data
+
+
+def due_campaigns(workspace: Workspace, store: StateStore, as_of: pd.Timestamp) -> list[str]:
+    """Campaigns whose cron schedule had a tick since their last run (once, however many ticks).
+
+    Campaigns without a schedule are due at every run."""
+    due = []
+    local = as_of.tz_convert(workspace.settings.timezone)
+    for campaign in workspace.program.campaigns.values():
+        if not campaign.enabled:
+            continue
+        if campaign.schedule is None:
+            due.append(campaign.id)
+            continue
+        last_tick = croniter(campaign.schedule, local.to_pydatetime()).get_prev(pd.Timestamp)
+        last_tick = pd.Timestamp(last_tick)
+        last_run = store.schedule_last_run(campaign.id)
+        if last_run is None or pd.Timestamp(last_run) < last_tick:
+            due.append(campaign.id)
+    return due
+
+
+def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due: bool = False,
+        deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: bool = False) -> RunResult:
+    """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due."""
+    started = time.perf_counter()
+    workspace = load_workspace(root)
+    settings = workspace.settings
+    as_of = parse_as_of(as_of, settings.timezone)
+    _check_campaigns(workspace, campaigns)
+    store = _open_store(workspace, create=True)
+    try:
+        with store.lock(timeout=lock_timeout):
+            timings = {}
+            selected = campaigns
+            if due:
+                scheduled = due_campaigns(workspace, store, as_of)
+                selected = [c for c in scheduled if campaigns is None or c in campaigns]
+            result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
+            if selected is not None and not selected:
+                return result
+            prepared = prepare(workspace, as_of, store)
+            timings["features"] = round(time.perf_counter() - started, 3)
+            evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context, selected)
+            timings["evaluate"] = round(time.perf_counter() - started, 3)
+            coupon_offers = evaluation.offers.loc[evaluation.offers["reward_kind"] == "coupon", "offer_id"] \
+                if len(evaluation.offers) else []
+            codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
+                                                           settings.coupon_length)))
+            renderer = make_renderer(workspace)
+            records, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes)
+            timings["render"] = round(time.perf_counter() - started, 3)
+            version = rule_version(workspace)
+            for record in records:
+                record["rule_version"] = version
+            run_id = store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes),
+                                     dict(prepared.tables.fingerprints), result.campaigns)
+            state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
+            recorded = store.record_run(run_id, records, state_rows, holdouts=_holdout_rows(evaluation, run_id))
+            if due:
+                for campaign in result.campaigns:
+                    store.set_schedule_last_run(campaign, as_of.isoformat())
+            timings["record"] = round(time.perf_counter() - started, 3)
+            result.run_id = run_id
+            result.new_offers = recorded.new
+            result.already_recorded = recorded.existing
+            result.conflicts = recorded.conflicts
+            result.holdouts = len(evaluation.holdouts)
+            result.funnels = evaluation.funnels
+            result.render_errors = errors
+            result.warnings = list(prepared.tables.warnings) + evaluation.warnings
+            if deliver:
+                result.delivery = _deliver(workspace, store, now, prepared.tables, progress)
+                timings["deliver"] = round(time.perf_counter() - started, 3)
+            result.timings = timings
+            store.finish_run(run_id, "delivered" if deliver else "recorded", timings,
+                             {"new": recorded.new, "existing": recorded.existing,
+                              "conflicts": len(recorded.conflicts), "render_errors": len(errors)})
+            return result
+    finally:
+        store.close()
+
+
+def _holdout_rows(evaluation, run_id) -> list[dict]:
+    frame = evaluation.holdouts
+    if frame.empty:
+        return []
+    frame = frame.assign(run_id=run_id, as_of=evaluation.as_of.isoformat())
+    return frame.to_dict("records")
+
+
+def _consent_lookup(workspace: Workspace, tables):
+    """(customer_id, channel) -> consent now, from the current customer data."""
+    customers = tables.customers
+    allowed = {}
+    for name, channel in workspace.settings.channels.items():
+        ok = reachable(customers, channel)
+        allowed[name] = set(customers["customer_id"].astype(str)[ok])
+    return lambda customer_id, channel: str(customer_id) in allowed.get(channel, set())
+
+
+def _deliver(workspace, store, now, tables, progress):
+    now_ts = parse_as_of(now, workspace.settings.timezone) if now is not None else pd.Timestamp.now(tz="UTC")
+    return deliver_outbox(store, workspace.settings, now_ts, consent=_consent_lookup(workspace, tables),
+                          progress=progress, root=workspace.root)
+
+
+def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: float = 5.0):
+    """(Re)send what is recorded, due and not yet delivered; consent is checked again."""
+    workspace = load_workspace(root)
+    store = _open_store(workspace, create=True)
+    try:
+        with store.lock(timeout=lock_timeout):
+            tables = load_tables(workspace.settings, workspace.root)
+            return _deliver(workspace, store, now, tables, progress)
+    finally:
+        store.close()
+
+
+def history(root: Path | str, customer_id: str) -> list[dict]:
+    """Every offer a customer got, from which campaign and rule version, and why."""
+    workspace = load_workspace(root)
+    store = _open_store(workspace, create=False)
+    if store is None:
+        return []
+    try:
+        return store.history(str(customer_id))
+    finally:
+        store.close()
+
+
+def runs(root: Path | str, limit: int = 20) -> list[dict]:
+    workspace = load_workspace(root)
+    store = _open_store(workspace, create=False)
+    if store is None:
+        return []
+    try:
+        return store.runs(limit)
+    finally:
+        store.close()

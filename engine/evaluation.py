@@ -1,0 +1,260 @@
+"""Evaluating campaigns for one ``as_of``: the funnel from segment to offers.
+
+For each campaign, in column-at-a-time steps over all customers:
+segment -> trigger -> consent -> frequency cap -> cooldown -> holdout, giving candidates;
+then across campaigns, arbitration (at most N offers per customer per run, highest
+priority first, ties by campaign id) and per-campaign budgets. The result is a frame of
+offers (one row per offer) and the funnel counts, without touching the outside world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .assignment import assign_variants, in_holdout, stable_fraction
+from .model import CampaignDef, Workspace
+from .policy import cap_remaining, cooling_down, reachable, send_times
+from .rewards import estimate_cost, points_for
+from .triggers import TRIGGERS, RunContext
+
+STAGES = ("segment", "trigger", "consent", "frequency_cap", "cooldown", "holdout",
+          "arbitration", "budget", "offers")
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation decided."""
+
+    as_of: pd.Timestamp
+    offers: pd.DataFrame                                  # one row per offer
+    funnels: dict[str, dict[str, int]]                    # campaign -> stage -> count
+    holdouts: pd.DataFrame                                # firings held out (for uplift)
+    edge_state: dict[str, frozenset] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    stops: pd.DataFrame | None = None                     # with trace: campaign, pos, firing_key, stage
+
+    def stopped_at(self, position: int) -> dict[str, str]:
+        """For a traced evaluation: campaign -> the stage that stopped this customer."""
+        if self.stops is None or self.stops.empty:
+            return {}
+        rows = self.stops[self.stops["pos"] == position]
+        return dict(zip(rows["campaign"], rows["stage"]))
+
+    def campaign_offers(self, campaign: str) -> pd.DataFrame:
+        return self.offers[self.offers["campaign"] == campaign]
+
+
+def segment_mask(workspace: Workspace, campaign: CampaignDef, features: pd.DataFrame,
+                 as_of: pd.Timestamp) -> np.ndarray:
+    """Customers in the campaign's segment, not excluded, meeting its `where:`."""
+    program = workspace.program
+    mask = np.ones(len(features), dtype=bool)
+    if campaign.segment:
+        mask &= program.segments[campaign.segment].where.mask(features, as_of)
+    for name in campaign.exclude:
+        mask &= ~program.segments[name].where.mask(features, as_of)
+    if campaign.where is not None:
+        mask &= campaign.where.mask(features, as_of)
+    return mask
+
+
+def firing_keys(campaign: str, customer_ids: np.ndarray, suffixes: np.ndarray) -> np.ndarray:
+    if len(customer_ids) == 0:
+        return np.array([], dtype=object)
+    return (pd.Series(customer_ids, dtype="object").radd(f"{campaign}:") + ":"
+            + pd.Series(suffixes, dtype="object")).to_numpy(dtype=object)
+
+
+def offer_ids(keys) -> np.ndarray:
+    """A stable offer id per firing key (the same firing always has the same id)."""
+    return np.array(["of_" + hashlib.sha256(k.encode()).hexdigest()[:20] for k in keys], dtype=object)
+
+
+def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunContext,
+             campaigns: list[str] | None = None, trace: bool = False) -> Evaluation:
+    """Decide, for ``ctx.as_of``, who gets which offer and why.
+
+    With ``trace``, also record for every firing that did not become an offer the
+    stage that stopped it (and "trigger" for segment members who did not fire).
+    """
+    settings = workspace.settings
+    as_of = ctx.as_of
+    ids = features["customer_id"].astype(str)
+    global_holdout = in_holdout(ids, settings.salt, "global", settings.holdout)
+    capacity = cap_remaining(features, ctx.contacts, as_of, settings.contact_policy)
+    funnels: dict[str, dict[str, int]] = {}
+    candidates: list[pd.DataFrame] = []
+    holdouts: list[pd.DataFrame] = []
+    edge_state: dict[str, frozenset] = {}
+    warnings: list[str] = []
+    stops: list[pd.DataFrame] = []
+
+    def stopped(campaign_id, stage, where, key_values=None):
+        if trace and len(where):
+            stops.append(pd.DataFrame({"campaign": campaign_id, "pos": where, "stage": stage,
+                                       "firing_key": key_values if key_values is not None else ""}))
+
+    selected = [c for c in workspace.program.campaigns.values()
+                if c.enabled and (campaigns is None or c.id in campaigns)]
+    for campaign in selected:
+        funnel = dict.fromkeys(STAGES, 0)
+        funnels[campaign.id] = funnel
+        eligible = segment_mask(workspace, campaign, features, as_of)
+        funnel["segment"] = int(eligible.sum())
+        firings = TRIGGERS[campaign.trigger.kind](campaign, eligible, features, tables, ctx, settings)
+        if firings.state is not None:
+            edge_state[campaign.id] = firings.state
+        positions = np.asarray(firings.positions, dtype=int)
+        keys = firing_keys(campaign.id, ids.to_numpy()[positions], np.asarray(firings.keys))
+        events = firings.events if firings.events is not None else pd.DataFrame(index=range(len(positions)))
+        if len(keys):
+            done = ctx.recorded(list(keys))
+            if done:
+                fresh = ~pd.Series(keys).isin(done).to_numpy()
+                positions, keys, events = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True)
+        funnel["trigger"] = len(positions)
+        if trace:
+            stopped(campaign.id, "trigger", np.setdiff1d(np.flatnonzero(eligible), positions))
+
+        channel = settings.channels[campaign.channel]
+        if channel.consent_column not in features:
+            warnings.append(f"{campaign.id}: customers have no '{channel.consent_column}' column, "
+                            f"so nobody can be contacted on {campaign.channel}")
+        keep = np.ones(len(positions), dtype=bool)
+        for stage, passes in (
+                ("consent", reachable(features, channel)[positions]),
+                ("frequency_cap", capacity[positions] > 0),
+                ("cooldown", ~cooling_down(features, ctx.contacts, campaign.id, as_of,
+                                           campaign.cooldown_days)[positions])):
+            stopped(campaign.id, stage, positions[keep & ~passes], keys[keep & ~passes])
+            keep &= passes
+            funnel[stage] = int(keep.sum())
+        positions, keys, events = positions[keep], keys[keep], events[keep].reset_index(drop=True)
+
+        chosen_ids = ids.iloc[positions].reset_index(drop=True)
+        held_global = global_holdout[positions]
+        held_campaign = in_holdout(chosen_ids, settings.salt, campaign.id, campaign.holdout)
+        held = held_global | held_campaign
+        if held.any():
+            holdouts.append(pd.DataFrame({
+                "campaign": campaign.id, "customer_id": chosen_ids[held].to_numpy(),
+                "firing_key": keys[held], "group": np.where(held_global[held], "global", "campaign")}))
+        stopped(campaign.id, "holdout", positions[held], keys[held])
+        positions, keys, events = positions[~held], keys[~held], events[~held].reset_index(drop=True)
+        funnel["holdout"] = len(positions)
+        if len(positions):
+            candidates.append(_candidates(workspace, campaign, features, positions, keys, events, as_of))
+
+    arbitrated = _arbitrate(candidates, capacity, funnels)
+    offers = _apply_budgets(workspace, arbitrated, funnels)
+    if trace and candidates:
+        everyone = pd.concat(candidates, ignore_index=True)[["campaign", "pos", "firing_key"]]
+        lost = everyone[~everyone["firing_key"].isin(arbitrated["firing_key"])]
+        stopped_budget = arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"])]
+        for name, frame in (("arbitration", lost), ("budget", stopped_budget)):
+            for campaign_id, group in frame.groupby("campaign"):
+                stopped(campaign_id, name, group["pos"].to_numpy(), group["firing_key"].to_numpy())
+    if len(offers):
+        offers["offer_id"] = offer_ids(offers["firing_key"])
+        zones = features["timezone"].iloc[offers["pos"]] if "timezone" in features else \
+            pd.Series(settings.timezone, index=offers.index)
+        offers["send_at"] = send_times(zones.reset_index(drop=True), as_of, settings.contact_policy,
+                                       settings.timezone).to_numpy()
+    holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(
+        columns=["campaign", "customer_id", "firing_key", "group"])
+    stop_frame = pd.concat(stops, ignore_index=True) if stops else None
+    return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
+                      warnings, stop_frame)
+
+
+def _candidates(workspace, campaign: CampaignDef, features, positions, keys, events, as_of) -> pd.DataFrame:
+    settings = workspace.settings
+    scope = features.iloc[positions].reset_index(drop=True)
+    if len(events.columns):
+        scope = pd.concat([scope, events], axis=1)
+    customer_ids = scope["customer_id"].astype(str)
+    frame = pd.DataFrame({
+        "pos": positions, "customer_id": customer_ids.to_numpy(), "campaign": campaign.id,
+        "firing_key": keys, "priority": campaign.priority, "channel": campaign.channel,
+    })
+    if campaign.variants:
+        names = [v.name for v in campaign.variants]
+        frame["variant"] = assign_variants(customer_ids, settings.salt, campaign.id, names,
+                                           [v.weight for v in campaign.variants])
+    else:
+        frame["variant"] = ""
+    cost = np.zeros(len(frame))
+    points = np.zeros(len(frame))
+    template = np.full(len(frame), campaign.template, dtype=object)
+    kind = np.full(len(frame), campaign.reward.kind, dtype=object)
+    groups = [(None, campaign.reward, campaign.template)] + [
+        (v.name, v.reward or campaign.reward, v.template or campaign.template) for v in campaign.variants]
+    for name, reward, template_name in groups:
+        rows = np.ones(len(frame), dtype=bool) if name is None else (frame["variant"] == name).to_numpy()
+        if not rows.any():
+            continue
+        sub = scope[rows]
+        cost[rows] = estimate_cost(reward, sub, settings, as_of)
+        points[rows] = points_for(reward, sub, as_of)
+        template[rows] = template_name
+        kind[rows] = reward.kind
+    frame["cost"] = cost
+    frame["points"] = points
+    frame["template"] = template
+    frame["reward_kind"] = kind
+    if "locale" in scope:
+        frame["locale"] = scope["locale"].astype("object").where(scope["locale"].notna(),
+                                                                 settings.default_locale).to_numpy()
+    else:
+        frame["locale"] = settings.default_locale
+    rank = campaign.budget.rank_by
+    frame["rank"] = (pd.to_numeric(rank.evaluate(scope, as_of), errors="coerce").astype("Float64")
+                     .to_numpy(dtype=float, na_value=np.nan) if rank is not None else np.nan)
+    frame["tiebreak"] = stable_fraction(customer_ids, settings.salt, f"budget:{campaign.id}")
+    for column in events.columns:
+        frame[column] = events[column].to_numpy()
+    return frame
+
+
+def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) -> pd.DataFrame:
+    """At most ``capacity`` offers per customer: highest priority, then campaign id, then key."""
+    if not candidates:
+        return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
+                                     "variant", "cost", "points", "template", "reward_kind", "locale"])
+    frame = pd.concat(candidates, ignore_index=True)
+    frame = frame.sort_values(["pos", "priority", "campaign", "firing_key"],
+                              ascending=[True, False, True, True], kind="stable")
+    order = frame.groupby("pos", sort=False).cumcount().to_numpy()
+    frame = frame[order < capacity[frame["pos"].to_numpy()]]
+    counts = frame["campaign"].value_counts()
+    for campaign, funnel in funnels.items():
+        funnel["arbitration"] = int(counts.get(campaign, 0))
+    return frame
+
+
+def _apply_budgets(workspace: Workspace, offers: pd.DataFrame, funnels) -> pd.DataFrame:
+    """Per-campaign max_offers / max_cost: who keeps an offer is decided by rank_by
+    (highest first) and then by a stable hash of the customer id."""
+    kept = []
+    for campaign_id, group in offers.groupby("campaign", sort=True):
+        budget = workspace.program.campaigns[campaign_id].budget
+        if budget.max_offers is not None or budget.max_cost is not None:
+            group = group.sort_values(["rank", "tiebreak", "firing_key"], ascending=[False, True, True],
+                                      na_position="last", kind="stable")
+            keep = np.ones(len(group), dtype=bool)
+            if budget.max_offers is not None:
+                keep &= np.arange(len(group)) < budget.max_offers
+            if budget.max_cost is not None:
+                keep &= np.cumsum(group["cost"].to_numpy()) <= budget.max_cost + 1e-9
+            group = group[keep]
+        funnels[campaign_id]["budget"] = len(group)
+        funnels[campaign_id]["offers"] = len(group)
+        kept.append(group)
+    if not kept:
+        return offers.iloc[0:0]
+    result = pd.concat(kept).sort_values(["campaign", "customer_id", "firing_key"], kind="stable")
+    return result.reset_index(drop=True)

@@ -1,0 +1,199 @@
+"""The run pipeline shared by preview and run: data -> features -> evaluation -> messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import LoyaltyError, TemplateError
+from .evaluation import Evaluation, evaluate
+from .features import compute_features
+from .model import Workspace
+from .rendering import Renderer
+from .rewards import reward_payload
+from .sources import load_tables
+from .triggers import RunContext
+
+
+@dataclass
+class Prepared:
+    """Data and features of a workspace at one instant."""
+
+    tables: object
+    features: pd.DataFrame
+    context: RunContext
+
+
+def parse_as_of(value, timezone: str) -> pd.Timestamp:
+    """An instant from text, a datetime or None (now); naive values are in the programme's timezone."""
+    if value is None or value == "now":
+        stamp = pd.Timestamp.now(tz="UTC")
+    else:
+        try:
+            stamp = pd.Timestamp(value)
+        except (ValueError, TypeError) as exc:
+            raise LoyaltyError(f"--as-of '{value}' is not a date or time "
+                               "(write 2026-11-23 or 2026-11-23T10:00:00+08:00)") from exc
+        if stamp.tzinfo is None:
+            stamp = stamp.tz_localize(timezone)
+    return stamp.tz_convert(timezone)
+
+
+def empty_contacts() -> pd.DataFrame:
+    return pd.DataFrame({"customer_id": pd.Series(dtype=str), "campaign": pd.Series(dtype=str),
+                         "channel": pd.Series(dtype=str),
+                         "contacted_at": pd.Series(dtype="datetime64[ns, UTC]")})
+
+
+def run_context(workspace: Workspace, as_of: pd.Timestamp, store=None,
+                since: pd.Timestamp | None = None) -> RunContext:
+    """What earlier runs did, read from the state store (or nothing without one)."""
+    if store is None:
+        return RunContext(as_of, since, empty_contacts(), {})
+    previous = store.previous_run(before_as_of=as_of.isoformat())
+    previous_as_of = since
+    if previous_as_of is None and previous is not None:
+        previous_as_of = pd.Timestamp(previous["as_of"]).tz_convert(workspace.settings.timezone)
+    longest = max([workspace.settings.contact_policy.per_days] +
+                  [c.cooldown_days or 0 for c in workspace.program.campaigns.values()])
+    contacts = store.contact_history(since=(as_of - pd.Timedelta(days=longest + 1)).isoformat())
+    if contacts is None or len(contacts) == 0:
+        contacts = empty_contacts()
+    else:
+        contacts = contacts.copy()
+        contacts["contacted_at"] = pd.to_datetime(contacts["contacted_at"], utc=True, format="ISO8601")
+    edge_state = {}
+    for campaign in workspace.program.campaigns.values():
+        if campaign.trigger.kind == "becomes":
+            state = store.trigger_state(campaign.id, "becomes")
+            if len(state) and (state["customer_id"] == EVALUATED).any():
+                true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
+                edge_state[campaign.id] = frozenset(true_ids.astype(str))
+    return RunContext(as_of, previous_as_of, contacts, edge_state,
+                      recorded=lambda keys: set(store.existing_offers(keys)))
+
+
+EVALUATED = "*"   # trigger-state row saying a `becomes` condition has been evaluated before
+
+
+def edge_state_rows(evaluation: Evaluation, previous: dict) -> list[dict]:
+    """Trigger-state rows to store: who is true now, who stopped being true."""
+    rows = []
+    for campaign, now_true in evaluation.edge_state.items():
+        before = previous.get(campaign, frozenset())
+        rows.append({"campaign": campaign, "customer_id": EVALUATED, "key": "becomes", "value": "1"})
+        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "1"}
+                    for c in now_true - before)
+        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "0"}
+                    for c in before - now_true)
+    return rows
+
+
+def prepare(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None, tables=None) -> Prepared:
+    tables = tables if tables is not None else load_tables(workspace.settings, workspace.root)
+    features = compute_features(tables, workspace.program, workspace.settings, as_of)
+    return Prepared(tables, features, run_context(workspace, as_of, store, since))
+
+
+def make_renderer(workspace: Workspace) -> Renderer:
+    settings = workspace.settings
+    return Renderer(workspace.templates_dir, settings.default_locale,
+                    {"name": settings.name, "currency": settings.currency, "timezone": settings.timezone})
+
+
+def _plain(value):
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def customer_records(features: pd.DataFrame, positions) -> list[dict]:
+    """Customer columns and features of the given rows, as plain dicts for templates."""
+    subset = features.iloc[np.asarray(positions, dtype=int)]
+    return [{k: _plain(v) for k, v in row.items()} for row in subset.to_dict("records")]
+
+
+def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.DataFrame,
+                   renderer: Renderer, rows: pd.DataFrame | None = None,
+                   codes: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Offer records with rewards and rendered messages; and the render errors.
+
+    One bad template never stops the others: a failed render is reported per offer.
+    """
+    settings = workspace.settings
+    rows = evaluation.offers if rows is None else rows
+    customers = customer_records(features, rows["pos"])
+    records: list[dict] = []
+    errors: list[dict] = []
+    program = workspace.program
+    explain_names = _explanation_names(workspace)
+    for customer, offer in zip(customers, rows.to_dict("records")):
+        campaign = program.campaigns[offer["campaign"]]
+        variant = next((v for v in campaign.variants if v.name == offer["variant"]), None)
+        reward = variant.reward if variant is not None and variant.reward is not None else campaign.reward
+        send_at = pd.Timestamp(offer["send_at"]).tz_convert(settings.timezone)
+        code = (codes or {}).get(offer["offer_id"]) if reward.kind == "coupon" else None
+        payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at, code,
+                                 offer["locale"], offer["cost"])
+        if reward.kind == "coupon" and code is None:
+            payload["code"] = "(assigned at run)"
+        channel = settings.channels[campaign.channel]
+        record = {
+            "offer_id": offer["offer_id"], "firing_key": offer["firing_key"], "campaign": campaign.id,
+            "campaign_name": campaign.name, "customer_id": offer["customer_id"], "channel": campaign.channel,
+            "variant": offer["variant"], "reward": payload, "cost": float(offer["cost"]),
+            "send_at": send_at.isoformat(), "locale": offer["locale"], "template": offer["template"],
+            "address": customer.get(channel.address_column), "as_of": evaluation.as_of.isoformat(),
+            "explanation": {n: _jsonable(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
+            "event": {k[6:]: _jsonable(v) for k, v in offer.items() if k.startswith("event.")},
+        }
+        context = {"customer": customer, "reward": payload, "program": renderer.program,
+                   "offer": {k: record[k] for k in ("offer_id", "campaign", "campaign_name", "variant",
+                                                    "channel", "send_at")},
+                   "event": record["event"]}
+        try:
+            message = renderer.render(offer["template"], campaign.channel, offer["locale"], context,
+                                      customer_id=offer["customer_id"])
+        except TemplateError as exc:
+            errors.append({"campaign": campaign.id, "customer_id": offer["customer_id"], "error": str(exc)})
+            continue
+        record.update(subject=message.subject, body=message.body, html=message.html,
+                      template_file=message.template_file, sms_segments=message.sms_segments,
+                      too_long=message.too_long)
+        records.append(record)
+    return records, errors
+
+
+def _jsonable(value):
+    if isinstance(value, (pd.Timestamp, dt.date, dt.datetime)):
+        return value.isoformat()
+    return value
+
+
+def _explanation_names(workspace: Workspace) -> dict[str, list[str]]:
+    """The features each campaign's decision depends on, for `history` and previews."""
+    program = workspace.program
+    out = {}
+    for campaign in program.campaigns.values():
+        names: set[str] = set()
+        if campaign.segment:
+            names |= program.segments[campaign.segment].where.names
+        for excluded in campaign.exclude:
+            names |= program.segments[excluded].where.names
+        for expression in (campaign.where, campaign.trigger.expr, campaign.budget.rank_by):
+            if expression is not None:
+                names |= expression.names
+        if campaign.trigger.kind == "inactive_for":
+            names.add("days_since_last_order")
+        if campaign.trigger.kind == "birthday":
+            names.add("days_to_birthday")
+        out[campaign.id] = sorted(n for n in names if not n.startswith("event."))
+    return out

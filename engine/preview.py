@@ -1,0 +1,164 @@
+"""Dry-run previews: who would be targeted, how many, why, what they would read, at what cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .evaluation import STAGES, Evaluation, segment_mask
+from .model import Workspace
+
+
+@dataclass
+class CampaignPreview:
+    id: str
+    name: str
+    channel: str
+    funnel: dict[str, int]
+    offers: int
+    cost: float
+    variants: dict[str, int] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    sms_too_long: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Preview:
+    as_of: str
+    customers: int
+    campaigns: list[CampaignPreview]
+    warnings: list[str] = field(default_factory=list)
+    explanation: dict | None = None
+    diff: list[dict] | None = None
+
+    @property
+    def total_offers(self) -> int:
+        return sum(c.offers for c in self.campaigns)
+
+    @property
+    def total_cost(self) -> float:
+        return round(sum(c.cost for c in self.campaigns), 2)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["total_offers"] = self.total_offers
+        data["total_cost"] = self.total_cost
+        return data
+
+
+def summarise(workspace: Workspace, evaluation: Evaluation, customers: int,
+              samples: list[dict], render_errors: list[dict], warnings: list[str]) -> Preview:
+    offers = evaluation.offers
+    campaigns = []
+    for campaign_id, funnel in evaluation.funnels.items():
+        campaign = workspace.program.campaigns[campaign_id]
+        mine = offers[offers["campaign"] == campaign_id] if len(offers) else offers
+        variants = mine["variant"].value_counts().to_dict() if campaign.variants and len(mine) else {}
+        own_samples = [s for s in samples if s["campaign"] == campaign_id]
+        campaigns.append(CampaignPreview(
+            id=campaign_id, name=campaign.name, channel=campaign.channel,
+            funnel={stage: int(funnel[stage]) for stage in STAGES}, offers=int(funnel["offers"]),
+            cost=round(float(mine["cost"].sum()) if len(mine) else 0.0, 2),
+            variants={str(k): int(v) for k, v in sorted(variants.items())},
+            samples=[_sample(s) for s in own_samples],
+            sms_too_long=sum(1 for s in own_samples if s.get("too_long")),
+            errors=[e["error"] for e in render_errors if e["campaign"] == campaign_id][:3]))
+    return Preview(evaluation.as_of.isoformat(), customers, campaigns, warnings)
+
+
+def _sample(record: dict) -> dict:
+    keys = ("customer_id", "variant", "locale", "send_at", "subject", "body", "sms_segments", "too_long")
+    sample = {k: record.get(k) for k in keys}
+    sample["reward"] = record["reward"].get("description")
+    sample["why"] = record.get("explanation", {})
+    return sample
+
+
+def sample_rows(offers: pd.DataFrame, per_campaign: int) -> pd.DataFrame:
+    """The first N offers of each campaign (by customer id): the messages a preview renders."""
+    if per_campaign <= 0 or offers.empty:
+        return offers.iloc[0:0]
+    return offers.groupby("campaign", sort=True, group_keys=False).head(per_campaign)
+
+
+def explain_customer(workspace: Workspace, evaluation: Evaluation, features: pd.DataFrame,
+                     customer_id: str) -> dict:
+    """Every stage and every condition's value for one customer, per campaign."""
+    ids = features["customer_id"].astype(str)
+    matches = np.flatnonzero(ids.to_numpy() == str(customer_id))
+    if len(matches) == 0:
+        return {"customer_id": customer_id, "found": False, "campaigns": []}
+    position = int(matches[0])
+    as_of = evaluation.as_of
+    program = workspace.program
+    stops = evaluation.stopped_at(position)
+    got = evaluation.offers[evaluation.offers["pos"] == position] if len(evaluation.offers) else evaluation.offers
+    result = []
+    for campaign_id in evaluation.funnels:
+        campaign = program.campaigns[campaign_id]
+        conditions = []
+        if campaign.segment:
+            conditions += _explain(program.segments[campaign.segment].where, features, position, as_of,
+                                   f"segment {campaign.segment}")
+        for name in campaign.exclude:
+            conditions += _explain(program.segments[name].where, features, position, as_of,
+                                   f"exclude {name}")
+        if campaign.where is not None:
+            conditions += _explain(campaign.where, features, position, as_of, "where")
+        if campaign.trigger.expr is not None:
+            conditions += _explain(campaign.trigger.expr, features, position, as_of, "becomes")
+        in_segment = bool(segment_mask(workspace, campaign, features.iloc[[position]].reset_index(drop=True),
+                                       as_of)[0])
+        mine = got[got["campaign"] == campaign_id] if len(got) else got
+        if len(mine):
+            outcome, stage = "offer", "offers"
+        elif not in_segment:
+            outcome, stage = "not in segment", "segment"
+        else:
+            stage = stops.get(campaign_id, "trigger")
+            outcome = f"stopped at {stage}"
+        result.append({"campaign": campaign_id, "name": campaign.name, "outcome": outcome,
+                       "stage": stage, "trigger": campaign.trigger.kind, "conditions": conditions,
+                       "variant": str(mine["variant"].iloc[0]) if len(mine) else None})
+    row = features.iloc[position]
+    interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
+                   "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
+    return {"customer_id": customer_id, "found": True,
+            "features": {k: _plain(row[k]) for k in interesting if k in row.index},
+            "campaigns": result}
+
+
+def _plain(value):
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value
+
+
+def _explain(expression, features, position, as_of, label) -> list[dict]:
+    return [{"where": label, "expression": text, "value": _plain(value)}
+            for text, value in expression.explain(features, position, as_of)]
+
+
+def diff_offers(mine: Evaluation, other: Evaluation, examples: int = 5) -> list[dict]:
+    """Per campaign: customers the other version of the rules adds and removes."""
+    out = []
+    campaigns = sorted(set(mine.funnels) | set(other.funnels))
+    for campaign in campaigns:
+        a = set(mine.offers.loc[mine.offers["campaign"] == campaign, "customer_id"]) if len(mine.offers) else set()
+        b = set(other.offers.loc[other.offers["campaign"] == campaign, "customer_id"]) if len(other.offers) else set()
+        added, removed = sorted(b - a), sorted(a - b)
+        out.append({"campaign": campaign, "before": len(a), "after": len(b),
+                    "added": len(added), "removed": len(removed),
+                    "added_examples": added[:examples], "removed_examples": removed[:examples],
+                    "only_in": "before" if campaign not in other.funnels else
+                               ("after" if campaign not in mine.funnels else None)})
+    return out
