@@ -1,0 +1,123 @@
+"""`loyalty demo`: sample data + the example programme, end to end, in a workspace.
+
+Generates customers, orders and events offline, copies the example programme,
+validates, previews, runs (delivering to JSON Lines files and to an SMTP server on
+loopback that the demo starts itself), and reports where everything is.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Mailbox
+
+from .resources import example_rules_dir, example_templates_dir
+from .sampledata import write_sample_workspace
+
+DEMO_AS_OF = "2026-11-23T10:00:00+08:00"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _point_smtp_at(workspace: Path, port: int) -> None:
+    settings = workspace / "loyalty.yaml"
+    text = settings.read_text(encoding="utf-8")
+    text = re.sub(r"port:\s*\d+", f"port: {port}", text)
+    text = re.sub(r"host:\s*localhost", "host: 127.0.0.1", text)
+    settings.write_text(text, encoding="utf-8")
+
+
+def build_demo_workspace(directory: Path | None, customers: int) -> Path:
+    """Write sample data and copy the example programme into a (new) workspace."""
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="loyalty-demo-"))
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} is not empty")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_sample_workspace(directory, customers=customers, as_of=DEMO_AS_OF)
+    shutil.copytree(example_rules_dir(), directory / "rules", dirs_exist_ok=True)
+    shutil.copytree(example_templates_dir(), directory / "templates", dirs_exist_ok=True)
+    return directory
+
+
+def run_demo(directory: Path | None, customers: int = 2000,
+             echo: Callable[[str], None] = print) -> dict:
+    """The whole tour; returns the paths it produced."""
+    from . import api
+    from .errors import LoyaltyError
+    from .report_text import print_preview, print_run
+
+    started = time.perf_counter()
+    try:
+        workspace = build_demo_workspace(directory, customers)
+    except FileExistsError as exc:
+        raise LoyaltyError(f"{exc}; give --dir a new or empty folder") from exc
+    echo(f"1. Wrote {customers} sample customers, their orders and events, and the example "
+         f"programme into {workspace}")
+
+    result = api.validate(workspace)
+    if not result.ok:
+        for problem in result.problems:
+            echo(str(problem))
+        raise LoyaltyError("the example programme did not validate")
+    program = result.workspace.program
+    echo(f"2. Validated {len(result.files)} files: {len(program.campaigns)} campaigns, "
+         f"{len(program.segments)} segments, {len(program.tiers)} tiers.")
+
+    echo(f"3. Preview at {DEMO_AS_OF} (a dry run, nothing recorded):")
+    preview = api.preview(workspace, DEMO_AS_OF, sample=1)
+    print_preview(preview)
+
+    received = workspace / "outbox" / "smtp-received"
+    received.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    _point_smtp_at(workspace, port)
+    controller = Controller(Mailbox(str(received)), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        echo(f"4. Run at {DEMO_AS_OF}, delivering to files and to an SMTP server on 127.0.0.1:{port}:")
+        run = api.run(workspace, DEMO_AS_OF, now="2026-11-24T12:00:00+08:00")
+        print_run(run)
+        rerun = api.run(workspace, DEMO_AS_OF, now="2026-11-24T12:00:00+08:00")
+        echo(f"5. Ran again for the same moment: {rerun.new_offers} new offers, "
+             f"{rerun.already_recorded} already recorded (nothing is sent twice).")
+    finally:
+        controller.stop()
+    mails = len(mailbox.Maildir(str(received), create=False)) if received.exists() else 0
+
+    outputs = {"workspace": workspace, "state": workspace / "state" / "loyalty.db",
+               "outbox": sorted(str(p.relative_to(workspace)) for p in (workspace / "outbox").glob("*.jsonl")),
+               "emails_received": mails}
+    report_path = workspace / "report.html"
+    try:
+        from .reporting import write_html_report
+    except ImportError:
+        report_path = None
+    else:
+        write_html_report(workspace, report_path)
+        outputs["report"] = report_path
+    echo("\nWhere everything is:")
+    echo(f"  workspace     {workspace}")
+    echo(f"  rules         {workspace / 'rules'}  (edit them, then `loyalty preview {workspace}`)")
+    echo(f"  state         {outputs['state']}")
+    for name in outputs["outbox"]:
+        echo(f"  outbox        {workspace / name}")
+    echo(f"  emails        {received} ({mails} received by the demo SMTP server)")
+    if report_path is not None:
+        echo(f"  report        {report_path}")
+    echo(f"Done in {time.perf_counter() - started:.1f} s. "
+         f"Try: loyalty history {workspace} --customer <id from the outbox>")
+    return outputs
