@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 from croniter import croniter
 
-from .delivery import deliver as deliver_outbox
 from .errors import LoyaltyError
 from .evaluation import evaluate
 from .model import Workspace
@@ -208,6 +207,7 @@ def _consent_lookup(workspace: Workspace, tables):
 
 
 def _deliver(workspace, store, now, tables, progress):
+    from .delivery import deliver as deliver_outbox
     now_ts = parse_as_of(now, workspace.settings.timezone) if now is not None else pd.Timestamp.now(tz="UTC")
     return deliver_outbox(store, workspace.settings, now_ts, consent=_consent_lookup(workspace, tables),
                           progress=progress, root=workspace.root)
