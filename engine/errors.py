@@ -28,7 +28,8 @@ class Problem:
     source_line: str = field(default="", compare=False)
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}:{self.column}: {self.message}"
+        level = "warning: " if self.severity == "warning" else ""
+        text = f"{self.file}:{self.line}:{self.column}: {level}{self.message}"
         if self.hint:
             text += f" ({self.hint})"
         return text
