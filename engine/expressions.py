@@ -1,0 +1,1089 @@
+"""Rule expressions: parsed (never eval'ed), type-checked, compiled to column operations.
+
+``compile_expression`` runs three small stages:
+
+1. parse the text with ``ast.parse`` and accept only a whitelist of node types;
+2. turn that tree into a small typed tree (``_Node``), checking every name and type
+   against the feature catalogue, so mistakes are reported at validation time with
+   the character offset of the culprit;
+3. compile the typed tree once into closures over whole numpy/pandas columns.
+
+Nulls follow SQL's three-valued logic: a comparison with null is unknown, ``not unknown``
+is unknown, ``unknown and false`` is false, ``unknown or true`` is true. Internally a
+condition is a pair of numpy arrays ``(true, unknown)`` where ``true`` is False wherever
+``unknown`` is set; numbers are float64 with NaN for null, dates datetime64[D] with NaT,
+strings pandas "string" arrays with NA.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import difflib
+import io
+import operator
+import re
+import tokenize
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from engine.errors import DataError, ExpressionError
+
+MAX_LENGTH = 4000  # characters in one expression
+MAX_DEPTH = 60  # levels of the syntax tree (brackets, operators, calls)
+MAX_BRACKETS = 30  # nested brackets, checked before parsing
+
+TYPES = ("number", "string", "bool", "date", "null", "any")
+
+FUNCTIONS: dict[str, str] = {
+    "abs": "abs(x): the absolute value of a number",
+    "floor": "floor(x): round a number down to a whole number",
+    "ceil": "ceil(x): round a number up to a whole number",
+    "round": "round(x[, digits]): round to `digits` decimals (default 0); halves go away from zero",
+    "min": "min(a, b, ...): the smallest of numbers or dates, ignoring nulls (null only if all are null)",
+    "max": "max(a, b, ...): the largest of numbers or dates, ignoring nulls (null only if all are null)",
+    "coalesce": "coalesce(a, b, ...): the first value that is not null",
+    "date": 'date("2024-12-25"): a date, written YYYY-MM-DD',
+    "today": "today(): the date of the run (as_of) in the programme's timezone",
+    "days_since": "days_since(d): whole days from date d to today() (negative when d is in the future)",
+    "days_until": "days_until(d): whole days from today() to date d (negative when d has passed)",
+    "year": "year(d): the year of a date, e.g. 2024",
+    "month": "month(d): the month of a date, 1-12",
+    "day": "day(d): the day of the month of a date, 1-31",
+    "lower": "lower(s): the string in lower case",
+    "upper": "upper(s): the string in upper case",
+    "len": "len(s): the number of characters in a string",
+}
+
+OPERATORS: list[str] = [
+    "and", "or", "not",
+    "==", "!=", "<", "<=", ">", ">=",
+    "in", "not in", "is null", "is not null",
+    "+", "-", "*", "/", "%",
+]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A compiled expression: evaluate it over a frame of customers (one row each)."""
+
+    text: str
+    type: str
+    names: frozenset[str]
+    _root: Any = field(default=None, compare=False, repr=False)
+    _program: Any = field(default=None, compare=False, repr=False)
+
+    def evaluate(self, frame: pd.DataFrame, as_of: pd.Timestamp | None = None) -> pd.Series:
+        """Value for every row: "boolean", "Float64", "string" or datetime64[ns] dtype."""
+        context = _Context(frame, as_of)
+        value = self._program.run(self._root, context)
+        return _to_series(value, self.type, context)
+
+    def mask(self, frame: pd.DataFrame, as_of: pd.Timestamp | None = None) -> np.ndarray:
+        """Boolean numpy array, True only where the condition is definitely true."""
+        if self.type != "bool":
+            raise ExpressionError(f"`{self.text}` is {_a(self.type)}, not a condition", 0)
+        context = _Context(frame, as_of)
+        true, _unknown = self._program.run(self._root, context)
+        return np.array(np.broadcast_to(true, (context.n,)), dtype=bool)
+
+    def explain(self, frame: pd.DataFrame, position: int,
+                as_of: pd.Timestamp | None = None) -> list[tuple[str, object]]:
+        """(text, value) for each name, call and condition inside, for one row, in source order."""
+        context = _Context(frame.iloc[[position]], as_of)
+        seen: dict[str, object] = {}
+        for node in _post_order(self._root):
+            if node.text in seen or (node.kind not in _EXPLAINED and node is not self._root):
+                continue
+            seen[node.text] = _first(self._program.run(node, context), node.type)
+        return list(seen.items())
+
+
+def compile_expression(text: str | bool | int | float, names: Mapping[str, str]) -> Expression:
+    """Parse and type-check ``text`` against ``names`` (name -> type); raise ExpressionError."""
+    for name, kind in names.items():
+        if kind not in TYPES:
+            raise ValueError(f"type of {name!r} must be one of {TYPES}, not {kind!r}")
+    if isinstance(text, bool):
+        text = "true" if text else "false"
+    elif isinstance(text, (int, float)):
+        text = repr(text)
+    elif text is None:
+        raise ExpressionError("the expression is empty", 0, hint=_EMPTY_HINT)
+    elif not isinstance(text, str):
+        raise ExpressionError(f"expected an expression, got {type(text).__name__}", 0)
+    parsed = _parse(text)
+    checker = _Checker(text, parsed.source, parsed.shift, names)
+    root = checker.check(parsed.tree.body)
+    return Expression(text, root.type, frozenset(checker.used), root, _Program())
+
+
+def all_of(exprs: list[Expression]) -> Expression:
+    """All conditions must hold (the YAML ``all: [...]`` sugar)."""
+    return _combine(list(exprs), "and")
+
+
+def any_of(exprs: list[Expression]) -> Expression:
+    """At least one condition must hold (the YAML ``any: [...]`` sugar)."""
+    return _combine(list(exprs), "or")
+
+
+def _combine(exprs: list[Expression], op: str) -> Expression:
+    for expr in exprs:
+        if expr.type != "bool":
+            raise ExpressionError(f"`{expr.text}` is {_a(expr.type)}, not a condition", 0,
+                                  hint="compare it, e.g. `x > 0`")
+    if not exprs:
+        value = op == "and"
+        return compile_expression(value, {})
+    if len(exprs) == 1:
+        return exprs[0]
+    text = f" {op} ".join(f"({e.text})" for e in exprs)
+    root = _Node("bool", "bool", text, 0, [e._root for e in exprs], op)
+    names = frozenset().union(*(e.names for e in exprs))
+    return Expression(text, "bool", names, root, _Program())
+
+
+# --------------------------------------------------------------------------- parsing
+
+_EMPTY_HINT = "write a condition such as `orders_365d >= 3`, or `true`"
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    tree: ast.Expression
+    source: str  # text with line breaks turned into spaces (same length)
+    shift: int  # leading blanks removed before parsing
+
+
+def _parse(text: str) -> _Parsed:
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"the expression is too long ({len(text)} characters, at most {MAX_LENGTH})",
+                              MAX_LENGTH, hint="split it into named segments or custom features")
+    if "\0" in text:
+        raise ExpressionError("the expression contains a NUL character", text.index("\0"))
+    source = re.sub(r"[\r\n\t\f\v]", " ", text)
+    body = source.lstrip(" ")
+    shift = len(source) - len(body)
+    if not body.strip():
+        raise ExpressionError("the expression is empty", 0, hint=_EMPTY_HINT)
+    _check_brackets(source)
+    try:
+        tree = ast.parse(body, mode="eval")
+    except SyntaxError as error:
+        raise _syntax_error(body, shift, error) from None
+    except (RecursionError, MemoryError):
+        raise ExpressionError("the expression is nested too deeply", shift,
+                              hint="split it into named segments or custom features") from None
+    _check_depth(tree.body, body, shift)
+    return _Parsed(tree, source, shift)
+
+
+def _check_brackets(source: str) -> None:
+    """Refuse deep bracket nesting before the parser sees it."""
+    depth, quote, escaped = 0, "", False
+    for index, char in enumerate(source):
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+            if depth > MAX_BRACKETS:
+                raise ExpressionError(f"brackets are nested too deeply (more than {MAX_BRACKETS} levels)",
+                                      index, hint="split it into named segments or custom features")
+        elif char in ")]}":
+            depth -= 1
+
+
+def _check_depth(root: ast.AST, body: str, shift: int) -> None:
+    """Refuse syntax trees deeper than MAX_DEPTH, without recursion."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            offset = _char_offset(body, getattr(node, "col_offset", 0)) + shift
+            raise ExpressionError(f"the expression is nested too deeply (more than {MAX_DEPTH} levels)",
+                                  offset, hint="split it into named segments or custom features")
+        children = [c for c in ast.iter_child_nodes(node) if isinstance(c, (ast.expr, ast.keyword))]
+        stack.extend((child, depth + 1) for child in reversed(children))  # source order
+
+
+def _char_offset(body: str, byte_offset: int) -> int:
+    return len(body.encode("utf-8")[:byte_offset].decode("utf-8", errors="ignore"))
+
+
+def _syntax_error(body: str, shift: int, error: SyntaxError) -> ExpressionError:
+    hinted = _operator_mistake(body)
+    if hinted:
+        message, offset, hint = hinted
+        return ExpressionError(message, offset + shift, hint)
+    msg = (error.msg or "invalid syntax").replace(" (detected at line 1)", "")
+    if not error.offset:  # Python reports 0 when the text ends too early
+        offset, msg = len(body.rstrip()), "the expression ends too early"
+    else:
+        offset = max(0, min(error.offset - 1, len(body)))
+    offset += shift
+    hint = "check for a missing operator, quote, comma or bracket"
+    if "unterminated string" in msg:
+        hint = "close the quote"
+    elif "never closed" in msg:
+        hint = "add the missing closing bracket"
+    elif "unmatched" in msg or "does not match" in msg:
+        hint = "remove the extra bracket or add its opening one"
+    elif "indent" in msg:
+        hint = "write the expression on one line"
+    return ExpressionError(f"syntax error: {msg}", offset, hint)
+
+
+def _operator_mistake(body: str) -> tuple[str, int, str] | None:
+    """Spot operators from other languages: `=` for `==`, `&&`, `||`, `!`."""
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(body).readline)
+                  if t.type not in (tokenize.NEWLINE, tokenize.ENDMARKER)]
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    for token, following in zip(tokens, tokens[1:] + [None]):
+        col = token.start[1]
+        if token.string == "=":
+            return "`=` is not a comparison", col, "use == to compare"
+        adjacent = following is not None and following.start[1] == token.end[1]
+        if token.string in ("&", "|") and adjacent and following.string == token.string:
+            word = "and" if token.string == "&" else "or"
+            return f"`{token.string * 2}` is not an operator here", col, f"use `{word}`"
+        if token.string == "!" and not (adjacent and following.string == "="):
+            return "`!` is not an operator here", col, "use `not`, or != to compare"
+        if token.string == "<>":
+            return "`<>` is not an operator here", col, "use != to compare"
+    return None
+
+
+# --------------------------------------------------------------------------- the typed tree
+
+
+@dataclass(eq=False)
+class _Node:
+    """One node of the typed tree: kind + result type + its source text and offset."""
+
+    kind: str  # const, name, neg, arith, compare, bool, not, isnull, in, call
+    type: str
+    text: str
+    offset: int
+    args: list[_Node] = field(default_factory=list)
+    op: Any = None  # constant value, column name, operator symbol or function name
+    extra: Any = None  # list values for `in`, digits for round()
+    shared: bool = False  # the middle of a chained comparison: evaluated once, used twice
+
+
+_EXPLAINED = {"name", "call", "compare", "bool", "not", "isnull", "in"}
+
+_COMPARE_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+_ARITH_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Mod: "%"}
+_BAD_OPS = {
+    ast.Pow: ("**", "multiply instead, e.g. x * x"),
+    ast.FloorDiv: ("//", "use floor(a / b)"),
+    ast.BitAnd: ("&", "use `and`"),
+    ast.BitOr: ("|", "use `or`"),
+    ast.BitXor: ("^", ""),
+    ast.LShift: ("<<", ""),
+    ast.RShift: (">>", ""),
+    ast.MatMult: ("@", ""),
+}
+_UNSUPPORTED = {
+    "Subscript": ("indexing with [...] is not supported", "write the feature name directly; [...] only lists values for `in`"),
+    "Lambda": ("lambda is not supported", "expressions can only compare and compute values"),
+    "ListComp": ("comprehensions are not supported", ""),
+    "SetComp": ("comprehensions are not supported", ""),
+    "DictComp": ("comprehensions are not supported", ""),
+    "GeneratorExp": ("comprehensions are not supported", ""),
+    "IfExp": ("`... if ... else ...` is not supported", "use coalesce(), or write two rules"),
+    "Dict": ("{...} is not supported", "use [...] to list values for `in`"),
+    "Set": ("{...} is not supported", "use [...] to list values for `in`"),
+    "JoinedStr": ("f-strings are not supported", "use + to join strings"),
+    "NamedExpr": ("`:=` is not supported", "use == to compare"),
+    "Starred": ("`*` unpacking is not supported", ""),
+}
+_SIMPLE_FUNCTIONS = {  # name -> (parameter types, result type)
+    "abs": (("number",), "number"), "floor": (("number",), "number"), "ceil": (("number",), "number"),
+    "today": ((), "date"), "days_since": (("date",), "number"), "days_until": (("date",), "number"),
+    "year": (("date",), "number"), "month": (("date",), "number"), "day": (("date",), "number"),
+    "lower": (("string",), "string"), "upper": (("string",), "string"), "len": (("string",), "number"),
+}
+_NULL_HINT = "null can only be tested: write `x is null` or `x is not null`"
+
+
+def _a(kind: str) -> str:
+    return {"number": "a number", "string": "a string", "bool": "true/false", "date": "a date",
+            "null": "null", "any": "a value"}.get(kind, kind)
+
+
+class _Checker:
+    """Turns a whitelisted Python syntax tree into a typed ``_Node`` tree."""
+
+    def __init__(self, text: str, source: str, shift: int, names: Mapping[str, str]):
+        self.text = text
+        self.source = source
+        self.body = source[shift:]
+        self.shift = shift
+        self.names = dict(names)
+        self.used: set[str] = set()
+        encoded = self.body.encode("utf-8")
+        self._chars = [0] * (len(encoded) + 1)  # byte offset -> character offset
+        position = 0
+        for index, char in enumerate(self.body):
+            for _ in range(len(char.encode("utf-8"))):
+                self._chars[position] = index
+                position += 1
+        self._chars[position] = len(self.body)
+
+    # -- positions
+    def start(self, node: ast.AST) -> int:
+        return self._chars[node.col_offset] + self.shift
+
+    def end(self, node: ast.AST) -> int:
+        return self._chars[node.end_col_offset] + self.shift
+
+    def segment(self, first: ast.AST, last: ast.AST | None = None) -> str:
+        return self.source[self.start(first):self.end(last or first)]
+
+    def fail(self, where: ast.AST | int, message: str, hint: str = "") -> ExpressionError:
+        offset = where if isinstance(where, int) else self.start(where)
+        return ExpressionError(message, offset, hint)
+
+    def node(self, kind: str, type_: str, where: ast.AST, args=(), op=None, extra=None) -> _Node:
+        return _Node(kind, type_, self.segment(where), self.start(where), list(args), op, extra)
+
+    # -- dispatch
+    def check(self, node: ast.AST) -> _Node:
+        result = self.visit(node)
+        if result.type == "null":
+            raise self.fail(node, "null on its own is not a value", _NULL_HINT)
+        if result.type == "any":
+            self.expect(result, "string")
+        return result
+
+    def visit(self, node: ast.AST) -> _Node:
+        method = getattr(self, "visit_" + type(node).__name__, None)
+        if method is None:
+            message, hint = _UNSUPPORTED.get(
+                type(node).__name__, (f"`{self.segment(node)}` is not allowed in an expression", ""))
+            raise self.fail(node, message, hint)
+        return method(node)
+
+    def value(self, node: ast.AST) -> _Node:
+        """A child that must be a real value (null literal only belongs in `is null`)."""
+        result = self.visit(node)
+        if result.type == "null":
+            raise self.fail(node, "null cannot be used here", _NULL_HINT)
+        return result
+
+    def expect(self, node: _Node, wanted: str) -> bool:
+        """True if ``node`` has type ``wanted``; a name of type "any" takes that type."""
+        if node.type == wanted:
+            return True
+        if node.type == "any" and node.kind == "name":
+            node.type = wanted
+            return True
+        return False
+
+    def unify(self, left: _Node, right: _Node) -> None:
+        """Give untyped ("any") names the type of the other side."""
+        if left.type == "any" and right.type == "any":
+            self.expect(left, "string")
+            self.expect(right, "string")
+        elif left.type == "any":
+            self.expect(left, right.type)
+        elif right.type == "any":
+            self.expect(right, left.type)
+
+    # -- leaves
+    def visit_Constant(self, node: ast.Constant) -> _Node:
+        value = node.value
+        if isinstance(value, bool) or value is None:
+            raise self.fail(node, f"unknown name '{value}'", "write true, false and null in lower case")
+        if isinstance(value, (int, float)):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = float("inf")
+            if not np.isfinite(number) or abs(number) > 1e300:
+                raise self.fail(node, "the number is too large", "")
+            return self.node("const", "number", node, op=np.float64(number))
+        if isinstance(value, str):
+            return self.node("const", "string", node, op=value)
+        raise self.fail(node, f"`{self.segment(node)}` is not a supported literal",
+                        "use numbers, \"text\", true, false, null or date(\"2024-12-25\")")
+
+    def visit_Name(self, node: ast.Name) -> _Node:
+        name = node.id
+        if name in ("true", "false"):
+            return self.node("const", "bool", node, op=np.bool_(name == "true"))
+        if name == "null":
+            return self.node("const", "null", node, op=None)
+        if name.startswith("__"):
+            raise self.fail(node, f"names starting with __ are not allowed (`{name}`)")
+        return self.lookup(name, node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> _Node:
+        parts, current = [], node
+        while isinstance(current, ast.Attribute):
+            if current.attr.startswith("__"):
+                offset = self.end(current) - len(current.attr)
+                raise self.fail(offset, f"names starting with __ are not allowed (`{current.attr}`)")
+            parts.append(current.attr)
+            current = current.value
+        if not isinstance(current, ast.Name) or current.id.startswith("__"):
+            raise self.fail(node, "only dotted names such as `event.amount` are allowed",
+                            "functions are written in front: lower(city), not city.lower()")
+        parts.append(current.id)
+        return self.lookup(".".join(reversed(parts)), node)
+
+    def lookup(self, name: str, node: ast.AST) -> _Node:
+        if name in self.names:
+            self.used.add(name)
+            return self.node("name", self.names[name], node, op=name)
+        if name in ("True", "False", "None"):
+            raise self.fail(node, f"unknown name '{name}'", "write true, false and null in lower case")
+        if name in FUNCTIONS:
+            raise self.fail(node, f"`{name}` is a function", f"call it: {FUNCTIONS[name].split(':')[0]}")
+        close = difflib.get_close_matches(name, list(self.names), n=1, cutoff=0.6)
+        hint = (f"did you mean `{close[0]}`?" if close
+                else "declare it under `features:` in a rule file, or check the spelling")
+        raise self.fail(node, f"unknown feature '{name}'", hint)
+
+    # -- logic
+    def visit_BoolOp(self, node: ast.BoolOp) -> _Node:
+        op = "and" if isinstance(node.op, ast.And) else "or"
+        args = [self.condition(child, f"`{op}`") for child in node.values]
+        return self.node("bool", "bool", node, args, op)
+
+    def condition(self, child: ast.AST, what: str) -> _Node:
+        result = self.value(child)
+        if not self.expect(result, "bool"):
+            example = {"number": f"{result.text} > 0", "string": f'{result.text} == "..."',
+                       "date": f"{result.text} <= today()"}.get(result.type, result.text)
+            raise self.fail(child, f"{what} needs true/false, but `{result.text}` is {_a(result.type)}",
+                            f"compare it, e.g. `{example}`")
+        return result
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> _Node:
+        if isinstance(node.op, ast.Not):
+            return self.node("not", "bool", node, [self.condition(node.operand, "`not`")], "not")
+        if isinstance(node.op, ast.Invert):
+            raise self.fail(node, "`~` is not supported", "use `not`")
+        operand = self.value(node.operand)
+        if not self.expect(operand, "number"):
+            sign = "-" if isinstance(node.op, ast.USub) else "+"
+            raise self.fail(node, f"`{sign}` needs a number, but `{operand.text}` is {_a(operand.type)}")
+        if isinstance(node.op, ast.UAdd):
+            return operand
+        if operand.kind == "const":
+            return self.node("const", "number", node, op=-operand.op)
+        return self.node("neg", "number", node, [operand], "-")
+
+    # -- arithmetic
+    def visit_BinOp(self, node: ast.BinOp) -> _Node:
+        op_offset = self.operator_offset(node.left)
+        if type(node.op) in _BAD_OPS:
+            symbol, hint = _BAD_OPS[type(node.op)]
+            raise self.fail(op_offset, f"`{symbol}` is not supported", hint)
+        op = _ARITH_OPS[type(node.op)]
+        left, right = self.value(node.left), self.value(node.right)
+        self.unify_arith(left, right)
+        types = (left.type, right.type)
+        if types == ("number", "number"):
+            result = "number"
+        elif types == ("string", "string") and op == "+":
+            result = "string"
+        elif types == ("date", "date") and op == "-":
+            result = "number"
+        else:
+            verb = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide", "%": "take the remainder of"}[op]
+            hint = "arithmetic works on numbers; + also joins two strings, and date - date gives days"
+            if "date" in types:
+                hint = "date - date gives days; use days_since(d) or days_until(d) to compare with a number"
+            raise self.fail(op_offset, f"cannot {verb} {left.type} and {right.type}", hint)
+        return self.node("arith", result, node, [left, right], op)
+
+    def unify_arith(self, left: _Node, right: _Node) -> None:
+        if left.type == "any" and right.type == "any":
+            self.expect(left, "number")
+            self.expect(right, "number")
+        elif "any" in (left.type, right.type):
+            self.unify(left, right)
+
+    def operator_offset(self, left: ast.AST) -> int:
+        position = self.end(left)
+        while position < len(self.source) and self.source[position] in " )":
+            position += 1
+        return position
+
+    # -- comparisons
+    def visit_Compare(self, node: ast.Compare) -> _Node:
+        operands = [node.left, *node.comparators]
+        pairs = []
+        left = self.visit(node.left)
+        for op, right_ast, left_ast in zip(node.ops, node.comparators, operands):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                pair = self.membership(left, left_ast, op, right_ast)
+                right = None
+            else:
+                right = self.visit(right_ast)
+                pair = self.comparison(left, left_ast, op, right, right_ast)
+            pairs.append(pair)
+            if right is not None:
+                left = right
+                if len(node.ops) > 1 and right.kind not in ("name", "const"):
+                    right.shared = True
+        if len(pairs) == 1:
+            return pairs[0]
+        return self.node("bool", "bool", node, pairs, "and")
+
+    def comparison(self, left: _Node, left_ast, op, right: _Node, right_ast) -> _Node:
+        text = self.segment(left_ast, right_ast)
+        offset = self.start(left_ast)
+        if isinstance(op, (ast.Is, ast.IsNot)):
+            word = "is" if isinstance(op, ast.Is) else "is not"
+            if right.type != "null":
+                raise self.fail(offset, f"`{word}` only tests for null", "use == or != to compare values")
+            return _Node("isnull", "bool", text, offset, [left], word)
+        symbol = _COMPARE_OPS[type(op)]
+        if "null" in (left.type, right.type):
+            fix = "use `is not null`" if symbol == "!=" else "use `is null`"
+            raise self.fail(offset, f"comparing with null using `{symbol}` is never true", fix)
+        self.unify(left, right)
+        if left.type != right.type:
+            hint = f"`{left.text}` is {_a(left.type)} and `{right.text}` is {_a(right.type)}"
+            if {left.type, right.type} == {"date", "string"}:
+                hint = 'write dates as date("2024-12-25")'
+            elif {left.type, right.type} == {"number", "string"}:
+                hint += "; numbers go without quotes, text in quotes"
+            raise self.fail(offset, f"cannot compare {left.type} with {right.type}", hint)
+        if left.type == "bool" and symbol not in ("==", "!="):
+            raise self.fail(offset, f"true/false values cannot be compared with `{symbol}`", "use == or !=")
+        return _Node("compare", "bool", text, offset, [left, right], symbol)
+
+    def membership(self, left: _Node, left_ast, op, right_ast) -> _Node:
+        word = "in" if isinstance(op, ast.In) else "not in"
+        offset = self.start(left_ast)
+        if left.type == "null":
+            raise self.fail(offset, "null cannot be used here", _NULL_HINT)
+        if not isinstance(right_ast, (ast.List, ast.Tuple)):
+            raise self.fail(right_ast, f"`{word}` needs a list of values in brackets",
+                            'e.g. city in ["上海", "北京"]')
+        values = []
+        for element_ast in right_ast.elts:
+            element = self.visit(element_ast)
+            if element.kind != "const" or element.type == "null":
+                hint = (f"write `{left.text} is null or {left.text} {word} [...]`" if element.type == "null"
+                        else "list literal values: numbers, \"text\", true/false or date(...)")
+                raise self.fail(element_ast, f"`{element.text}` cannot be listed after `{word}`", hint)
+            self.expect(left, element.type)
+            if element.type != left.type:
+                raise self.fail(element_ast, f"list item `{element.text}` is {_a(element.type)} "
+                                f"but `{left.text}` is {_a(left.type)}")
+            values.append(element.op)
+        text = self.segment(left_ast, right_ast)
+        return _Node("in", "bool", text, offset, [left], word, values)
+
+    # -- calls
+    def visit_Call(self, node: ast.Call) -> _Node:
+        if not isinstance(node.func, ast.Name):
+            attr = getattr(node.func, "attr", "")
+            hint = f"write {attr}(...) with the value inside" if attr in FUNCTIONS else ""
+            raise self.fail(node, "only functions can be called, not methods", hint)
+        name = node.func.id
+        if name.startswith("__"):
+            raise self.fail(node, f"`{name}` is not allowed", "see the list of functions in docs/expressions.md")
+        if name not in FUNCTIONS:
+            if name in self.names:
+                raise self.fail(node, f"`{name}` is a feature, not a function", "remove the ()")
+            close = difflib.get_close_matches(name, list(FUNCTIONS), n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`?" if close else "functions: " + ", ".join(FUNCTIONS)
+            raise self.fail(node, f"unknown function '{name}'", hint)
+        if node.keywords:
+            raise self.fail(node.keywords[0], f"{name}() takes no named arguments",
+                            FUNCTIONS[name].split(":")[0])
+        return getattr(self, "call_" + name, self.call_simple)(name, node)
+
+    def arity(self, name: str, node: ast.Call, low: int, high: int | None) -> None:
+        count = len(node.args)
+        if count < low or (high is not None and count > high):
+            wanted = (f"{low}" if low == high else f"{low} or {high}" if high is not None
+                      else f"at least {low}")
+            raise self.fail(node, f"{name}() takes {wanted} argument{'s' if wanted != '1' else ''}, "
+                            f"got {count}", "usage: " + FUNCTIONS[name].split(":")[0])
+
+    def argument(self, name: str, arg_ast: ast.AST, wanted: str) -> _Node:
+        arg = self.value(arg_ast)
+        if not self.expect(arg, wanted):
+            hint = 'write dates as date("2024-12-25")' if wanted == "date" and arg.type == "string" else ""
+            raise self.fail(arg_ast, f"{name}() needs {_a(wanted)}, but `{arg.text}` is {_a(arg.type)}", hint)
+        return arg
+
+    def call_simple(self, name: str, node: ast.Call) -> _Node:
+        params, result = _SIMPLE_FUNCTIONS[name]
+        self.arity(name, node, len(params), len(params))
+        args = [self.argument(name, a, t) for a, t in zip(node.args, params)]
+        return self.node("call", result, node, args, name)
+
+    def call_round(self, name: str, node: ast.Call) -> _Node:
+        self.arity(name, node, 1, 2)
+        args = [self.argument(name, node.args[0], "number")]
+        digits = 0
+        if len(node.args) == 2:
+            given = self.visit(node.args[1])
+            if given.kind != "const" or given.type != "number" or given.op != int(given.op) \
+                    or not -10 <= given.op <= 10:
+                raise self.fail(node.args[1], "round() digits must be a whole number from -10 to 10",
+                                "e.g. round(x, 2)")
+            digits = int(given.op)
+        return self.node("call", "number", node, args, name, digits)
+
+    def call_min(self, name: str, node: ast.Call) -> _Node:
+        self.arity(name, node, 2, None)
+        args = [self.value(a) for a in node.args]
+        kind = next((a.type for a in args if a.type != "any"), "number")
+        if kind not in ("number", "date"):
+            kind = "number"
+        for arg, arg_ast in zip(args, node.args):
+            if not self.expect(arg, kind):
+                raise self.fail(arg_ast, f"{name}() needs all numbers or all dates, "
+                                f"but `{arg.text}` is {_a(arg.type)}")
+        return self.node("call", kind, node, args, name)
+
+    call_max = call_min
+
+    def call_coalesce(self, name: str, node: ast.Call) -> _Node:
+        self.arity(name, node, 2, None)
+        args = [self.value(a) for a in node.args]
+        kind = next((a.type for a in args if a.type != "any"), "string")
+        for arg, arg_ast in zip(args, node.args):
+            if not self.expect(arg, kind):
+                raise self.fail(arg_ast, f"coalesce() needs values of one type, but `{args[0].text}` is "
+                                f"{_a(kind)} and `{arg.text}` is {_a(arg.type)}")
+        return self.node("call", kind, node, args, name)
+
+    def call_date(self, name: str, node: ast.Call) -> _Node:
+        self.arity(name, node, 1, 1)
+        arg = node.args[0]
+        value = arg.value if isinstance(arg, ast.Constant) else None
+        if not isinstance(value, str):
+            raise self.fail(arg, "date() needs a date written in quotes", 'e.g. date("2024-12-25")')
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+                raise ValueError(value)
+            day = dt.date.fromisoformat(value)
+        except ValueError:
+            raise self.fail(arg, f"not a valid date: {value!r}", 'write it as YYYY-MM-DD, e.g. date("2024-12-25")') from None
+        if not 1678 <= day.year <= 2261:
+            raise self.fail(arg, f"date out of range: {value!r}", "use a year between 1678 and 2261")
+        return self.node("const", "date", node, op=np.datetime64(day, "D"))
+
+
+def _post_order(root: _Node) -> list[_Node]:
+    order: list[_Node] = []
+
+    def walk(node: _Node) -> None:
+        for child in node.args:
+            walk(child)
+        order.append(node)
+
+    walk(root)
+    return order
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _Context:
+    """One evaluation: the frame, its length, the run's date and a column cache."""
+
+    def __init__(self, frame: pd.DataFrame, as_of: pd.Timestamp | None):
+        self.frame = frame
+        self.n = len(frame)
+        self.as_of = as_of
+        self.cache: dict[Any, Any] = {}
+
+    @property
+    def today(self) -> np.datetime64:
+        if self.as_of is None:
+            raise ValueError("this expression uses today's date: pass as_of")
+        stamp = pd.Timestamp(self.as_of)
+        if stamp.tzinfo is not None:
+            stamp = stamp.tz_localize(None)
+        return np.datetime64(stamp.date(), "D")
+
+
+class _Program:
+    """Compiles typed nodes to closures once (lazily, per node) and runs them."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[int, Callable[[_Context], Any]] = {}
+        self._keep: list[_Node] = []  # keeps node ids stable
+
+    def run(self, node: _Node, context: _Context) -> Any:
+        return self.compiled(node)(context)
+
+    def compiled(self, node: _Node) -> Callable[[_Context], Any]:
+        function = self._compiled.get(id(node))
+        if function is None:
+            function = _COMPILERS[node.kind](node, self)
+            if node.shared:
+                function = _memoised(node, function)
+            self._compiled[id(node)] = function
+            self._keep.append(node)
+        return function
+
+
+def _memoised(node: _Node, function):
+    key = ("node", id(node))
+
+    def run(context):
+        if key not in context.cache:
+            context.cache[key] = function(context)
+        return context.cache[key]
+    return run
+
+
+FALSE = np.bool_(False)
+
+
+def _compile_const(node: _Node, program: _Program):
+    value = node.op
+    if node.type == "bool":
+        value = (np.bool_(value), FALSE)
+    return lambda context: value
+
+
+def _compile_name(node: _Node, program: _Program):
+    name, kind = node.op, node.type
+    key = (name, kind)
+
+    def fetch(context):
+        if key not in context.cache:
+            context.cache[key] = _column(context.frame, name, kind)
+        return context.cache[key]
+    return fetch
+
+
+def _compile_neg(node: _Node, program: _Program):
+    operand = program.compiled(node.args[0])
+    return lambda context: -operand(context)
+
+
+def _compile_arith(node: _Node, program: _Program):
+    left, right = (program.compiled(a) for a in node.args)
+    op = node.op
+    if node.args[0].type == "string":
+        return lambda context: left(context) + right(context)  # "string" arrays propagate NA
+    if node.args[0].type == "date":
+        return lambda context: (left(context) - right(context)) / np.timedelta64(1, "D")
+    function = {"+": np.add, "-": np.subtract, "*": np.multiply}.get(op)
+    if function is not None:
+        return lambda context: function(left(context), right(context))
+    function = np.divide if op == "/" else np.mod
+
+    def divide(context):
+        a, b = left(context), right(context)
+        with np.errstate(all="ignore"):
+            return np.where(b == 0, np.nan, function(a, b))
+    return divide
+
+
+_CMP = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+        ">": operator.gt, ">=": operator.ge}
+
+
+def _compile_compare(node: _Node, program: _Program):
+    left, right = (program.compiled(a) for a in node.args)
+    function = _CMP[node.op]
+    kind = node.args[0].type
+    if kind == "bool":
+        def compare_bools(context):
+            (a, a_na), (b, b_na) = left(context), right(context)
+            unknown = a_na | b_na
+            return function(a, b) & ~unknown, unknown
+        return compare_bools
+    if kind == "string":
+        return lambda context: _compare_strings(function, left(context), right(context))
+    isnull = np.isnan if kind == "number" else np.isnat
+
+    def compare(context):
+        a, b = left(context), right(context)
+        unknown = isnull(a) | isnull(b)
+        with np.errstate(invalid="ignore"):
+            return function(a, b) & ~unknown, unknown
+    return compare
+
+
+def _compare_strings(function, a, b):
+    if isinstance(a, str) and isinstance(b, str):
+        return np.bool_(function(a, b)), FALSE
+    result = function(a, b)
+    unknown = np.asarray(result.isna())
+    return result.to_numpy(dtype=bool, na_value=False), unknown
+
+
+def _compile_bool(node: _Node, program: _Program):
+    parts = [program.compiled(a) for a in node.args]
+    combine = _and if node.op == "and" else _or
+    return lambda context: reduce(combine, (part(context) for part in parts))
+
+
+def _and(a, b):
+    (a_true, a_na), (b_true, b_na) = a, b
+    a_false, b_false = ~(a_true | a_na), ~(b_true | b_na)
+    return a_true & b_true, (a_na | b_na) & ~(a_false | b_false)
+
+
+def _or(a, b):
+    (a_true, a_na), (b_true, b_na) = a, b
+    true = a_true | b_true
+    return true, (a_na | b_na) & ~true
+
+
+def _compile_not(node: _Node, program: _Program):
+    operand = program.compiled(node.args[0])
+
+    def negate(context):
+        true, unknown = operand(context)
+        return ~(true | unknown), unknown
+    return negate
+
+
+def _compile_isnull(node: _Node, program: _Program):
+    operand = program.compiled(node.args[0])
+    negate = node.op == "is not"
+
+    def test(context):
+        missing = _missing(operand(context), node.args[0].type)
+        return (~missing if negate else missing), FALSE
+    return test
+
+
+def _missing(value, kind: str):
+    if value is None:
+        return np.bool_(True)
+    if kind == "bool":
+        return value[1]
+    if kind == "number":
+        return np.isnan(value)
+    if kind == "date":
+        return np.isnat(value)
+    if isinstance(value, str):
+        return FALSE
+    return np.asarray(pd.isna(value))
+
+
+def _compile_in(node: _Node, program: _Program):
+    operand = program.compiled(node.args[0])
+    kind = node.args[0].type
+    values = list(node.extra)
+    negate = node.op == "not in"
+
+    def member(context):
+        value = operand(context)
+        if kind == "bool":
+            value, unknown = value
+        else:
+            unknown = _missing(value, kind)
+        if not values:
+            found, unknown = FALSE, FALSE
+        elif kind == "string":
+            found = (np.bool_(value in values) if isinstance(value, str)
+                     else np.asarray(value.isin(values)))
+        else:
+            found = np.isin(value, np.array(values))
+            if np.ndim(value) == 0:
+                found = np.bool_(found)
+        found = found & ~unknown
+        if negate:
+            return ~(found | unknown), unknown
+        return found, unknown
+    return member
+
+
+def _compile_call(node: _Node, program: _Program):
+    args = [program.compiled(a) for a in node.args]
+    implementation = _IMPLEMENTATIONS[node.op]
+    if node.op == "round":
+        factor = 10.0 ** node.extra
+        return lambda context: _round(args[0](context), factor)
+    if node.op in ("min", "max", "coalesce"):
+        kind = node.type
+        return lambda context: implementation([a(context) for a in args], kind)
+    return lambda context: implementation(context, *(a(context) for a in args))
+
+
+def _round(x, factor: float):
+    return np.sign(x) * np.floor(np.abs(x) * factor + 0.5) / factor
+
+
+def _extreme(function):
+    def pick(values, kind):
+        return reduce(function, values)
+    return pick
+
+
+def _coalesce(values, kind):
+    def first(a, b):
+        if kind == "number":
+            return np.where(np.isnan(a), b, a)
+        if kind == "date":
+            return np.where(np.isnat(a), b, a)
+        if kind == "bool":
+            (a_true, a_na), (b_true, b_na) = a, b
+            return np.where(a_na, b_true, a_true), a_na & b_na
+        if isinstance(a, str):
+            return a
+        other = b if isinstance(b, str) else pd.Series(b, copy=False)
+        return pd.Series(a, copy=False).fillna(other).array
+    return reduce(first, values)
+
+
+def _string_function(python, method):
+    def apply(context, value):
+        if isinstance(value, str):
+            return python(value)
+        result = getattr(pd.Series(value, copy=False).str, method)()
+        if method == "len":
+            return result.to_numpy(dtype=np.float64, na_value=np.nan)
+        return result.array
+    return apply
+
+
+def _date_part(part: str):
+    def apply(context, value):
+        missing = np.isnat(value)
+        if part == "year":
+            number = value.astype("datetime64[Y]").astype(np.int64) + 1970
+        elif part == "month":
+            number = value.astype("datetime64[M]").astype(np.int64) % 12 + 1
+        else:
+            number = (value - value.astype("datetime64[M]")).astype("timedelta64[D]").astype(np.int64) + 1
+        return np.where(missing, np.nan, number.astype(np.float64))
+    return apply
+
+
+_IMPLEMENTATIONS: dict[str, Callable] = {
+    "abs": lambda context, x: np.abs(x),
+    "floor": lambda context, x: np.floor(x),
+    "ceil": lambda context, x: np.ceil(x),
+    "round": None,
+    "min": _extreme(np.fmin),
+    "max": _extreme(np.fmax),
+    "coalesce": _coalesce,
+    "date": None,  # folded into a constant when checked
+    "today": lambda context: context.today,
+    "days_since": lambda context, d: (context.today - d) / np.timedelta64(1, "D"),
+    "days_until": lambda context, d: (d - context.today) / np.timedelta64(1, "D"),
+    "year": _date_part("year"),
+    "month": _date_part("month"),
+    "day": _date_part("day"),
+    "lower": _string_function(str.lower, "lower"),
+    "upper": _string_function(str.upper, "upper"),
+    "len": _string_function(lambda s: np.float64(len(s)), "len"),
+}
+
+_COMPILERS = {
+    "const": _compile_const, "name": _compile_name, "neg": _compile_neg, "arith": _compile_arith,
+    "compare": _compile_compare, "bool": _compile_bool, "not": _compile_not,
+    "isnull": _compile_isnull, "in": _compile_in, "call": _compile_call,
+}
+
+assert set(_IMPLEMENTATIONS) == set(FUNCTIONS)
+
+
+# --------------------------------------------------------------------------- columns in, series out
+
+_STRING = pd.StringDtype()
+
+
+def _column(frame: pd.DataFrame, name: str, kind: str):
+    """A frame column in the internal representation of ``kind``."""
+    if name not in frame.columns:
+        raise DataError("expression", f"no column '{name}' in the customer data", column=name,
+                        hint="compute the feature before evaluating the rule")
+    series = frame[name]
+    try:
+        if kind == "number":
+            return _numbers(series)
+        if kind == "bool":
+            if series.dtype == bool:
+                return series.to_numpy(), FALSE
+            flags = series.astype("boolean")
+            return flags.to_numpy(dtype=bool, na_value=False), flags.isna().to_numpy()
+        if kind == "string":
+            return series.array.astype(_STRING)
+        if kind == "date":
+            return _dates(series)
+    except (TypeError, ValueError) as error:
+        raise DataError("expression", f"column '{name}' is not {_a(kind)}: {error}", column=name) from None
+    return series  # "any" names only reach `is null`
+
+
+def _numbers(series: pd.Series) -> np.ndarray:
+    if series.dtype.kind in "fiub":
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    if series.dtype == object or isinstance(series.dtype, pd.StringDtype):
+        series = pd.to_numeric(series, errors="coerce")
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _dates(series: pd.Series) -> np.ndarray:
+    if not isinstance(series.dtype, pd.DatetimeTZDtype) and series.dtype.kind != "M":
+        series = pd.to_datetime(series, errors="coerce")
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_localize(None)
+    return series.to_numpy().astype("datetime64[D]")
+
+
+def _broadcast(value, n: int, dtype=None) -> np.ndarray:
+    return np.array(np.broadcast_to(value, (n,)), dtype=dtype)
+
+
+def _to_series(value, kind: str, context: _Context) -> pd.Series:
+    n, index = context.n, context.frame.index
+    if kind == "bool":
+        true, unknown = value
+        array = pd.arrays.BooleanArray(_broadcast(true, n, bool), _broadcast(unknown, n, bool))
+        return pd.Series(array, index=index)
+    if kind == "number":
+        numbers = _broadcast(value, n, np.float64)
+        return pd.Series(pd.arrays.FloatingArray(numbers, np.isnan(numbers)), index=index)
+    if kind == "date":
+        return pd.Series(_broadcast(value, n).astype("datetime64[ns]"), index=index)
+    if isinstance(value, str):
+        return pd.Series([value] * n, index=index, dtype=_STRING)
+    return pd.Series(value, index=index, dtype=_STRING, copy=True)
+
+
+def _first(value, kind: str) -> object:
+    """The single row's value as a plain Python object (None for null)."""
+    if kind == "bool":
+        true, unknown = (np.ravel(v)[0] for v in value)
+        return None if unknown else bool(true)
+    item = value if isinstance(value, str) or np.ndim(value) == 0 else value[0]
+    if item is None or item is pd.NA or (isinstance(item, float) and np.isnan(item)):
+        return None
+    if kind == "number":
+        return float(item)
+    if kind == "date":
+        return None if np.isnat(item) else pd.Timestamp(item).date()
+    if kind == "string":
+        return str(item)
+    return item
