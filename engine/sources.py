@@ -602,6 +602,11 @@ def _load_customers(source: SourceDef, root: Path, settings: Settings,
     columns["locale"] = _fallback_column(raw, ids, locale_values, "locale", _normalise_locale,
                                          settings.default_locale, warnings)
     types["timezone"] = types["locale"] = "string"
+    from .features import BUILTIN_FEATURES   # late: features builds on this module
+    for column in [c for c in columns if c in BUILTIN_FEATURES]:
+        warnings.append(f"{raw.label}: column '{column}' has the name of a built-in feature and is ignored "
+                        f"(to keep it, give it another name: columns: {{my_{column}: {column}}})")
+        del columns[column], types[column]
     customers = pd.DataFrame({"customer_id": ids, **columns})
     customers.index = pd.RangeIndex(len(customers))
     return customers, {"customer_id": "string", **types}, raw, frame["customer_id"]

@@ -348,3 +348,13 @@ def test_missing_file_unknown_format_and_sqlite_table(tmp_path):
         conn.execute("create table customer (customer_id text)")
     error = load_error(tmp_path, customers=SourceDef("customers", path=Path("crm.db"), sql_table="customers"))
     assert error.source == "crm.db (table customers)" and "did you mean table: customer" in str(error)
+
+
+def test_customer_column_named_like_a_builtin_is_reported(tmp_path):
+    write(tmp_path, "c.csv", "customer_id,age,tier\n1,30,gold\n")
+    tables = load_tables(settings(customers=source("customers", "c.csv")), tmp_path)
+    assert "age" not in tables.customers and "tier" not in tables.customers
+    assert any("column 'age' has the name of a built-in feature" in w for w in tables.warnings)
+    write(tmp_path, "d.csv", "customer_id,age\n1,30\n")
+    tables = load_tables(settings(customers=source("customers", "d.csv", columns={"my_age": "age"})), tmp_path)
+    assert tables.customers["my_age"].iloc[0] == 30
