@@ -219,6 +219,36 @@ def list_runs(workspace, limit, fmt):
 
 
 @main.command()
+@workspace_argument
+@click.option("--from", "start", default=None, metavar="DATE", help="First day of the period (default: 90 days before --to).")
+@click.option("--to", "end", default=None, metavar="DATE", help="Last day of the period (default: the day of the latest order or send).")
+@format_option("table", "json")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report with charts to this file.")
+@handle_errors
+def report(workspace, start, end, fmt, html_path):
+    """Campaign results, uplift over holdout and programme KPIs for a period."""
+    from engine.reporting import report_command
+    report_command(workspace, start, end, fmt, html_path, click.echo)
+
+
+@main.command("import-redemptions")
+@workspace_argument
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@handle_errors
+def import_redemptions_command(workspace, file):
+    """Import coupon redemptions from a CSV or Parquet file (code, order_id[, customer_id, amount, redeemed_at])."""
+    from engine.redemptions import import_redemptions
+    result = import_redemptions(workspace, file)
+    click.echo(f"{result.rows} rows read: {result.added} redemptions added, "
+               f"{result.duplicates} already recorded, {len(result.bad_rows)} refused.")
+    for bad in result.bad_rows[:20]:
+        click.echo(f"{file}: row {bad['row']}: {bad['message']}", err=True)
+    if result.bad_rows:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to build the demo workspace (default: a new temporary folder).")
 @click.option("--customers", default=2000, show_default=True, help="How many sample customers.")
