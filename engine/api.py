@@ -150,6 +150,9 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             timings["features"] = round(time.perf_counter() - started, 3)
             evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context, selected)
             timings["evaluate"] = round(time.perf_counter() - started, 3)
+            repeated = int(evaluation.offers["recorded"].sum()) if len(evaluation.offers) else 0
+            evaluation.offers = evaluation.offers[~evaluation.offers["recorded"]].reset_index(drop=True) \
+                if len(evaluation.offers) else evaluation.offers
             coupon_offers = evaluation.offers.loc[evaluation.offers["reward_kind"] == "coupon", "offer_id"] \
                 if len(evaluation.offers) else []
             codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
@@ -170,7 +173,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             timings["record"] = round(time.perf_counter() - started, 3)
             result.run_id = run_id
             result.new_offers = recorded.new
-            result.already_recorded = recorded.existing
+            result.already_recorded = recorded.existing + repeated
             result.conflicts = recorded.conflicts
             result.holdouts = len(evaluation.holdouts)
             result.funnels = evaluation.funnels

@@ -60,12 +60,7 @@ def run_context(workspace: Workspace, as_of: pd.Timestamp, store=None,
         previous_as_of = pd.Timestamp(previous["as_of"]).tz_convert(workspace.settings.timezone)
     longest = max([workspace.settings.contact_policy.per_days] +
                   [c.cooldown_days or 0 for c in workspace.program.campaigns.values()])
-    contacts = store.contact_history(since=(as_of - pd.Timedelta(days=longest + 1)).isoformat())
-    if contacts is None or len(contacts) == 0:
-        contacts = empty_contacts()
-    else:
-        contacts = contacts.copy()
-        contacts["contacted_at"] = pd.to_datetime(contacts["contacted_at"], utc=True, format="ISO8601")
+    contacts = _contacts_before(store, as_of, as_of - pd.Timedelta(days=longest + 1))
     edge_state = {}
     for campaign in workspace.program.campaigns.values():
         if campaign.trigger.kind == "becomes":
@@ -74,7 +69,37 @@ def run_context(workspace: Workspace, as_of: pd.Timestamp, store=None,
                 true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
     return RunContext(as_of, previous_as_of, contacts, edge_state,
-                      recorded=lambda keys: set(store.existing_offers(keys)))
+                      recorded=lambda keys: _recorded_at(store, keys))
+
+
+def _utc_key(stamp: pd.Timestamp) -> str:
+    return stamp.tz_convert("UTC").isoformat(timespec="seconds")
+
+
+def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.DataFrame:
+    """Contact history made by runs at another instant than ``as_of``: a rerun at the same
+    instant must not be stopped by the contacts its first attempt recorded."""
+    rows = list(store.db.query(
+        "SELECT c.customer_id, c.campaign, c.channel, c.contacted_at FROM contacts c "
+        "JOIN offers o ON o.offer_id = c.offer_id JOIN runs r ON r.run_id = o.run_id "
+        "WHERE c.contacted_at > ? AND r.as_of_utc <> ?", [_utc_key(since), _utc_key(as_of)]))
+    if not rows:
+        return empty_contacts()
+    frame = pd.DataFrame(rows)
+    frame["contacted_at"] = pd.to_datetime(frame["contacted_at"], utc=True, format="ISO8601")
+    return frame
+
+
+def _recorded_at(store, keys: list[str]) -> dict[str, str]:
+    """firing key -> as_of (UTC) of the run that recorded it, for the keys already recorded."""
+    found: dict[str, str] = {}
+    for start in range(0, len(keys), 900):
+        chunk = keys[start:start + 900]
+        marks = ",".join("?" * len(chunk))
+        found.update((row["firing_key"], row["as_of_utc"]) for row in store.db.query(
+            f"SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
+            f"WHERE o.firing_key IN ({marks})", chunk))
+    return found
 
 
 EVALUATED = "*"   # trigger-state row saying a `becomes` condition has been evaluated before

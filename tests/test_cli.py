@@ -102,7 +102,7 @@ def test_run_twice_records_and_sends_once(workspace):
     assert data["new_offers"] == 3
     second = json.loads(invoke("run", str(workspace), "--as-of", AS_OF, "--now", "2026-12-26T12:00:00+08:00",
                                "--format", "json").output)
-    assert second["new_offers"] == 0 and second["already_recorded"] == 0
+    assert second["new_offers"] == 0 and second["already_recorded"] == 3
     lines = (workspace / "outbox" / "sms.jsonl").read_text(encoding="utf-8").splitlines()
     offers = [json.loads(line) for line in lines]
     assert sorted(o["customer_id"] for o in offers) == ["C001", "C004"]
