@@ -53,6 +53,30 @@ def build_demo_workspace(directory: Path | None, customers: int) -> Path:
     return directory
 
 
+def write_demo_redemptions(workspace: Path, share: float = 0.3) -> Path:
+    """Pretend a share of the coupons sent were used: a redemptions file as a shop would export it."""
+    import csv
+    import hashlib
+
+    import pandas as pd
+
+    from .store import StateStore
+    with StateStore(workspace / "state" / "loyalty.db") as store:
+        codes = store.coupon_codes()
+    target = workspace / "data" / "redemptions.csv"
+    with target.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["code", "order_id", "customer_id", "amount", "redeemed_at"])
+        for row in codes.sort_values("code").itertuples():
+            digest = int(hashlib.sha256(row.code.encode()).hexdigest()[:8], 16)
+            if digest % 1000 >= share * 1000:
+                continue
+            when = pd.Timestamp(DEMO_AS_OF) + pd.Timedelta(hours=24 + digest % 200)
+            writer.writerow([row.code, f"R{digest % 10**8:08d}", row.customer_id,
+                             f"{120 + digest % 600:.2f}", when.isoformat()])
+    return target
+
+
 def run_demo(directory: Path | None, customers: int = 2000,
              echo: Callable[[str], None] = print) -> dict:
     """The whole tour; returns the paths it produced."""
@@ -98,6 +122,12 @@ def run_demo(directory: Path | None, customers: int = 2000,
         controller.stop()
     mails = len(mailbox.Maildir(str(received), create=False)) if received.exists() else 0
 
+    redemptions_file = write_demo_redemptions(workspace)
+    from .redemptions import import_redemptions
+    imported = import_redemptions(workspace, redemptions_file)
+    echo(f"6. Imported {imported.added} coupon redemptions from {redemptions_file.relative_to(workspace)} "
+         f"({imported.duplicates} duplicates ignored, {len(imported.bad_rows)} refused).")
+
     outputs = {"workspace": workspace, "state": workspace / "state" / "loyalty.db",
                "outbox": sorted(str(p.relative_to(workspace)) for p in (workspace / "outbox").glob("*.jsonl")),
                "emails_received": mails}
@@ -107,7 +137,7 @@ def run_demo(directory: Path | None, customers: int = 2000,
     except ImportError:
         report_path = None
     else:
-        write_html_report(workspace, report_path)
+        write_html_report(workspace, report_path, end="2026-12-23")
         outputs["report"] = report_path
     echo("\nWhere everything is:")
     echo(f"  workspace     {workspace}")
