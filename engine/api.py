@@ -10,6 +10,7 @@ import pandas as pd
 from croniter import croniter
 
 from .errors import LoyaltyError
+from .faults import checkpoint
 from .evaluation import evaluate
 from .model import Workspace
 from .pipeline import (build_messages, edge_state_rows, make_renderer, parse_as_of, prepare)
@@ -150,6 +151,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             timings["features"] = round(time.perf_counter() - started, 3)
             evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context, selected)
             timings["evaluate"] = round(time.perf_counter() - started, 3)
+            checkpoint("after_evaluation")
             repeated = int(evaluation.offers["recorded"].sum()) if len(evaluation.offers) else 0
             evaluation.offers = evaluation.offers[~evaluation.offers["recorded"]].reset_index(drop=True) \
                 if len(evaluation.offers) else evaluation.offers
@@ -171,6 +173,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 for campaign in result.campaigns:
                     store.set_schedule_last_run(campaign, as_of.isoformat())
             timings["record"] = round(time.perf_counter() - started, 3)
+            checkpoint("after_commit")
             result.run_id = run_id
             result.new_offers = recorded.new
             result.already_recorded = recorded.existing + repeated

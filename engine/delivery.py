@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from .faults import checkpoint
 from .errors import DeliveryError
 from .model import ChannelDef, Settings
 from .store import MAX_ATTEMPTS, StateStore
@@ -437,6 +438,7 @@ def _deliver_batch(store: StateStore, sender: Sender, batch: list[dict],
         failed.extend((offer_id, f"cannot write the outbox file: {exc.strerror}")
                       for offer_id in sent)
         sent = []
+    checkpoint("mid_delivery")
     store.mark_many(sent=sent, sent_at=datetime.now(timezone.utc), failed=failed,
                     suppressed=suppressed)
     result.sent += len(sent)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import sqlite_utils
 
+from .faults import checkpoint
 from .errors import StateError
 
 SCHEMA_VERSION = 1
@@ -451,6 +452,7 @@ class StateStore:
                         | {"recorded_payload_hash": prior})
             self._insert(conn, "offers", _OFFER_COLUMNS,
                          (tuple(row.values()) for row, _ in new_rows))
+            checkpoint("mid_transaction")
             self._insert_codes(conn, new_rows)
             if points_rows is None:
                 points_rows = [self._points_row(row, reward) for row, reward in new_rows
