@@ -130,7 +130,8 @@ def make_renderer(workspace: Workspace) -> Renderer:
                     {"name": settings.name, "currency": settings.currency, "timezone": settings.timezone})
 
 
-def _plain(value):
+def plain_value(value):
+    """A pandas/numpy scalar as a plain Python value; missing values as None."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
     if isinstance(value, float) and np.isnan(value):
@@ -143,7 +144,7 @@ def _plain(value):
 def customer_records(features: pd.DataFrame, positions) -> list[dict]:
     """Customer columns and features of the given rows, as plain dicts for templates."""
     subset = features.iloc[np.asarray(positions, dtype=int)]
-    return [{k: _plain(v) for k, v in row.items()} for row in subset.to_dict("records")]
+    return [{k: plain_value(v) for k, v in row.items()} for row in subset.to_dict("records")]
 
 
 def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.DataFrame,

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .evaluation import STAGES, Evaluation, segment_mask
 from .model import Workspace
+from .pipeline import plain_value
 
 
 @dataclass
@@ -132,15 +133,8 @@ def explain_customer(workspace: Workspace, evaluation: Evaluation, features: pd.
 
 
 def _plain(value):
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
-    return value
+    value = plain_value(value)
+    return value.isoformat() if isinstance(value, pd.Timestamp) else value
 
 
 def _explain(expression, features, position, as_of, label) -> list[dict]:
