@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,8 @@ def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunConte
     edge_state: dict[str, frozenset] = {}
     warnings: list[str] = []
     stops: list[pd.DataFrame] = []
+    same_run: set[str] = set()
+    as_of_key = as_of.tz_convert("UTC").isoformat(timespec="seconds")
 
     def stopped(campaign_id, stage, where, key_values=None):
         if trace and len(where):
@@ -108,13 +111,19 @@ def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunConte
         firings = TRIGGERS[campaign.trigger.kind](campaign, eligible, features, tables, ctx, settings)
         if firings.state is not None:
             edge_state[campaign.id] = firings.state
-        positions = np.asarray(firings.positions, dtype=int)
-        keys = firing_keys(campaign.id, ids.to_numpy()[positions], np.asarray(firings.keys))
-        events = firings.events if firings.events is not None else pd.DataFrame(index=range(len(positions)))
+        positions, suffixes, events = _one_per_customer(firings)
+        keys = firing_keys(campaign.id, ids.to_numpy()[positions], suffixes)
         if len(keys):
+            # firings recorded by an earlier run never fire again; those recorded by a run at
+            # this same as_of go through the funnel again, so that a rerun decides exactly as
+            # the first run did, and are marked as already recorded at the end
             done = ctx.recorded(list(keys))
+            if done and not isinstance(done, Mapping):   # a plain set: recorded by earlier runs
+                done = dict.fromkeys(done, "")
             if done:
-                fresh = ~pd.Series(keys).isin(done).to_numpy()
+                earlier = {k for k, at in done.items() if at != as_of_key}
+                same_run.update(k for k, at in done.items() if at == as_of_key)
+                fresh = ~pd.Series(keys).isin(earlier).to_numpy()
                 positions, keys, events = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True)
         funnel["trigger"] = len(positions)
         if trace:
@@ -164,11 +173,33 @@ def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunConte
             pd.Series(settings.timezone, index=offers.index)
         offers["send_at"] = send_times(zones.reset_index(drop=True), as_of, settings.contact_policy,
                                        settings.timezone).to_numpy()
+    else:   # the same columns when nobody gets an offer
+        offers = offers.assign(offer_id=pd.Series(dtype=object),
+                               send_at=pd.Series(dtype="datetime64[us, UTC]"))
+    offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if len(offers) else \
+        pd.Series(dtype=bool)
     holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(
         columns=["campaign", "customer_id", "firing_key", "group"])
     stop_frame = pd.concat(stops, ignore_index=True) if stops else None
     return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
                       warnings, stop_frame)
+
+
+def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """A campaign fires at most once per customer and run: the preferred (last) firing.
+
+    Two events or two caught-up holiday dates of one customer make one offer, never two,
+    and a rerun does not pick up the one left out (it is dropped before the recorded
+    keys are checked).
+    """
+    positions = np.asarray(firings.positions, dtype=int)
+    suffixes = np.asarray(firings.keys)
+    events = firings.events if firings.events is not None else pd.DataFrame(index=range(len(positions)))
+    events = events.reset_index(drop=True)
+    last = ~pd.Series(positions).duplicated(keep="last").to_numpy()
+    if not last.all():
+        positions, suffixes, events = positions[last], suffixes[last], events[last].reset_index(drop=True)
+    return positions, suffixes, events
 
 
 def _candidates(workspace, campaign: CampaignDef, features, positions, keys, events, as_of) -> pd.DataFrame:
@@ -212,12 +243,21 @@ def _candidates(workspace, campaign: CampaignDef, features, positions, keys, eve
     else:
         frame["locale"] = settings.default_locale
     rank = campaign.budget.rank_by
-    frame["rank"] = (pd.to_numeric(rank.evaluate(scope, as_of), errors="coerce").astype("Float64")
-                     .to_numpy(dtype=float, na_value=np.nan) if rank is not None else np.nan)
+    frame["rank"] = _rank_values(rank.evaluate(scope, as_of)) if rank is not None else np.nan
     frame["tiebreak"] = stable_fraction(customer_ids, settings.salt, f"budget:{campaign.id}")
     for column in events.columns:
         frame[column] = events[column].to_numpy()
     return frame
+
+
+def _rank_values(values: pd.Series) -> np.ndarray:
+    """``rank_by`` as floats (dates as their instant), NaN where unknown."""
+    missing = values.isna().to_numpy()
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        values = pd.Series(values.to_numpy(dtype="datetime64[ns]").view(np.int64), index=values.index)
+    numbers = pd.to_numeric(values, errors="coerce").astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    numbers[missing] = np.nan
+    return numbers
 
 
 def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) -> pd.DataFrame:

@@ -94,7 +94,17 @@ def send_times(timezones: pd.Series, as_of: pd.Timestamp, policy: ContactPolicy,
         end_day = local.date()
         if start > end and now >= start:   # evening part of a window crossing midnight
             end_day = end_day + dt.timedelta(days=1)
-        release = pd.Timestamp(dt.datetime.combine(end_day, dt.time(end // 60, end % 60)))
-        release = release.tz_localize(zone, nonexistent="shift_forward", ambiguous=False)
-        result.loc[index] = release.tz_convert("UTC")
+        result.loc[index] = _release(end_day, end, zone, as_of_utc)
     return result
+
+
+def _release(day: dt.date, minutes: int, zone: str, as_of_utc: pd.Timestamp) -> pd.Timestamp:
+    """The instant the local wall clock in ``zone`` first reads ``day minutes`` at or after
+    ``as_of``: a time skipped by a DST change moves forward, a repeated one is its first
+    occurrence unless that has already passed."""
+    wall = pd.Timestamp(dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60)))
+    for first in (True, False):
+        release = wall.tz_localize(zone, nonexistent="shift_forward", ambiguous=first).tz_convert("UTC")
+        if release >= as_of_utc:
+            return release
+    return release

@@ -3,7 +3,10 @@
 One function per trigger kind, in the ``TRIGGERS`` registry. Each takes the campaign,
 the customers eligible after segment and conditions, the feature frame and the run
 context, and returns the firings: customer positions, key suffixes and, for event
-triggers, the event's columns (``event.*``). Date triggers fire for dates in
+triggers, the event's columns (``event.*``). A trigger may return several firings for
+one customer (two events since the last run, two holiday dates caught up); they come
+ordered by customer and then by preference, the preferred (latest) firing last, and
+evaluation keeps only that one. Date triggers fire for dates in
 ``(previous run, this run]`` in the customer's local calendar, so a missed daily run
 is caught up by the next one; without a previous run only ``as_of``'s own date counts.
 """
@@ -29,7 +32,8 @@ class RunContext:
     previous_as_of: pd.Timestamp | None     # the last recorded run before this one
     contacts: pd.DataFrame                  # customer_id, campaign, channel, contacted_at
     edge_state: Mapping[str, frozenset]     # campaign -> ids for which `becomes` was true last run
-    recorded: Callable[[list[str]], set] = field(default=lambda keys: set())  # keys already recorded
+    # firing key -> as_of (UTC ISO, seconds) of the run that recorded it, for the given keys
+    recorded: Callable[[list[str]], dict] = field(default=lambda keys: {})
 
 
 @dataclass
@@ -73,6 +77,8 @@ def _yearly(month: np.ndarray, day: np.ndarray, year: int) -> np.ndarray:
 def _yearly_firings(dates: pd.Series, days_before: int, eligible: np.ndarray,
                     features, ctx, default_tz) -> Firings:
     """Fire once a year, ``days_before`` before the anniversary of ``dates``; key = year."""
+    if len(features) == 0:
+        return Firings(np.array([], dtype=int), np.array([], dtype=str))
     start, end = _window(features, ctx, default_tz)
     values = pd.to_datetime(dates, errors="coerce")
     valid = eligible & values.notna().to_numpy()
@@ -108,8 +114,7 @@ def anniversary(campaign: CampaignDef, eligible, features, tables, ctx, settings
 
 def dates(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> Firings:
     start, end = _window(features, ctx, settings.timezone)
-    key = np.full(len(features), "", dtype=object)
-    fired = np.zeros(len(features), dtype=bool)
+    latest = np.full(len(features), np.datetime64("NaT"), dtype="datetime64[D]")
     first = int(start.min().astype(object).year) if len(features) else 2000
     last = int(end.max().astype(object).year) if len(features) else 2000
     for text in campaign.trigger.params["dates"]:
@@ -119,11 +124,10 @@ def dates(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> F
             month, day = int(text[:2]), int(text[3:])
             candidates = [_yearly(np.array([month]), np.array([day]), y)[0] for y in range(first, last + 1)]
         for when in candidates:
-            hit = eligible & (when > start) & (when <= end)
-            fired |= hit
-            key = np.where(hit, str(when), key)
-    positions = np.flatnonzero(fired)
-    return Firings(positions, key[positions].astype(str))
+            hit = eligible & (when > start) & (when <= end) & (np.isnat(latest) | (when > latest))
+            latest = np.where(hit, when, latest)   # several dates caught up: the latest one
+    positions = np.flatnonzero(~np.isnat(latest))
+    return Firings(positions, latest[positions].astype(str))
 
 
 def event(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> Firings:
@@ -145,7 +149,10 @@ def event(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> F
         match = campaign.trigger.where.mask(scope, ctx.as_of)
         frame = frame[match].reset_index(drop=True)
         positions = positions[match]
-    order = np.lexsort((frame["event.event_id"].astype(str).to_numpy(), positions)) if len(frame) else np.array([], dtype=int)
+    # per customer, oldest first: the latest event is the preferred firing
+    order = np.lexsort((frame["event.event_id"].astype(str).to_numpy(),
+                        pd.to_datetime(frame["event.timestamp"], utc=True).dt.tz_localize(None).to_numpy(),
+                        positions)) if len(frame) else np.array([], dtype=int)
     frame = frame.iloc[order].reset_index(drop=True)
     positions = positions[order]
     return Firings(positions, frame["event.event_id"].astype(str).to_numpy() if len(frame) else
