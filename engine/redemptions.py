@@ -288,7 +288,7 @@ def campaign_results(outcomes: pd.DataFrame, names: Mapping[str, str] | None = N
     for campaign in order:
         mine = outcomes[outcomes["campaign"] == campaign]
         row = {"id": campaign, "name": names.get(campaign, campaign), **_summarise(mine)}
-        named = len(mine) and (mine["variant"] != "-").any()   # A/B variants, not just the campaign
+        named = len(mine) and (~mine["variant"].astype(str).isin(["-", ""])).any()   # A/B variants, not just the campaign
         row["variants"] = [{"variant": str(v), **_summarise(g)}
                            for v, g in mine.groupby("variant", sort=True)] if named else []
         results.append(row)

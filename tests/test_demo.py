@@ -24,6 +24,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len({o["offer_id"] for o in lines}) == len(lines), "an offer was written twice"
     received = mailbox.Maildir(str(target / "outbox" / "smtp-received"), create=False)
     assert len(received) > 0
+    # the report lists variants only for the A/B-tested campaign, once per campaign
+    from engine.reporting import build_report
+    campaigns = build_report(target, end="2026-12-23")["campaigns"]
+    assert len({c["id"] for c in campaigns}) == len(campaigns)
+    with_variants = {c["id"] for c in campaigns if c["variants"]}
+    assert with_variants <= {"winback_at_risk"}
     # the dirty sample rows are reported, not fatal
     assert "invalid timezone" in result.output and "unknown customers" in result.output
 
