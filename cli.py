@@ -66,11 +66,14 @@ def main():
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--example", is_flag=True,
+              help="The complete example programme (星享会员) with generated sample data instead.")
+@click.option("--customers", default=2000, show_default=True, help="With --example: sample customers.")
 @handle_errors
-def init(directory: Path):
+def init(directory: Path, example: bool, customers: int):
     """Create a small working workspace in DIRECTORY."""
-    from engine.scaffold import init_workspace
-    created = init_workspace(directory)
+    from engine.scaffold import init_example, init_workspace
+    created = init_example(directory, customers) if example else init_workspace(directory)
     click.echo(f"Created a workspace in {directory}:")
     for path in created:
         click.echo(f"  {path}")

@@ -131,3 +131,13 @@ def init_workspace(directory: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     return sorted(FILES)
+
+
+def init_example(directory: Path, customers: int = 2000) -> list[str]:
+    """The complete example programme with generated sample data, ready to validate and preview."""
+    from .demo import build_demo_workspace
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise LoyaltyError(f"{directory} is not empty; choose a new folder for the workspace")
+    build_demo_workspace(directory, customers)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())

@@ -142,3 +142,13 @@ def test_bad_as_of_is_a_clear_error(workspace):
     result = invoke("preview", str(workspace), "--as-of", "yesterday-ish")
     assert result.exit_code == 1
     assert "is not a date or time" in result.output
+
+
+def test_init_example_validates_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("init", "programme", "--example", "--customers", "200")
+    assert result.exit_code == 0, result.output
+    assert "rules/campaigns_lifecycle.yaml" in result.output
+    check = invoke("validate", "programme")
+    assert check.exit_code == 0, check.output
+    assert "campaigns" in check.output
