@@ -22,7 +22,7 @@ from .model import (BudgetDef, CampaignDef, FeatureDef, Location, Program, Rewar
                     Settings, TierDef, TriggerDef, VariantDef)
 from .rulefiles import SourceMap
 from .schema import did_you_mean
-from .settings import duration_days, percentage
+from .settings import duration_days, percentage, whole_days_problem
 
 AGGREGATES = ("count", "sum", "avg", "min", "max", "first", "last", "distinct")
 REWARD_KINDS = ("coupon", "points", "free_shipping", "gift", "tier", "message")
@@ -77,6 +77,9 @@ class ProgramBuilder:
         self.templates_dir = templates_dir
         self.problems: list[Problem] = []
         self.kinds = {kind: _Defs() for kind in ("features", "segments", "tiers", "campaigns")}
+        # names defined in files that failed earlier checks: known, so that they cause no
+        # second-hand "unknown segment" errors in the files that did load
+        self.broken: dict[str, set[str]] = {kind: set() for kind in self.kinds}
 
     # ------------------------------------------------------------------ gathering
 
@@ -93,6 +96,15 @@ class ProgramBuilder:
                     continue
                 defs.items[name] = (body, smap, (kind, name))
 
+    def add_broken_file(self, data: Any) -> None:
+        """Remember the names a file with problems defines, without checking them."""
+        if not isinstance(data, dict):
+            return
+        for kind, names in self.broken.items():
+            section = data.get(kind)
+            if isinstance(section, dict):
+                names.update(str(name) for name in section)
+
     # ------------------------------------------------------------------ building
 
     def build(self) -> Program | None:
@@ -101,6 +113,8 @@ class ProgramBuilder:
         features = self._features(names)
         for name, feature in features.items():
             names[name] = feature.type
+        for name in self.broken["features"]:
+            names.setdefault(name, "any")
         segments = self._segments(names)
         tiers = self._tiers(names)
         campaigns = self._campaigns(names, segments, tiers)
@@ -131,7 +145,7 @@ class ProgramBuilder:
         except ExpressionError as exc:
             self.problems.append(smap.problem(path, exc.message, exc.hint, offset=exc.offset))
             return None
-        if expect and expression.type not in (expect, "null"):
+        if expect and expression.type not in (expect, "null", "any"):
             self.problems.append(smap.problem(
                 path, f"this condition gives {expression.type}, not true/false",
                 "compare it with something, e.g. `x >= 5`"))
@@ -217,6 +231,8 @@ class ProgramBuilder:
                 return None
         within = None
         if "within" in body:
+            if self._not_whole_days(smap, path + ("within",), body["within"]):
+                return None
             within = int(duration_days(body["within"]))
         if aggregate in ("count", "distinct", "sum", "avg"):
             kind = "number"
@@ -241,9 +257,11 @@ class ProgramBuilder:
         out = {}
         scope = {k: v for k, v in names.items() if k != "tier"}
         for name, (body, smap, path) in self.kinds["tiers"].items.items():
-            if "tier" in re.findall(r"[A-Za-z_]+", str(body["where"])):
+            used = re.search(r"(?<![\w.])tier(?![\w.])", body["where"]) if isinstance(body["where"], str) else None
+            if used is not None:
                 self.problems.append(smap.problem(path + ("where",), "a tier condition cannot use `tier`",
-                                                  "tiers are computed from the other features"))
+                                                  "tiers are computed from the other features",
+                                                  offset=used.start()))
                 continue
             where = self.condition(body["where"], scope, smap, path + ("where",))
             if where is not None:
@@ -254,8 +272,8 @@ class ProgramBuilder:
 
     def _campaigns(self, names, segments, tiers) -> dict[str, CampaignDef]:
         out = {}
-        known_segments = set(self.kinds["segments"].items)
-        known_tiers = set(self.kinds["tiers"].items)
+        known_segments = set(self.kinds["segments"].items) | self.broken["segments"]
+        known_tiers = set(self.kinds["tiers"].items) | self.broken["tiers"]
         for cid, (body, smap, path) in self.kinds["campaigns"].items.items():
             before = len(self.problems)
             campaign = self._campaign(cid, body, smap, path, names, known_segments, known_tiers)
@@ -304,6 +322,8 @@ class ProgramBuilder:
             variants.append(VariantDef(variant["name"], float(variant["weight"]), v_reward, template))
         self._check_template(body["template"], channel, smap, path + ("template",))
         budget = self._budget(body.get("budget", {}), smap, path + ("budget",), names)
+        if "cooldown" in body:
+            self._not_whole_days(smap, path + ("cooldown",), body["cooldown"])
         schedule = body.get("schedule")
         if schedule is not None and not croniter.is_valid(schedule):
             self.problems.append(smap.problem(path + ("schedule",), f"'{schedule}' is not a cron schedule",
@@ -318,6 +338,12 @@ class ProgramBuilder:
             holdout=percentage(body["holdout"]) if "holdout" in body else 0.0,
             budget=budget, variants=tuple(variants), schedule=schedule,
             enabled=body.get("enabled", True), location=self._location(smap, path))
+
+    def _not_whole_days(self, smap: SourceMap, path: tuple, text: str) -> bool:
+        problem = whole_days_problem(smap, path, text)
+        if problem is not None:
+            self.problems.append(problem)
+        return problem is not None
 
     def _trigger(self, when, smap, path, names) -> TriggerDef | None:
         location = self._location(smap, path) if when is not None else Location(smap.file, 0, 0)
@@ -363,6 +389,8 @@ class ProgramBuilder:
                 if where is None:
                     return None
         elif kind == "inactive_for":
+            if self._not_whole_days(smap, path + (kind,), value):
+                return None
             params["days"] = int(duration_days(value))
         elif kind == "becomes":
             expr = self.condition(value, names, smap, path + (kind,))
@@ -382,8 +410,13 @@ class ProgramBuilder:
         params = dict(body[kind] or {}) if isinstance(body[kind], dict) else {}
         amount = None
         if kind == "coupon":
-            if ("percent_off" in params) == ("amount_off" in params):
-                self.problems.append(smap.problem(path + (kind,), "a coupon needs percent_off or amount_off (one of them)",
+            if "percent_off" in params and "amount_off" in params:
+                self.problems.append(smap.problem(path + (kind, "amount_off"),
+                                                  "a coupon takes percent_off or amount_off, not both",
+                                                  "remove one of them", at_key=True))
+                return None
+            if "percent_off" not in params and "amount_off" not in params:
+                self.problems.append(smap.problem(path + (kind,), "a coupon needs percent_off or amount_off",
                                                   "e.g. coupon: {percent_off: 20, min_spend: 100, valid_days: 14}",
                                                   at_key=True))
                 return None
@@ -395,8 +428,10 @@ class ProgramBuilder:
             except ExpressionError as exc:
                 self.problems.append(smap.problem(path + (kind, "amount"), exc.message, exc.hint, offset=exc.offset))
                 return None
-            if amount.type != "number":
-                self.problems.append(smap.problem(path + (kind, "amount"), "points amount must be a number"))
+            if amount.type not in ("number", "any"):
+                self.problems.append(smap.problem(
+                    path + (kind, "amount"), f"the points amount must be a number, but `{amount.text}` gives {amount.type}",
+                    "use a number or an arithmetic expression, e.g. floor(monetary_365d / 100)"))
                 return None
         elif kind == "tier":
             if params["to"] not in known_tiers:
@@ -426,9 +461,14 @@ class ProgramBuilder:
         if not any((self.templates_dir / c).is_file() for c in candidates):
             existing = sorted(p.name for p in self.templates_dir.glob(f"*.{channel}.*j2")) if self.templates_dir.is_dir() else []
             stems = sorted({name.split(".")[0] for name in existing})
+            others = [name for name in existing if name.split(".")[0] == template]
+            if others:  # it exists, but only for other locales: the default locale needs one
+                hint = (f"there is only {', '.join('templates/' + n for n in others)}; "
+                        f"add templates/{candidates[0]} for the default locale {locale}")
+            else:
+                hint = did_you_mean(template, stems) or f"create templates/{candidates[0]}"
             self.problems.append(smap.problem(
-                path, f"no template '{template}' for channel {channel} in locale {locale}",
-                did_you_mean(template, stems) or f"create templates/{candidates[0]}"))
+                path, f"no template '{template}' for channel {channel} in locale {locale}", hint))
 
 
 def _valid_date(text: str) -> bool:

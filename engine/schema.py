@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -96,17 +97,23 @@ def _explain(error, smap: SourceMap) -> list[Problem]:
         expected_list = expected if isinstance(expected, list) else [expected]
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in expected_list)
         hint = ""
-        if "string" in expected_list:
+        if instance is None:
+            hint = "write a value after the colon, or remove the key"
+        elif "pattern" in schema and not _quoted_would_match(smap, path, schema["pattern"]) \
+                and _pattern_words(schema["pattern"], key) is not None:
+            hint = _pattern_words(schema["pattern"], key)[1]
+        elif "string" in expected_list:
             hint = yaml11_hint(smap, path, "number" if not isinstance(instance, bool) else "true/false")
+        elif expected_list == ["array"] and isinstance(instance, (str, int, float)):
+            hint = f"write a list, e.g. {key}: [{instance}]"
         return [smap.problem(path, f"'{key}' should be {words}, not {_type_name(instance)}", hint)]
+    if kind == "pattern" and "propertyNames" in error.schema_path:
+        # a key that is not a valid name: jsonschema reports it at the mapping holding it
+        return [smap.problem(path + (instance,), f"'{instance}' is not a valid name",
+                             "use lower-case letters, digits and underscores, starting with a letter",
+                             at_key=True)]
     if kind == "pattern":
         return [_pattern_problem(path, instance, schema, smap)]
-    if kind == "propertyNames":
-        bad = instance if not isinstance(instance, dict) else None
-        names = [k for k in (instance or {}) if not _name_ok(k, schema)] if isinstance(instance, dict) else [bad]
-        return [smap.problem(path + (n,), f"'{n}' is not a valid name",
-                             "use lower-case letters, digits and underscores, starting with a letter",
-                             at_key=True) for n in names]
     if kind == "enum":
         options = schema["enum"]
         hint = did_you_mean(instance, options) or "one of: " + ", ".join(map(str, options))
@@ -128,14 +135,6 @@ def _explain(error, smap: SourceMap) -> list[Problem]:
     return [smap.problem(path, f"{_where(path)}: {error.message}")]
 
 
-def _name_ok(name: str, schema: dict) -> bool:
-    import re
-    pattern = schema.get("propertyNames", {}).get("pattern")
-    if pattern is None and "$ref" in schema.get("propertyNames", {}):
-        pattern = "^[a-z][a-z0-9_]{0,62}$"
-    return bool(re.match(pattern or ".*", str(name)))
-
-
 def _required_hint(missing: str) -> str:
     return {
         "where": "add a condition, e.g. where: monetary_365d >= 5000",
@@ -146,24 +145,37 @@ def _required_hint(missing: str) -> str:
     }.get(missing, "")
 
 
+def _quoted_would_match(smap: SourceMap, path: tuple, pattern: str) -> bool:
+    """Whether a plain YAML number/bool would be valid once put in quotes."""
+    raw = smap.plain.get(tuple(path))
+    return raw is not None and re.search(pattern, raw) is not None
+
+
+def _pattern_words(pattern: str, key) -> tuple[str, str] | None:
+    """What a pattern stands for, and how to write it, for the patterns our schemas use."""
+    if pattern == "^[0-9]+[dhw]$":
+        return "a duration", "write durations like 30d (days), 12h (hours) or 2w (weeks)"
+    if pattern.endswith("%$"):
+        return "a percentage", "write percentages like 10%"
+    if key == "template":
+        return "a template name", "use letters, digits, - and _ only; the file is templates/NAME.CHANNEL.LOCALE.j2"
+    if "[0-2][0-9]:[0-5][0-9]-" in pattern:
+        return "a time range", 'write it like "21:00-09:00", in quotes'
+    if "[0-9]{2}-[0-9]{2}" in pattern:
+        return "a date", "write MM-DD (every year) or YYYY-MM-DD, in quotes"
+    if pattern.startswith("^[a-z]"):
+        return "a valid name", "use lower-case letters, digits and underscores, starting with a letter"
+    return None
+
+
 def _pattern_problem(path, instance, schema, smap: SourceMap) -> Problem:
     pattern = schema.get("pattern", "")
     key = path[-1] if path else ""
-    if pattern == "^[0-9]+[dhw]$":
-        return smap.problem(path, f"'{instance}' is not a duration",
-                            "write durations like 30d (days), 12h (hours) or 2w (weeks)")
-    if pattern.endswith("%$"):
-        return smap.problem(path, f"'{instance}' is not a percentage", "write percentages like 10%")
+    words = _pattern_words(pattern, key)
     if key == "template":
-        return smap.problem(path, f"template '{instance}' must be a name, not a path",
-                            "use letters, digits, - and _ only; the file is templates/NAME.CHANNEL.LOCALE.j2")
-    if "[0-2][0-9]:[0-5][0-9]-" in pattern:
-        return smap.problem(path, f"'{instance}' is not a time range", 'write it like "21:00-09:00", in quotes')
-    if "[0-9]{2}-[0-9]{2}" in pattern:
-        return smap.problem(path, f"'{instance}' is not a date", "write MM-DD (every year) or YYYY-MM-DD")
-    if pattern.startswith("^[a-z]"):
-        return smap.problem(path, f"'{instance}' is not a valid name",
-                            "use lower-case letters, digits and underscores, starting with a letter")
+        return smap.problem(path, f"template '{instance}' must be a name, not a path", words[1])
+    if words is not None:
+        return smap.problem(path, f"'{instance}' is not {words[0]}", words[1])
     return smap.problem(path, f"'{instance}' does not have the expected form for '{key}'")
 
 
@@ -194,5 +206,8 @@ def _condition_problem(error, path, smap: SourceMap) -> list[Problem]:
     if isinstance(instance, list):
         return [smap.problem(path, "a list is not a condition",
                              "put the list under all: (every one must hold) or any: (one is enough)")]
+    if instance is None:
+        return [smap.problem(path, f"'{path[-1] if path else 'condition'}' is empty",
+                             "write a condition such as `monetary_365d >= 5000`, or true")]
     return [smap.problem(path, "this is not a condition",
                          "write an expression such as `monetary_365d >= 5000`")]

@@ -24,6 +24,15 @@ def duration_days(text: str) -> float:
     return int(number) * {"d": 1, "h": 1 / 24, "w": 7}[unit]
 
 
+def whole_days_problem(smap: SourceMap, path: tuple, text: str) -> Problem | None:
+    """Days are whole calendar days: `36h` would silently become 1 day, `12h` none at all."""
+    days = duration_days(text)
+    if days == int(days):
+        return None
+    return smap.problem(path, f"'{text}' is not a whole number of days",
+                        "days are whole calendar days: write 1d, 7d, 2w (or 24h, 48h)")
+
+
 def percentage(text: str) -> float:
     """``5%`` -> 0.05."""
     return float(text.rstrip("%")) / 100
@@ -99,6 +108,10 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
             if hours > 23:
                 problems.append(smap.problem(("contact_policy", "quiet_hours"),
                                              f"'{value}' is not a time of day", "hours go from 00 to 23"))
+    if "per" in policy_data:
+        problem = whole_days_problem(smap, ("contact_policy", "per"), policy_data["per"])
+        if problem is not None:
+            problems.append(problem)
     policy = ContactPolicy(
         max_messages=policy_data.get("max_messages"),
         per_days=int(duration_days(policy_data.get("per", "7d"))),

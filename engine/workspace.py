@@ -8,7 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import Problem, RuleError
-from .model import Workspace
+from .model import Settings, Workspace
 from .program import ProgramBuilder
 from .rulefiles import load_yaml
 from .schema import validate_document
@@ -47,66 +47,47 @@ def _hash(path: Path) -> str:
 
 
 def validate_workspace(root: Path | str, *, check_templates: bool = True) -> ValidationResult:
-    """Schema and semantic checks of every file; never raises for rule problems."""
+    """Schema and semantic checks of every file; never raises for rule problems.
+
+    Every file is checked even when another one is broken, so that one validation
+    reports everything; the problems come sorted by file, line and column.
+    """
     root = Path(root).resolve()
     result = ValidationResult(root)
+    try:
+        _validate(root, result, check_templates)
+    finally:
+        result.problems.sort(key=lambda p: (p.file, p.line, p.column))
+    if not result.ok:
+        result.workspace = None
+    return result
+
+
+def _validate(root: Path, result: ValidationResult, check_templates: bool) -> None:
     settings_path = root / SETTINGS_FILE
+    hashes: dict[str, str] = {}
+    settings = None
     if not settings_path.is_file():
         result.problems.append(Problem(SETTINGS_FILE, 1, 1, f"no {SETTINGS_FILE} in {root}",
                                        "run `loyalty init DIR` to create a workspace, or pass its folder"))
-        return result
-    data, smap, problems = load_yaml(settings_path, SETTINGS_FILE)
-    result.files.append(SETTINGS_FILE)
-    result.problems.extend(problems)
-    if data is None or problems:
-        return result
-    schema_problems = validate_document("loyalty", data, smap)
-    result.problems.extend(schema_problems)
-    if schema_problems:
-        return result
-    settings, problems = build_settings(data, smap, root)
-    result.problems.extend(problems)
-    if problems:
-        return result
-
+    else:
+        hashes[SETTINGS_FILE] = _hash(settings_path)
+        settings = _load_settings(settings_path, root, result)
+    documents = _load_rule_files(root, result, hashes)
+    if settings is None:
+        return
     templates_dir = root / "templates"
     builder = ProgramBuilder(settings, templates_dir)
-    files = rule_files(root)
-    if not files:
-        result.problems.append(Problem("rules", 1, 1, "no rule files in rules/",
-                                       "add rules/*.yaml with segments and campaigns"))
-        return result
-    hashes = {SETTINGS_FILE: _hash(settings_path)}
-    schema_ok = True
-    for path in files:
-        display = path.relative_to(root).as_posix()
-        result.files.append(display)
-        hashes[display] = _hash(path)
-        data, smap, problems = load_yaml(path, display)
-        result.problems.extend(problems)
-        if data is None or problems:
-            schema_ok = False
-            continue
-        if not isinstance(data, dict):
-            result.problems.append(smap.problem((), "a rule file must be a mapping of segments:, campaigns: ...",
-                                                "start the file with a key such as `campaigns:`"))
-            schema_ok = False
-            continue
-        schema_problems = validate_document("rules", data, smap)
-        result.problems.extend(schema_problems)
-        if schema_problems:
-            schema_ok = False
-            continue
-        builder.add_file(data, smap)
-    if not schema_ok:
-        # semantic checks on the files that did load still help the marketer fix everything at once
-        builder.build()
-        result.problems.extend(builder.problems)
-        return result
+    for data, smap in documents:
+        if smap is None:
+            builder.add_broken_file(data)
+        else:
+            builder.add_file(data, smap)
+    # semantic checks of the files that did load help even when another file is broken
     program = builder.build()
     result.problems.extend(builder.problems)
-    if program is None:
-        return result
+    if program is None or not result.ok:
+        return
     for template in sorted(templates_dir.glob("*.j2")) if templates_dir.is_dir() else []:
         hashes[template.relative_to(root).as_posix()] = _hash(template)
     workspace = Workspace(root=root, settings=settings, program=program,
@@ -114,9 +95,53 @@ def validate_workspace(root: Path | str, *, check_templates: bool = True) -> Val
     if check_templates:
         from .template_checks import check_workspace_templates
         result.problems.extend(check_workspace_templates(workspace))
-    if result.ok:
-        result.workspace = workspace
-    return result
+    result.workspace = workspace
+
+
+def _load_settings(path: Path, root: Path, result: ValidationResult) -> Settings | None:
+    """loyalty.yaml: YAML, schema, then semantic checks; None when any of them failed."""
+    result.files.append(SETTINGS_FILE)
+    data, smap, problems = load_yaml(path, SETTINGS_FILE)
+    result.problems.extend(problems)
+    if data is None or problems:
+        return None
+    if not isinstance(data, dict):
+        result.problems.append(smap.problem((), f"{SETTINGS_FILE} must be a mapping of program:, data: ...",
+                                            "start from the file `loyalty init DIR` writes"))
+        return None
+    schema_problems = validate_document("loyalty", data, smap)
+    result.problems.extend(schema_problems)
+    if schema_problems:
+        return None
+    settings, problems = build_settings(data, smap, root)
+    result.problems.extend(problems)
+    return None if problems else settings
+
+
+def _load_rule_files(root: Path, result: ValidationResult, hashes: dict[str, str]) -> list[tuple]:
+    """Every rule file loaded and schema-checked: (data, source map), the map None when it has problems."""
+    files = rule_files(root)
+    if not files:
+        result.problems.append(Problem("rules", 1, 1, "no rule files in rules/",
+                                       "add rules/*.yaml with segments and campaigns"))
+        return []
+    documents = []
+    for path in files:
+        display = path.relative_to(root).as_posix()
+        result.files.append(display)
+        hashes[display] = _hash(path)
+        data, smap, problems = load_yaml(path, display)
+        result.problems.extend(problems)
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            result.problems.append(smap.problem((), "a rule file must be a mapping of segments:, campaigns: ...",
+                                                "start the file with a key such as `campaigns:`"))
+            continue
+        schema_problems = validate_document("rules", data, smap)
+        result.problems.extend(schema_problems)
+        documents.append((data, None if problems or schema_problems else smap))
+    return documents
 
 
 def load_workspace(root: Path | str) -> Workspace:
