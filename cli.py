@@ -54,6 +54,20 @@ def csv_safe(value) -> str:
     return text
 
 
+def _github_escape(text: str, property_value: bool = False) -> str:
+    """Escape a GitHub Actions workflow-command value (%, CR, LF; and : , in properties)."""
+    text = str(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    if property_value:
+        text = text.replace(":", "%3A").replace(",", "%2C")
+    return text
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns taken by ``text``: Chinese and other wide characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
 
@@ -93,14 +107,15 @@ def validate(workspace: Path, fmt: str):
     elif fmt == "github":
         for p in result.problems:
             level = "error" if p.severity == "error" else "warning"
-            click.echo(f"::{level} file={p.file},line={p.line},col={p.column}::{p.message}"
-                       + (f" ({p.hint})" if p.hint else ""))
+            message = p.message + (f" ({p.hint})" if p.hint else "")
+            click.echo(f"::{level} file={_github_escape(p.file, True)},line={p.line},col={p.column}"
+                       f"::{_github_escape(message)}")
     else:
         for p in result.problems:
             click.echo(str(p))
             if p.source_line:
                 click.echo(f"    {p.source_line}")
-                click.echo("    " + " " * max(p.column - 1, 0) + "^")
+                click.echo("    " + " " * _display_width(p.source_line[: max(p.column - 1, 0)]) + "^")
         if result.ok:
             click.echo(f"OK: {len(result.files)} files, "
                        f"{len(result.workspace.program.campaigns)} campaigns, "

@@ -152,3 +152,21 @@ def test_init_example_validates_from_another_directory(tmp_path, monkeypatch):
     check = invoke("validate", "programme")
     assert check.exit_code == 0, check.output
     assert "campaigns" in check.output
+
+
+def test_github_annotations_escape_newlines_and_percent():
+    from cli import _github_escape
+    assert _github_escape("50% off\nnext") == "50%25 off%0Anext"
+    assert _github_escape("rules/a:b,c.yaml", True) == "rules/a%3Ab%2Cc.yaml"
+
+
+def test_caret_lines_up_under_chinese_text(workspace):
+    rules = workspace / "rules" / "programme.yaml"
+    rules.write_text(rules.read_text(encoding="utf-8").replace(
+        "where: monetary_365d >= 5000 and orders_365d >= 3",
+        'where: city == "上海" and order_365d >= 3'), encoding="utf-8")
+    out = invoke("validate", str(workspace)).output.splitlines()
+    quoted = next(i for i, l in enumerate(out) if l.startswith("    ") and "order_365d" in l)
+    prefix = out[quoted][: out[quoted].index("order_365d")]
+    wide = sum(1 for c in prefix if c in "上海")
+    assert out[quoted + 1].index("^") == len(prefix) + wide
