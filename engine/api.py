@@ -13,7 +13,8 @@ from .errors import LoyaltyError
 from .faults import checkpoint
 from .evaluation import evaluate
 from .model import Workspace
-from .pipeline import (build_messages, edge_state_rows, make_renderer, parse_as_of, prepare)
+from .pipeline import (build_messages, edge_state_rows, make_renderer, parse_as_of, prepare,
+                       prepare_and_evaluate)
 from .policy import reachable
 from .preview import Preview, diff_offers, explain_customer, sample_rows, summarise
 from .rewards import generate_codes
@@ -39,26 +40,28 @@ def _open_store(workspace: Workspace, create: bool) -> StateStore | None:
 
 def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
             customer: str | None = None, diff: Path | str | None = None, sample: int = 3,
-            since=None, trace: bool = False) -> Preview:
-    """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state."""
+            since=None, trace: bool = False, partitions: int | None = None) -> Preview:
+    """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state.
+
+    ``partitions``: evaluate that many partitions of customers one after the other
+    (None: chosen from the data size and free memory); the result is the same."""
     workspace = load_workspace(root)
     as_of = parse_as_of(as_of, workspace.settings.timezone)
     since_ts = parse_as_of(since, workspace.settings.timezone) if since is not None else None
     _check_campaigns(workspace, campaigns)
     store = _open_store(workspace, create=False)
     try:
-        prepared = prepare(workspace, as_of, store, since_ts)
+        prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, since_ts, campaigns, partitions,
+                                                    trace=trace or customer is not None)
     finally:
         if store is not None:
             store.close()
-    evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context,
-                          campaigns, trace=trace or customer is not None)
     renderer = make_renderer(workspace)
     rows = sample_rows(evaluation.offers, sample)
     sms = evaluation.offers[evaluation.offers["channel"] == "sms"] if len(evaluation.offers) else rows
     records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
     warnings = list(prepared.tables.warnings) + evaluation.warnings
-    result = summarise(workspace, evaluation, len(prepared.features), records, errors, warnings)
+    result = summarise(workspace, evaluation, len(prepared.tables.customers), records, errors, warnings)
     if customer is not None:
         result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
     if diff is not None:
@@ -129,7 +132,8 @@ def due_campaigns(workspace: Workspace, store: StateStore, as_of: pd.Timestamp) 
 
 
 def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due: bool = False,
-        deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: bool = False) -> RunResult:
+        deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: bool = False,
+        partitions: int | None = None) -> RunResult:
     """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due."""
     started = time.perf_counter()
     workspace = load_workspace(root)
@@ -147,9 +151,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
             if selected is not None and not selected:
                 return result
-            prepared = prepare(workspace, as_of, store)
-            timings["features"] = round(time.perf_counter() - started, 3)
-            evaluation = evaluate(workspace, prepared.tables, prepared.features, prepared.context, selected)
+            prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, None, selected, partitions)
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
             repeated = int(evaluation.offers["recorded"].sum()) if len(evaluation.offers) else 0

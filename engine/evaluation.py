@@ -75,6 +75,21 @@ def offer_ids(keys) -> np.ndarray:
     return np.array(["of_" + hashlib.sha256(k.encode()).hexdigest()[:20] for k in keys], dtype=object)
 
 
+@dataclass
+class PartitionDecision:
+    """What one partition of customers decided before the global budgets: its arbitrated
+    candidates (``pos`` indexes the partition's features) and its part of every count."""
+
+    arbitrated: pd.DataFrame
+    funnels: dict[str, dict[str, int]]
+    holdouts: pd.DataFrame
+    edge_state: dict[str, frozenset]
+    warnings: list[str]
+    same_run: set[str]
+    candidates: list[pd.DataFrame]
+    stops: list[pd.DataFrame]
+
+
 def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunContext,
              campaigns: list[str] | None = None, trace: bool = False) -> Evaluation:
     """Decide, for ``ctx.as_of``, who gets which offer and why.
@@ -82,6 +97,14 @@ def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunConte
     With ``trace``, also record for every firing that did not become an offer the
     stage that stopped it (and "trigger" for segment members who did not fire).
     """
+    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace)
+    return combine_partitions(workspace, ctx.as_of, [part], trace)
+
+
+def evaluate_partition(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunContext,
+                       campaigns: list[str] | None = None, trace: bool = False) -> PartitionDecision:
+    """Segment, trigger, contact policy, holdout and arbitration for the customers of
+    ``features``: everything decided per customer, so a partition decides it alone."""
     settings = workspace.settings
     as_of = ctx.as_of
     ids = features["customer_id"].astype(str)
@@ -159,27 +182,66 @@ def evaluate(workspace: Workspace, tables, features: pd.DataFrame, ctx: RunConte
             candidates.append(_candidates(workspace, campaign, features, positions, keys, events, as_of))
 
     arbitrated = _arbitrate(candidates, capacity, funnels)
+    return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
+                             warnings, same_run, candidates if trace else [], stops)
+
+
+HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
+
+
+def _frame_of(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _sum_funnels(parts: list[PartitionDecision]) -> dict[str, dict[str, int]]:
+    funnels: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for campaign, funnel in part.funnels.items():
+            total = funnels.setdefault(campaign, dict.fromkeys(STAGES, 0))
+            for stage, count in funnel.items():
+                total[stage] += count
+    return funnels
+
+
+def combine_partitions(workspace: Workspace, as_of: pd.Timestamp, parts: list[PartitionDecision],
+                       trace: bool = False) -> Evaluation:
+    """The global steps over the partitions' decisions: funnel counts summed, budgets applied
+    per campaign over all candidates, offer ids and send times. ``pos`` in the parts'
+    candidates must already index one common features frame (one partition, or rows kept)."""
+    settings = workspace.settings
+    funnels = _sum_funnels(parts)
+    arbitrated = pd.concat([p.arbitrated for p in parts], ignore_index=True) if len(parts) > 1 \
+        else parts[0].arbitrated
     offers = _apply_budgets(workspace, arbitrated, funnels)
-    if trace and candidates:
-        everyone = pd.concat(candidates, ignore_index=True)[["campaign", "pos", "firing_key"]]
-        lost = everyone[~everyone["firing_key"].isin(arbitrated["firing_key"])]
-        stopped_budget = arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"])]
-        for name, frame in (("arbitration", lost), ("budget", stopped_budget)):
-            for campaign_id, group in frame.groupby("campaign"):
-                stopped(campaign_id, name, group["pos"].to_numpy(), group["firing_key"].to_numpy())
+    stops = [frame for part in parts for frame in part.stops]
+    if trace:
+        candidates = [frame for part in parts for frame in part.candidates]
+        if candidates:
+            everyone = pd.concat(candidates, ignore_index=True)[["campaign", "pos", "firing_key"]]
+            lost = everyone[~everyone["firing_key"].isin(arbitrated["firing_key"])]
+            stopped_budget = arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"])]
+            for name, frame in (("arbitration", lost), ("budget", stopped_budget)):
+                for campaign_id, group in frame.groupby("campaign"):
+                    stops.append(pd.DataFrame({"campaign": campaign_id, "pos": group["pos"].to_numpy(),
+                                               "stage": name, "firing_key": group["firing_key"].to_numpy()}))
     if len(offers):
         offers["offer_id"] = offer_ids(offers["firing_key"])
-        zones = features["timezone"].iloc[offers["pos"]] if "timezone" in features else \
-            pd.Series(settings.timezone, index=offers.index)
-        offers["send_at"] = send_times(zones.reset_index(drop=True), as_of, settings.contact_policy,
-                                       settings.timezone).to_numpy()
+        offers["send_at"] = send_times(offers["timezone"].reset_index(drop=True), as_of,
+                                       settings.contact_policy, settings.timezone).to_numpy()
     else:   # the same columns when nobody gets an offer
         offers = offers.assign(offer_id=pd.Series(dtype=object),
                                send_at=pd.Series(dtype="datetime64[us, UTC]"))
+    offers = offers.drop(columns=["timezone"], errors="ignore")
+    same_run = set().union(*(p.same_run for p in parts))
     offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if len(offers) else \
         pd.Series(dtype=bool)
-    holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(
-        columns=["campaign", "customer_id", "firing_key", "group"])
+    holdouts = [p.holdouts for p in parts if len(p.holdouts)]
+    holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(columns=HOLDOUT_COLUMNS)
+    edge_state: dict[str, frozenset] = {}
+    for part in parts:
+        for campaign, state in part.edge_state.items():
+            edge_state[campaign] = edge_state.get(campaign, frozenset()) | state
+    warnings = list(dict.fromkeys(w for p in parts for w in p.warnings))
     stop_frame = pd.concat(stops, ignore_index=True) if stops else None
     return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
                       warnings, stop_frame)
@@ -245,6 +307,7 @@ def _candidates(workspace, campaign: CampaignDef, features, positions, keys, eve
     rank = campaign.budget.rank_by
     frame["rank"] = _rank_values(rank.evaluate(scope, as_of)) if rank is not None else np.nan
     frame["tiebreak"] = stable_fraction(customer_ids, settings.salt, f"budget:{campaign.id}")
+    frame["timezone"] = scope["timezone"].to_numpy(dtype=object) if "timezone" in scope else settings.timezone
     for column in events.columns:
         frame[column] = events[column].to_numpy()
     return frame

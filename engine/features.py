@@ -261,21 +261,34 @@ def rfm_scores(values: np.ndarray, higher_is_better: bool = True) -> np.ndarray:
     return (5 * (twice_rank[inverse] - 1)) // (2 * size) + 1
 
 
-def _rfm(built: dict[str, object], n: int) -> dict[str, object]:
-    total = np.asarray(built["orders_total"], dtype=np.int64)
-    ranked = np.flatnonzero(total > 0)
-    none = total == 0
-    scores = {}
-    sources = {"rfm_r": ("days_since_last_order", False), "rfm_f": ("orders_365d", True),
-               "rfm_m": ("monetary_365d", True)}
-    for name, (source, higher) in sources.items():
-        values = np.asarray(built[source].to_numpy(dtype=float, na_value=np.nan))[ranked]
-        score = np.zeros(n, dtype=np.int64)
-        score[ranked] = rfm_scores(values, higher)
-        scores[name] = score
-    out = {name: _ints(score, none) for name, score in scores.items()}
-    out["rfm_score"] = _ints(scores["rfm_r"] + scores["rfm_f"] + scores["rfm_m"], none)
-    return out
+RFM_INPUTS = ("days_since_last_order", "orders_365d", "monetary_365d")
+
+
+def rfm_inputs(frame) -> dict[str, np.ndarray]:
+    """The values RFM ranks, for the customers with orders: small columns that partitions
+    hand in so that the quintiles can be ranked over all customers at once."""
+    ranked = np.asarray(frame["orders_total"], dtype=np.int64) > 0
+    return {name: np.asarray(frame[name].to_numpy(dtype=float, na_value=np.nan))[ranked]
+            for name in RFM_INPUTS}
+
+
+def rfm_from_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Quintile scores of the customers with orders, in the order of ``inputs``."""
+    return {"rfm_r": rfm_scores(inputs["days_since_last_order"], False),
+            "rfm_f": rfm_scores(inputs["orders_365d"], True),
+            "rfm_m": rfm_scores(inputs["monetary_365d"], True)}
+
+
+def rfm_columns(frame, scores: dict[str, np.ndarray]) -> dict[str, object]:
+    """RFM feature columns from the scores of the frame's customers with orders."""
+    none = np.asarray(frame["orders_total"], dtype=np.int64) == 0
+    out = {}
+    for name in ("rfm_r", "rfm_f", "rfm_m"):
+        score = np.zeros(len(none), dtype=np.int64)
+        score[~none] = scores[name]
+        out[name] = score
+    out["rfm_score"] = out["rfm_r"] + out["rfm_f"] + out["rfm_m"]
+    return {name: _ints(score, none) for name, score in out.items()}
 
 
 # --------------------------------------------------------------------------- custom features
@@ -442,6 +455,14 @@ def _tier(tiers: Mapping[str, TierDef], frame: pd.DataFrame, as_of: pd.Timestamp
 def compute_features(tables: Tables, program: Program, settings: Settings,
                      as_of: pd.Timestamp) -> pd.DataFrame:
     """One row per customer (tables.customers order): customer columns, built-ins, tier, RFM, custom."""
+    frame = local_features(tables, program, settings, as_of)
+    return finish_features(frame, program, settings, as_of, rfm_from_inputs(rfm_inputs(frame)))
+
+
+def local_features(tables: Tables, program: Program, settings: Settings,
+                   as_of: pd.Timestamp) -> pd.DataFrame:
+    """Every feature that depends on a customer's own rows only: customer columns, the
+    built-ins but RFM, and custom aggregations. A partition of customers computes these alone."""
     timezone = settings.timezone
     as_of = local_as_of(as_of, timezone)
     customers = tables.customers.reset_index(drop=True)
@@ -450,12 +471,28 @@ def compute_features(tables: Tables, program: Program, settings: Settings,
     built = _order_features(orders, n, as_of, timezone)
     built.update(_customer_features(customers, as_of))
     built.update(_event_features(events, n, as_of))
-    built.update(_rfm(built, n))
+    empty = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
+    built.update({name: empty for name in ("rfm_r", "rfm_f", "rfm_m", "rfm_score")})  # ranked later
     built["tier"] = pd.array([None] * n, dtype="string")
     columns = {name: built[name] for name in BUILTIN_FEATURES}
     frame = pd.concat([customers, pd.DataFrame(columns, index=customers.index)], axis=1)
     activity = {"orders": orders, "events": events}
     for name in feature_order(program.features, program.tiers):
+        feature = program.features.get(name)
+        if feature is not None and feature.expr is None:
+            frame[name] = _aggregate(feature, activity[feature.source], n, as_of)
+    return frame
+
+
+def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, as_of: pd.Timestamp,
+                    rfm: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Add RFM (from scores ranked over all customers), computed features and the tier,
+    in dependency order; columns end in the same order whatever the partitioning."""
+    as_of = local_as_of(as_of, settings.timezone)
+    for name, column in rfm_columns(frame, rfm).items():
+        frame[name] = column
+    order = feature_order(program.features, program.tiers)
+    for name in order:
         if name == "tier":
             frame["tier"] = _tier(program.tiers, frame, as_of)
             continue
@@ -464,6 +501,5 @@ def compute_features(tables: Tables, program: Program, settings: Settings,
             value = feature.expr.evaluate(frame, as_of)
             frame[name] = _typed_output(pd.Series(value, index=frame.index).reset_index(drop=True), feature.type) \
                 if feature.type in ("number", "bool", "date", "string") else value
-        else:
-            frame[name] = _aggregate(feature, activity[feature.source], n, as_of)
-    return frame
+    custom = [name for name in order if name != "tier"]
+    return frame[[c for c in frame.columns if c not in custom] + custom]

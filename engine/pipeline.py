@@ -124,6 +124,20 @@ def prepare(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None, t
     return Prepared(tables, features, run_context(workspace, as_of, store, since))
 
 
+def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None,
+                         campaigns: list[str] | None = None, partitions: int | None = None,
+                         trace: bool = False) -> tuple[Prepared, Evaluation]:
+    """Load the data and decide, a partition of customers at a time (see partitions.py).
+
+    ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
+    one partition, the offered customers' rows with several."""
+    from .partitions import evaluate_in_partitions   # late: partitions builds on evaluation
+    tables = load_tables(workspace.settings, workspace.root)
+    context = run_context(workspace, as_of, store, since)
+    decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace)
+    return Prepared(tables, decided.features, context), decided.evaluation
+
+
 def make_renderer(workspace: Workspace) -> Renderer:
     settings = workspace.settings
     return Renderer(workspace.templates_dir, settings.default_locale,
