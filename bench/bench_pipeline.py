@@ -237,7 +237,7 @@ def step_preview(folder: Path, partitions: int | None) -> dict:
     from engine import api
     start = time.perf_counter()
     result = api.preview(folder, AS_OF, sample=3, partitions=partitions)
-    return {"seconds": time.perf_counter() - start, "offers": result.total_offers,
+    return {"seconds": time.perf_counter() - start, "offers": result.total_offers, "partitions": partitions,
             "campaigns": len(result.campaigns), "peak": _peak_bytes()}
 
 
@@ -319,8 +319,9 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
                                                                f"{v['seconds']:.1f} s, {v['offers']:,} offers")
                                                           for r in results)),
         ("  peak memory", *(cell(r, "preview", lambda v: _gb(v["peak"])) for r in results)),
-        ("preview, partitioned", *(cell(r, "preview_parts", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} offers")
-                                   for r in results)),
+        ("preview, partitions streamed from Parquet", *(cell(r, "preview_parts", lambda v:
+                                                             f"{v['seconds']:.1f} s, {v['offers']:,} offers, "
+                                                             f"{v['partitions']} partitions") for r in results)),
         ("  peak memory", *(cell(r, "preview_parts", lambda v: _gb(v["peak"])) for r in results)),
         ("run: render + record + deliver to files (target <= 30 s)",
          *(cell(r, "run", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} offers, {v['delivered']:,} lines")
@@ -403,8 +404,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/loyalty-bench"))
-    parser.add_argument("--partitions", type=int, help="partition count of the partitioned preview")
+    parser.add_argument("--partitions", type=int, default=4, help="partition count of the partitioned preview")
     parser.add_argument("--skip-run", action="store_true", help="measure no run (e.g. at 10M customers)")
+    parser.add_argument("--only-streamed", action="store_true",
+                        help="measure only the partitioned (streamed) preview, e.g. at 10M customers")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -426,14 +429,16 @@ def main() -> None:
         counts = generate(folder, customers)
         result = {"counts": counts, "generate": time.perf_counter() - start}
         print(f"{customers:,} customers generated in {result['generate']:.1f} s", flush=True)
-        result["features"] = _in_subprocess("features", folder)
-        result["rules"] = _in_subprocess("rules", folder)
-        result["preview"] = _in_subprocess("preview", folder, 1)
+        if not args.only_streamed:
+            result["features"] = _in_subprocess("features", folder)
+            result["rules"] = _in_subprocess("rules", folder)
+            result["preview"] = _in_subprocess("preview", folder, 1)
         result["preview_parts"] = _in_subprocess("preview", folder, args.partitions)
-        if not args.skip_run:
+        if not args.skip_run and not args.only_streamed:
             result["run"] = _in_subprocess("run", folder, 1)
         print(json.dumps(result, default=str), flush=True)
         results.append(result)
+    (args.dir / "results.json").write_text(json.dumps(results, default=str, indent=1), encoding="utf-8")
     table = render_table(results)
     print(table)
     if not args.no_docs:

@@ -52,7 +52,8 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     store = _open_store(workspace, create=False)
     try:
         prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, since_ts, campaigns, partitions,
-                                                    trace=trace or customer is not None)
+                                                    trace=trace or customer is not None,
+                                                    stream=diff is None)
     finally:
         if store is not None:
             store.close()
@@ -61,7 +62,7 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     sms = evaluation.offers[evaluation.offers["channel"] == "sms"] if len(evaluation.offers) else rows
     records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
     warnings = list(prepared.tables.warnings) + evaluation.warnings
-    result = summarise(workspace, evaluation, len(prepared.tables.customers), records, errors, warnings)
+    result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings)
     if customer is not None:
         result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
     if diff is not None:
@@ -123,7 +124,9 @@ def due_campaigns(workspace: Workspace, store: StateStore, as_of: pd.Timestamp) 
         if campaign.schedule is None:
             due.append(campaign.id)
             continue
-        last_tick = croniter(campaign.schedule, local.to_pydatetime()).get_prev(pd.Timestamp)
+        # a tick exactly at as_of counts as due: look back from just after it
+        start = (local + pd.Timedelta(seconds=1)).to_pydatetime()
+        last_tick = croniter(campaign.schedule, start).get_prev(pd.Timestamp)
         last_tick = pd.Timestamp(last_tick)
         last_run = store.schedule_last_run(campaign.id)
         if last_run is None or pd.Timestamp(last_run) < last_tick:
@@ -154,11 +157,11 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, None, selected, partitions)
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
-            repeated = int(evaluation.offers["recorded"].sum()) if len(evaluation.offers) else 0
-            evaluation.offers = evaluation.offers[~evaluation.offers["recorded"]].reset_index(drop=True) \
-                if len(evaluation.offers) else evaluation.offers
-            coupon_offers = evaluation.offers.loc[evaluation.offers["reward_kind"] == "coupon", "offer_id"] \
-                if len(evaluation.offers) else []
+            # offers recorded by an earlier attempt at this as_of go to record_run again: it
+            # counts them as existing, or reports a conflict if the rules changed in between
+            offers = evaluation.offers
+            coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
+                if len(offers) else []
             codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
                                                            settings.coupon_length)))
             renderer = make_renderer(workspace)
@@ -178,7 +181,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             checkpoint("after_commit")
             result.run_id = run_id
             result.new_offers = recorded.new
-            result.already_recorded = recorded.existing + repeated
+            result.already_recorded = recorded.existing
             result.conflicts = recorded.conflicts
             result.holdouts = len(evaluation.holdouts)
             result.funnels = evaluation.funnels

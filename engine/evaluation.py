@@ -135,7 +135,7 @@ def evaluate_partition(workspace: Workspace, tables, features: pd.DataFrame, ctx
         if firings.state is not None:
             edge_state[campaign.id] = firings.state
         positions, suffixes, events = _one_per_customer(firings)
-        keys = firing_keys(campaign.id, ids.to_numpy()[positions], suffixes)
+        keys = firing_keys(campaign.id, ids.iloc[positions].to_numpy(), suffixes)
         if len(keys):
             # firings recorded by an earlier run never fire again; those recorded by a run at
             # this same as_of go through the funnel again, so that a rerun decides exactly as
@@ -233,8 +233,8 @@ def combine_partitions(workspace: Workspace, as_of: pd.Timestamp, parts: list[Pa
                                send_at=pd.Series(dtype="datetime64[us, UTC]"))
     offers = offers.drop(columns=["timezone"], errors="ignore")
     same_run = set().union(*(p.same_run for p in parts))
-    offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if len(offers) else \
-        pd.Series(dtype=bool)
+    offers["recorded"] = np.fromiter((key in same_run for key in offers["firing_key"]), dtype=bool,
+                                     count=len(offers))
     holdouts = [p.holdouts for p in parts if len(p.holdouts)]
     holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(columns=HOLDOUT_COLUMNS)
     edge_state: dict[str, frozenset] = {}
@@ -329,8 +329,10 @@ def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) ->
         return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
                                      "variant", "cost", "points", "template", "reward_kind", "locale"])
     frame = pd.concat(candidates, ignore_index=True)
-    frame = frame.sort_values(["pos", "priority", "campaign", "firing_key"],
-                              ascending=[True, False, True, True], kind="stable")
+    # a customer has at most one candidate per campaign: position, priority and campaign order them
+    campaign_rank = pd.Index(sorted(frame["campaign"].unique())).get_indexer(frame["campaign"])
+    frame = frame.iloc[np.lexsort((campaign_rank, -frame["priority"].to_numpy(dtype=np.int64),
+                                   frame["pos"].to_numpy(dtype=np.int64)))]
     order = frame.groupby("pos", sort=False).cumcount().to_numpy()
     frame = frame[order < capacity[frame["pos"].to_numpy()]]
     counts = frame["campaign"].value_counts()

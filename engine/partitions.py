@@ -14,22 +14,32 @@ across partitions, so that the result is identical to one evaluation over everyb
 Features are computed in two passes (RFM inputs, then everything) so that only one
 partition's feature frame is alive at a time; the rows of customers with a candidate
 are kept for rendering. ``pos`` in the resulting offers indexes those kept rows.
+
+When every table is a Parquet file, a preview can stream: the files are read in batches
+and each row is written to its customer's partition file, so that each partition is
+loaded (and validated) on its own and the whole data set is never in memory at once.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .assignment import stable_fraction
 from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
-from .sources import Tables
+from .sources import Tables, load_tables
 from .triggers import RunContext
 
 PARTITION_SALT = "loyalty"            # independent of the programme's salt: partitions are not groups
@@ -70,12 +80,17 @@ def split_tables(tables: Tables, count: int) -> Iterator[Tables]:
     (``cust_code`` renumbered to the partition's customer positions)."""
     numbers = partition_numbers(tables.customers["customer_id"], count)
     for number in range(count):
-        members = np.flatnonzero(numbers == number)
-        local = np.full(len(numbers), -1, dtype=np.int64)
-        local[members] = np.arange(len(members))
-        yield replace(tables, customers=tables.customers.iloc[members].reset_index(drop=True),
-                      orders=_rows_of(tables.orders, local), events=_rows_of(tables.events, local),
-                      redemptions=None)
+        yield partition_tables(tables, numbers, number)
+
+
+def partition_tables(tables: Tables, numbers: np.ndarray, number: int) -> Tables:
+    """One partition's customers with their orders and events."""
+    members = np.flatnonzero(numbers == number)
+    local = np.full(len(numbers), -1, dtype=np.int64)
+    local[members] = np.arange(len(members))
+    return replace(tables, customers=tables.customers.iloc[members].reset_index(drop=True),
+                   orders=_rows_of(tables.orders, local), events=_rows_of(tables.events, local),
+                   redemptions=None)
 
 
 def _rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
@@ -94,6 +109,12 @@ class Decided:
     features: pd.DataFrame        # all customers (one partition) or the offered customers' rows
     customers: int
     partitions: int
+    warnings: tuple[str, ...] = ()
+
+
+# first pass: a partition's RFM inputs; second pass: its tables and local features
+FirstPass = Callable[[int], dict]
+SecondPass = Callable[[int], tuple[Tables, pd.DataFrame]]
 
 
 def evaluate_in_partitions(workspace: Workspace, tables: Tables, ctx: RunContext, count: int | None = None,
@@ -107,19 +128,36 @@ def evaluate_in_partitions(workspace: Workspace, tables: Tables, ctx: RunContext
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
         features = compute_features(tables, program, settings, ctx.as_of)
-        return Decided(evaluate(workspace, tables, features, ctx, campaigns, trace), features, customers, 1)
+        return Decided(evaluate(workspace, tables, features, ctx, campaigns, trace), features, customers, 1,
+                       tables.warnings)
+    numbers = partition_numbers(tables.customers["customer_id"], count)
 
+    def local(number: int) -> tuple[Tables, pd.DataFrame]:
+        part = partition_tables(tables, numbers, number)
+        return part, local_features(part, program, settings, ctx.as_of)
+
+    decided = _evaluate_parts(workspace, ctx, count, campaigns, lambda n: rfm_inputs(local(n)[1]), local,
+                              progress)
+    decided.warnings = tables.warnings
+    return decided
+
+
+def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns, first: FirstPass,
+                    second: SecondPass, progress) -> Decided:
+    """The two passes over the partitions and the global steps between and after them."""
+    settings, program = workspace.settings, workspace.program
     inputs = []
-    for number, part in enumerate(split_tables(tables, count)):
+    for number in range(count):
         _say(progress, f"RFM inputs, partition {number + 1}/{count}")
-        inputs.append(rfm_inputs(local_features(part, program, settings, ctx.as_of)))
+        inputs.append(first(number))
     scores = _global_rfm(inputs)
 
-    decisions, kept, offset = [], [], 0
-    for number, part in enumerate(split_tables(tables, count)):
+    decisions, kept, offset, customers = [], [], 0, 0
+    for number in range(count):
         _say(progress, f"features and evaluation, partition {number + 1}/{count}")
-        features = finish_features(local_features(part, program, settings, ctx.as_of), program, settings,
-                                   ctx.as_of, scores[number])
+        part, local = second(number)
+        features = finish_features(local, program, settings, ctx.as_of, scores[number])
+        customers += len(features)
         decision = evaluate_partition(workspace, part, features, ctx, campaigns)
         positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
         kept.append(features.iloc[positions])
@@ -127,9 +165,115 @@ def evaluate_in_partitions(workspace: Workspace, tables: Tables, ctx: RunContext
             pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
         offset += len(positions)
         decisions.append(decision)
-        del features, part
+        del features, part, local
     evaluation = combine_partitions(workspace, ctx.as_of, decisions)
     return Decided(evaluation, pd.concat(kept, ignore_index=True), customers, count)
+
+
+# --------------------------------------------------------------------------- streaming from Parquet
+
+
+STREAMED = ("customers", "orders", "events")
+BATCH_ROWS = 1_000_000
+
+
+def streamable(settings, root: Path) -> dict[str, Path] | None:
+    """The Parquet files of customers, orders and events, or None when one is not a
+    Parquet file inside the workspace (then the tables are loaded whole and split)."""
+    paths = {}
+    root = Path(root).resolve()
+    for table in STREAMED:
+        source = (settings.data or {}).get(table)
+        if source is None and table != "customers":
+            continue
+        if source is None or source.path is None:
+            return None
+        path = Path(source.path)
+        path = (path if path.is_absolute() else root / path).resolve()
+        fmt = (source.format or path.suffix.lstrip(".")).lower()
+        if fmt not in ("parquet", "pq") or not path.is_file() or not path.is_relative_to(root):
+            return None
+        paths[table] = path
+    return paths
+
+
+def _partitions_of_ids(ids: pa.Array, count: int) -> np.ndarray:
+    """Partition numbers of raw id values, normalised as the loader does (text, trimmed);
+    each distinct id is hashed once."""
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
+    text = pc.utf8_trim_whitespace(pc.cast(ids, pa.string()))
+    encoded = text.dictionary_encode()
+    distinct = partition_numbers(pd.Series(encoded.dictionary.to_pandas()).fillna(""), count)
+    return distinct[np.asarray(encoded.indices.fill_null(0), dtype=np.int64)]
+
+
+def write_partition_files(settings, paths: dict[str, Path], count: int, folder: Path) -> bool:
+    """Each table's rows, batch by batch, into one Parquet file per partition; False when a
+    file has no customer id column to partition by (the loader will report it)."""
+    for table, path in paths.items():
+        source = settings.data[table]
+        id_column = dict(source.columns or {}).get("customer_id", "customer_id")
+        file = pq.ParquetFile(path)
+        if id_column not in file.schema_arrow.names:
+            return False
+        writers = [pq.ParquetWriter(folder / f"{table}-{n}.parquet", file.schema_arrow) for n in range(count)]
+        try:
+            for batch in file.iter_batches(batch_size=BATCH_ROWS):
+                numbers = _partitions_of_ids(batch.column(id_column), count)
+                order = np.argsort(numbers, kind="stable")
+                bounds = np.searchsorted(numbers[order], np.arange(count + 1))
+                for number in range(count):
+                    rows = order[bounds[number]:bounds[number + 1]]
+                    if len(rows):
+                        writers[number].write_batch(batch.take(pa.array(rows)))
+        finally:
+            for writer in writers:
+                writer.close()
+    return True
+
+
+def evaluate_streamed(workspace: Workspace, ctx: RunContext, count: int | None = None,
+                      campaigns: list[str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> Decided | None:
+    """Partitioned evaluation reading each partition's rows from its own files: bounded
+    memory for data sets larger than memory. None when the data is not all Parquet."""
+    settings, program = workspace.settings, workspace.program
+    paths = streamable(settings, workspace.root)
+    if paths is None:
+        return None
+    customers = pq.ParquetFile(paths["customers"]).metadata.num_rows
+    count = auto_partitions(customers) if count is None else max(1, int(count))
+    if count == 1:
+        return None
+    with tempfile.TemporaryDirectory(prefix="loyalty-partitions-") as temp:
+        folder = Path(temp)
+        _say(progress, f"splitting the data into {count} partitions")
+        if not write_partition_files(settings, paths, count, folder):
+            return None
+        warnings: list[str] = []
+
+        def first(number: int) -> dict:
+            data = {t: replace(settings.data[t], path=folder / f"{t}-{number}.parquet") for t in paths}
+            tables = load_tables(replace(settings, data=data), folder)
+            warnings.extend(w for w in tables.warnings if w not in warnings)
+            local = local_features(tables, program, settings, ctx.as_of)
+            # evaluation needs the events (event triggers), never the orders again
+            kept = replace(tables, orders=tables.orders.iloc[0:0], redemptions=None)
+            with open(folder / f"part-{number}.pickle", "wb") as handle:
+                pickle.dump((kept, local), handle, protocol=pickle.HIGHEST_PROTOCOL)
+            return rfm_inputs(local)
+
+        def second(number: int) -> tuple[Tables, pd.DataFrame]:
+            path = folder / f"part-{number}.pickle"
+            with open(path, "rb") as handle:
+                part = pickle.load(handle)
+            path.unlink()
+            return part
+
+        decided = _evaluate_parts(workspace, ctx, count, campaigns, first, second, progress)
+    decided.warnings = tuple(warnings)
+    return decided
 
 
 def _global_rfm(inputs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ from .features import compute_features
 from .model import Workspace
 from .rendering import Renderer
 from .rewards import reward_payload
-from .sources import load_tables
+from .sources import Tables, load_tables
 from .triggers import RunContext
 
 
@@ -26,6 +26,7 @@ class Prepared:
     tables: object
     features: pd.DataFrame
     context: RunContext
+    customers: int | None = None      # how many customers were evaluated
 
 
 def parse_as_of(value, timezone: str) -> pd.Timestamp:
@@ -77,12 +78,13 @@ def _utc_key(stamp: pd.Timestamp) -> str:
 
 
 def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.DataFrame:
-    """Contact history made by runs at another instant than ``as_of``: a rerun at the same
-    instant must not be stopped by the contacts its first attempt recorded."""
+    """Contact history made by runs before ``as_of``: a rerun at the same instant must not
+    be stopped by the contacts its first attempt recorded, nor a rerun of an earlier day by
+    the contacts of later runs."""
     rows = list(store.db.query(
         "SELECT c.customer_id, c.campaign, c.channel, c.contacted_at FROM contacts c "
         "JOIN offers o ON o.offer_id = c.offer_id JOIN runs r ON r.run_id = o.run_id "
-        "WHERE c.contacted_at > ? AND r.as_of_utc <> ?", [_utc_key(since), _utc_key(as_of)]))
+        "WHERE c.contacted_at > ? AND r.as_of_utc < ?", [_utc_key(since), _utc_key(as_of)]))
     if not rows:
         return empty_contacts()
     frame = pd.DataFrame(rows)
@@ -126,16 +128,24 @@ def prepare(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None, t
 
 def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None,
                          campaigns: list[str] | None = None, partitions: int | None = None,
-                         trace: bool = False) -> tuple[Prepared, Evaluation]:
+                         trace: bool = False, stream: bool = False) -> tuple[Prepared, Evaluation]:
     """Load the data and decide, a partition of customers at a time (see partitions.py).
 
     ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
-    one partition, the offered customers' rows with several."""
-    from .partitions import evaluate_in_partitions   # late: partitions builds on evaluation
-    tables = load_tables(workspace.settings, workspace.root)
+    one partition, the offered customers' rows with several. With ``stream`` and Parquet
+    data, each partition's rows are read on their own and ``Prepared.tables`` is empty
+    but for the warnings."""
+    from .partitions import evaluate_in_partitions, evaluate_streamed   # late: they build on evaluation
     context = run_context(workspace, as_of, store, since)
-    decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace)
-    return Prepared(tables, decided.features, context), decided.evaluation
+    decided = evaluate_streamed(workspace, context, partitions, campaigns) if stream and not trace else None
+    if decided is not None:
+        tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
+                        orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
+                        warnings=decided.warnings)
+    else:
+        tables = load_tables(workspace.settings, workspace.root)
+        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace)
+    return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 
 def make_renderer(workspace: Workspace) -> Renderer:

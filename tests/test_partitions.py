@@ -146,3 +146,38 @@ def test_partition_count_grows_with_customers_and_shrinking_memory():
     assert auto_partitions(1_000_000, memory=16 << 30) == 1
     assert auto_partitions(10_000_000, memory=16 << 30) > 1
     assert auto_partitions(1_000_000, memory=1 << 30) > auto_partitions(1_000_000, memory=16 << 30)
+
+
+def _as_parquet(workspace: Path, target: Path) -> Path:
+    """The same workspace with every table as a Parquet file (so that previews can stream)."""
+    import shutil
+    import sqlite3
+    shutil.copytree(workspace, target)
+    data = target / "data"
+    customers = pd.read_csv(data / "customers.csv", dtype=str)
+    customers.to_parquet(data / "customers.parquet")
+    with sqlite3.connect(data / "crm.db") as conn:
+        pd.read_sql_query("select * from events", conn).to_parquet(data / "events.parquet")
+    settings = target / "loyalty.yaml"
+    text = settings.read_text(encoding="utf-8")
+    text = text.replace("path: data/customers.csv", "path: data/customers.parquet")
+    text = text.replace("path: data/crm.db\n    table: events", "path: data/events.parquet")
+    settings.write_text(text, encoding="utf-8")
+    return target
+
+
+def test_a_streamed_preview_reads_each_partition_alone_and_agrees(workspace, tmp_path):
+    from engine.partitions import streamable
+    root = _as_parquet(workspace, tmp_path / "pq")
+    assert streamable(load_workspace(root).settings, root) is not None
+    assert streamable(load_workspace(workspace).settings, workspace) is None   # CSV and SQLite
+    one = api.preview(root, DEMO_AS_OF, partitions=1, sample=2)
+    three = api.preview(root, DEMO_AS_OF, partitions=3, sample=2)
+    assert three.customers == one.customers == CUSTOMERS
+    a, b = one.as_dict(), three.as_dict()
+    # the dirty sample rows are reported either way (streamed, each partition counts its own)
+    assert a.pop("warnings") and b.pop("warnings")
+    assert a == b
+    c = api.preview(workspace, DEMO_AS_OF, partitions=1, sample=2).as_dict()
+    c.pop("warnings")
+    assert a == c

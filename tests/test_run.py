@@ -239,9 +239,6 @@ def test_a_second_run_waits_for_the_lock_then_refuses_with_exit_3(small_workspac
 # --------------------------------------------------------------------------- conflicts
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/api.py run() drops firings recorded at the same as_of before record_run, so a "
-    "changed payload is never compared with the recorded one and no conflict is reported"))
 def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(small_workspace):
     args = ("run", str(small_workspace), "--as-of", "2026-12-25T10:00:00+08:00",
             "--now", "2026-12-26T12:00:00+08:00", "--format", "json")
@@ -268,7 +265,7 @@ def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(
 
 
 def test_a_changed_reward_never_records_or_sends_a_second_offer(small_workspace):
-    """What holds today (see the xfail above for the missing conflict report)."""
+    """Through the library too: the recorded offers stand and nothing more is sent."""
     as_of, now = "2026-12-25T10:00:00+08:00", "2026-12-26T12:00:00+08:00"
     assert api.run(small_workspace, as_of, now=now).new_offers == 3
     before = query(small_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers")
@@ -564,10 +561,6 @@ def test_sixty_daily_runs_respect_the_frequency_cap_and_cooldowns_exactly(quarte
     assert query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1") == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/pipeline.py _contacts_before() also reads the contacts of runs at a LATER as_of "
-    "(`r.as_of_utc <> ?`), so a rerun of an earlier day sees future cooldowns and caps and "
-    "decides differently: here it adds a daily_deal offer beside the recorded monthly_thanks"))
 def test_a_rerun_of_an_earlier_day_after_a_later_run_adds_nothing(quarter_workspace):
     first, later = QUARTER_START, QUARTER_START + pd.Timedelta(days=40)
     assert api.run(quarter_workspace, first, deliver=False).new_offers > 0

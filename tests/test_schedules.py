@@ -164,10 +164,6 @@ def test_run_without_due_runs_every_campaign_and_leaves_the_schedule_alone(works
     assert due_run(workspace, local("2026-03-02 10:30")) == {"daily_deal", "monday_digest", "always_on"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/api.py due_campaigns() takes croniter(...).get_prev() from as_of itself, which is "
-    "strictly before it: a run exactly at a tick (10:00:00) does not count that tick, so a "
-    "campaign run by `--due --as-of <tick>` each day runs only every other day"))
 def test_a_run_exactly_at_the_tick_runs_the_campaign_every_day(workspace):
     ran = [day for day in ("2026-03-02", "2026-03-03", "2026-03-04", "2026-03-05")
            if "daily_deal" in due_run(workspace, local(f"{day} 10:00"))]
