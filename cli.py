@@ -24,6 +24,18 @@ as_of_option = click.option("--as-of", "as_of", default=None, metavar="TIME",
                             help="The instant evaluated, e.g. 2026-11-23 or 2026-11-23T10:00:00+08:00 (default: now).")
 
 
+def engine_options(command):
+    """--engine, --scheduler and --partitions: where and in how many pieces evaluation runs."""
+    command = click.option("--partitions", type=click.IntRange(1, 100_000), default=None,
+                           help="Evaluate customers in this many partitions (default: from data size "
+                                "and free memory, or engine.partitions in loyalty.yaml).")(command)
+    command = click.option("--scheduler", default=None, metavar="ADDRESS",
+                           help="With --engine dask: a running scheduler, e.g. tcp://host:8786 "
+                                "(default: a cluster started on this machine).")(command)
+    return click.option("--engine", type=click.Choice(["local", "dask"]), default=None,
+                        help="Where to evaluate (default: engine.kind in loyalty.yaml, else local).")(command)
+
+
 def format_option(*choices: str):
     return click.option("--format", "fmt", type=click.Choice(choices), default=choices[0], show_default=True,
                         help="Output format.")
@@ -66,6 +78,10 @@ def _display_width(text: str) -> int:
     """Terminal columns taken by ``text``: Chinese and other wide characters take two."""
     import unicodedata
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _progress_echo(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def _echo_json(data) -> None:
@@ -134,14 +150,24 @@ def validate(workspace: Path, fmt: str):
               help="Compare with another version of the workspace (e.g. a git worktree).")
 @click.option("--sample", default=2, show_default=True, help="Rendered messages shown per campaign.")
 @click.option("--since", default=None, help="Event triggers: events since this time (default: the last run).")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every customer's outcome per campaign and the stage that stopped it "
+                   "(.parquet, else CSV).")
+@engine_options
 @format_option("table", "json", "csv")
 @handle_errors
-def preview(workspace, as_of, campaigns, customer, diff, sample, since, fmt):
+def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_path, engine, scheduler,
+            partitions, fmt):
     """Dry run: who would get what, and why. Writes nothing."""
-    from engine.api import preview as run_preview
+    from engine.api import preview as run_preview, write_preview_trace
     from engine.report_text import print_preview
     result = run_preview(workspace, as_of, campaigns=list(campaigns) or None, customer=customer,
-                         diff=diff, sample=sample, since=since)
+                         diff=diff, sample=sample, since=since, trace=trace_path is not None,
+                         partitions=partitions, engine=engine, scheduler=scheduler,
+                         progress=_progress_echo if fmt == "table" else None)
+    if trace_path is not None:
+        rows = write_preview_trace(result, trace_path)
+        click.echo(f"decision trace: {rows} rows written to {trace_path}", err=True)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":
@@ -164,13 +190,15 @@ def preview(workspace, as_of, campaigns, customer, diff, sample, since, fmt):
 @click.option("--due", is_flag=True, help="Only campaigns whose schedule is due since their last run.")
 @click.option("--no-deliver", is_flag=True, help="Record the offers without delivering them.")
 @click.option("--now", default=None, help="Delivery clock (default: the real time).")
+@engine_options
 @format_option("text", "json")
 @handle_errors
-def run(workspace, as_of, campaigns, due, no_deliver, now, fmt):
+def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, partitions, fmt):
     """Evaluate, record the offers, and deliver them. Safe to rerun."""
     from engine.api import run as do_run
     result = do_run(workspace, as_of, campaigns=list(campaigns) or None, due=due,
-                    deliver=not no_deliver, now=now, progress=fmt == "text")
+                    deliver=not no_deliver, now=now, progress=fmt == "text",
+                    partitions=partitions, engine=engine, scheduler=scheduler)
     if fmt == "json":
         _echo_json(result.as_dict())
     else:
@@ -264,6 +292,74 @@ def import_redemptions_command(workspace, file):
         click.echo(f"{file}: row {bad['row']}: {bad['message']}", err=True)
     if result.bad_rows:
         sys.exit(1)
+
+
+@main.command("test")
+@workspace_argument
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@format_option("text", "json")
+@handle_errors
+def golden_test(workspace, paths, fmt):
+    """Run the workspace's golden tests (tests/*.yaml, or PATHS); exit 1 when one fails."""
+    from engine.golden import run_golden_tests
+    result = run_golden_tests(workspace, list(paths) or None)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    else:
+        for failure in result.failed:
+            click.echo(f"FAIL {failure}")
+        if not result.files:
+            click.echo("No golden tests found: add YAML files under tests/ (see docs/testing.md).")
+        else:
+            click.echo(f"{result.passed} passed, {len(result.failed)} failed "
+                       f"({len(result.files)} file(s)).")
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@workspace_argument
+@click.option("--from", "start", required=True, metavar="DATE", help="First simulated run, e.g. 2026-12-01 or 2026-12-01T10:00.")
+@click.option("--to", "end", required=True, metavar="DATE", help="Last day simulated.")
+@click.option("--every", default="1d", show_default=True, help="Time between runs: 1d, 12h, 1w.")
+@click.option("--due", is_flag=True, help="Each run takes only the campaigns whose schedule is due, like run --due.")
+@click.option("--diff", "diff", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also forecast another version of the workspace and compare.")
+@format_option("text", "json", "csv")
+@handle_errors
+def simulate(workspace, start, end, every, due, diff, fmt):
+    """Forecast offers and reward cost over a date range, in memory. Writes nothing."""
+    from engine.simulation import format_text, simulate as run_simulation
+    result = run_simulation(workspace, start, end, every, diff, due=due)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    elif fmt == "csv":
+        rows = result.rows()
+        out = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
+        click.echo(out.getvalue(), nl=False)
+    else:
+        click.echo(format_text(result))
+
+
+@main.group()
+def data():
+    """Data preparation for large programmes."""
+
+
+@data.command("convert")
+@workspace_argument
+@click.option("--partitions", type=click.IntRange(1, 100_000), default=None,
+              help="How many partitions (default: engine.partitions in loyalty.yaml, else from the data size).")
+@handle_errors
+def data_convert(workspace, partitions):
+    """Split the customers, orders and events into partitioned Parquet files (for --engine dask
+    and for streamed previews); reruns only when the data changed."""
+    from engine.api import convert_data
+    folder, count = convert_data(workspace, partitions, progress=_progress_echo)
+    click.echo(f"{count} partitions written to {folder}")
 
 
 @main.command()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from croniter import croniter
@@ -13,16 +14,17 @@ from .errors import LoyaltyError
 from .faults import checkpoint
 from .evaluation import evaluate
 from .model import Workspace
-from .pipeline import (build_messages, edge_state_rows, make_renderer, parse_as_of, prepare,
-                       prepare_and_evaluate)
+from .pipeline import (Prepared, build_messages, edge_state_rows, make_renderer, parse_as_of, prepare,
+                       prepare_and_evaluate, run_context)
 from .policy import reachable
 from .preview import Preview, diff_offers, explain_customer, sample_rows, summarise
 from .rewards import generate_codes
-from .sources import load_tables
+from .sources import Tables, load_tables
 from .store import StateStore
 from .workspace import ValidationResult, load_workspace, rule_version, validate_workspace
 
-__all__ = ["validate", "load_workspace", "preview", "run", "deliver", "history", "runs", "RunResult"]
+__all__ = ["validate", "load_workspace", "preview", "write_preview_trace", "run", "deliver", "history", "runs",
+           "convert_data", "RunResult"]
 
 
 def validate(root: Path | str) -> ValidationResult:
@@ -40,20 +42,24 @@ def _open_store(workspace: Workspace, create: bool) -> StateStore | None:
 
 def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
             customer: str | None = None, diff: Path | str | None = None, sample: int = 3,
-            since=None, trace: bool = False, partitions: int | None = None) -> Preview:
+            since=None, trace: bool = False, partitions: int | None = None,
+            engine: str | None = None, scheduler: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Preview:
     """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state.
 
     ``partitions``: evaluate that many partitions of customers one after the other
-    (None: chosen from the data size and free memory); the result is the same."""
+    (None: chosen from the data size and free memory); the result is the same.
+    ``engine``/``scheduler``: where to evaluate (see ``_decide``). ``trace``: keep every
+    customer's stopping stage, for ``preview_trace``."""
     workspace = load_workspace(root)
     as_of = parse_as_of(as_of, workspace.settings.timezone)
     since_ts = parse_as_of(since, workspace.settings.timezone) if since is not None else None
     _check_campaigns(workspace, campaigns)
     store = _open_store(workspace, create=False)
     try:
-        prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, since_ts, campaigns, partitions,
-                                                    trace=trace or customer is not None,
-                                                    stream=diff is None)
+        prepared, evaluation = _decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
+                                       engine=engine, scheduler=scheduler, progress=progress,
+                                       trace=trace or customer is not None, stream=diff is None)
     finally:
         if store is not None:
             store.close()
@@ -74,8 +80,45 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
                               campaigns)
         result.diff = diff_offers(evaluation, other_eval)
     result._evaluation = evaluation  # for --trace export and tests
+    result._features = prepared.features
     del sms
     return result
+
+
+def write_preview_trace(result: Preview, path: Path | str) -> int:
+    """Write the decision trace of a preview made with ``trace=True`` (Parquet or CSV by the
+    file's extension); return the number of rows."""
+    from .trace import write_trace
+    return write_trace(result._evaluation, result._features, path)
+
+
+def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, *, partitions=None,
+            engine=None, scheduler=None, progress=None, trace=False, stream=False):
+    """Evaluate on the chosen engine: ``local`` (in this process, a partition at a time) or
+    ``dask`` (each partition a task on a cluster). Options override loyalty.yaml's ``engine:``."""
+    settings = workspace.settings
+    engine = engine or settings.engine
+    partitions = partitions or settings.partitions
+    if engine == "local":
+        if scheduler:
+            raise LoyaltyError("--scheduler needs the dask engine: add --engine dask, "
+                               "or set engine: {kind: dask} in loyalty.yaml")
+        return prepare_and_evaluate(workspace, as_of, store, since, campaigns, partitions,
+                                    trace=trace, stream=stream)
+    if engine != "dask":
+        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
+    if trace:
+        raise LoyaltyError("--trace and --customer explain every customer and need the local engine: "
+                           "run that preview with --engine local (the result is the same)")
+    from .dask_engine import evaluate_on_dask
+    context = run_context(workspace, as_of, store, since)
+    decided = evaluate_on_dask(workspace, context, store=store, campaigns=campaigns,
+                               scheduler=scheduler or settings.scheduler, partitions=partitions,
+                               progress=progress)
+    tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
+                    orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
+                    warnings=tuple(decided.table_warnings))
+    return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 
 def _same_data(a: Workspace, b: Workspace) -> bool:
@@ -136,8 +179,11 @@ def due_campaigns(workspace: Workspace, store: StateStore, as_of: pd.Timestamp) 
 
 def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due: bool = False,
         deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: bool = False,
-        partitions: int | None = None) -> RunResult:
-    """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due."""
+        partitions: int | None = None, engine: str | None = None, scheduler: str | None = None) -> RunResult:
+    """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due.
+
+    ``engine``/``scheduler``/``partitions`` choose where and in how many pieces the
+    evaluation runs; recording and delivery are the same on every engine."""
     started = time.perf_counter()
     workspace = load_workspace(root)
     settings = workspace.settings
@@ -154,7 +200,9 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
             if selected is not None and not selected:
                 return result
-            prepared, evaluation = prepare_and_evaluate(workspace, as_of, store, None, selected, partitions)
+            prepared, evaluation = _decide(workspace, as_of, store, None, selected, partitions=partitions,
+                                           engine=engine, scheduler=scheduler,
+                                           progress=_say if progress else None)
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
             # offers recorded by an earlier attempt at this as_of go to record_run again: it
@@ -188,7 +236,10 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result.render_errors = errors
             result.warnings = list(prepared.tables.warnings) + evaluation.warnings
             if deliver:
-                result.delivery = _deliver(workspace, store, now, prepared.tables, progress)
+                tables = prepared.tables
+                if tables.customers.empty:   # the dask engine's workers read the data: consent needs it here
+                    tables = _customers_only(workspace)
+                result.delivery = _deliver(workspace, store, now, tables, progress)
                 timings["deliver"] = round(time.perf_counter() - started, 3)
             result.timings = timings
             store.finish_run(run_id, "delivered" if deliver else "recorded", timings,
@@ -197,6 +248,18 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             return result
     finally:
         store.close()
+
+
+def _say(message: str) -> None:
+    import click
+    click.echo(message, err=True)
+
+
+def _customers_only(workspace: Workspace):
+    """The customers table alone (for consent at delivery when the tables were not loaded here)."""
+    settings = workspace.settings
+    only = replace(settings, data={"customers": settings.data["customers"]})
+    return load_tables(only, workspace.root)
 
 
 def _holdout_rows(evaluation, run_id) -> list[dict]:
@@ -257,3 +320,16 @@ def runs(root: Path | str, limit: int = 20) -> list[dict]:
         return store.runs(limit)
     finally:
         store.close()
+
+
+def convert_data(root: Path | str, partitions: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> tuple[Path, int]:
+    """Write the workspace's customers, orders and events as partitioned Parquet (what the
+    dask engine's workers and streamed previews read); nothing is rewritten while the data
+    and the partition count are unchanged. Returns the folder and the partition count."""
+    from .dask_engine import default_partitions
+    from .partitioned_data import ensure_partitioned
+    workspace = load_workspace(root)
+    count = partitions or workspace.settings.partitions or default_partitions(workspace, Path(workspace.root))
+    folder = ensure_partitioned(workspace.settings, workspace.root, count, progress)
+    return folder, count

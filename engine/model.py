@@ -84,6 +84,9 @@ class Settings:
     point_value: float = 0.01        # currency per point, for cost estimates
     shipping_cost: float = 10.0      # cost of one free-shipping reward
     message_cost: float = 0.0        # cost of sending one message
+    engine: str = "local"            # local | dask
+    scheduler: str | None = None     # a Dask scheduler address; None starts a local cluster
+    partitions: int | None = None    # None: chosen from the data size and free memory
 
 
 # --------------------------------------------------------------------------- rules

@@ -141,6 +141,7 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
 
     coupons = data.get("coupons", {})
     costs = data.get("costs", {})
+    engine = data.get("engine", {})
     settings = Settings(
         name=program.get("name", "loyalty"), timezone=timezone,
         currency=program.get("currency", "CNY"), default_locale=locale,
@@ -150,5 +151,6 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
         coupon_prefix=coupons.get("prefix", ""), coupon_length=coupons.get("length", 10),
         salt=data.get("salt", "loyalty"),
         point_value=costs.get("point_value", 0.01), shipping_cost=costs.get("shipping", 10.0),
-        message_cost=costs.get("message", 0.0))
+        message_cost=costs.get("message", 0.0),
+        engine=engine.get("kind", "local"), scheduler=engine.get("scheduler"), partitions=engine.get("partitions"))
     return settings, problems
