@@ -26,3 +26,8 @@ def example_rules_dir() -> Path:
 def example_templates_dir() -> Path:
     """The example programme's templates."""
     return _pick(_BUNDLED / "example" / "templates", _CHECKOUT / "templates")
+
+
+def example_tests_dir() -> Path:
+    """The example programme's golden tests (``tests/golden`` in a checkout)."""
+    return _pick(_BUNDLED / "example" / "tests", _CHECKOUT / "tests" / "golden")

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.resources import example_rules_dir, example_templates_dir, example_tests_dir
 from engine.sample_names import (
     CITIES,
     CN_GIVEN_FEMALE,
@@ -145,20 +146,16 @@ def write_sample_workspace(target: Path, customers: int = 2000, seed: int = 7,
 
 
 def copy_example_programme(target: Path) -> list[Path]:
-    """Copy the example programme's rules/ and templates/ into ``target``; return the files written."""
-    source = _example_root()
+    """Copy the example programme's rules/, templates/ and golden tests (into tests/) into
+    ``target``; return the files written."""
     written = []
-    for folder, pattern in (("rules", "*.yaml"), ("templates", "*.j2")):
+    for source, folder, pattern in ((example_rules_dir(), "rules", "*.yaml"),
+                                    (example_templates_dir(), "templates", "*.j2"),
+                                    (example_tests_dir(), "tests", "*.yaml")):
         (Path(target) / folder).mkdir(parents=True, exist_ok=True)
-        for path in sorted((source / folder).glob(pattern)):
+        for path in sorted(source.glob(pattern)):
             written.append(Path(shutil.copyfile(path, Path(target) / folder / path.name)))
     return written
-
-
-def _example_root() -> Path:
-    """The example programme: the repository's top level, or its copy bundled in the wheel."""
-    bundled = Path(__file__).parent / "_bundled" / "example"
-    return bundled if (bundled / "rules").is_dir() else Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- time

@@ -96,6 +96,53 @@ Thank you for shopping with {{ program.name }} this year. We have added {{ rewar
 {% endblock %}
 {% block html %}<p>Dear {{ customer.name }},</p><p>We have added <b>{{ reward.points }}</b> points to your account.</p>{% endblock %}
 """,
+    "tests/programme.yaml": """\
+# Golden tests: made-up customers, a moment, and what the rules must do for them.
+# `loyalty test` runs every file in tests/ and exits 1 if one fails, naming the line below
+# and the stage that decided (segment, trigger, consent, frequency_cap, cooldown, holdout,
+# arbitration, budget). Add a customer here whenever you change a rule.
+as_of: 2026-12-25T10:00:00+08:00      # Christmas morning: vip_thanks fires today
+defaults: {locale: zh-CN, timezone: Asia/Shanghai}
+
+customers:
+  - id: T1                            # last order 90 days ago: the win-back SMS
+    name: 王芳
+    orders: [{days_ago: 90, amount: 320}]
+    expect:
+      offer: winback
+      text_contains: ["王芳，好久不见", "回T退订"]
+
+  - id: T2                            # the same in English
+    name: Emma Clark
+    locale: en-US
+    orders: [{days_ago: 90, amount: 75}]
+    expect: {offer: winback, text_contains: "we miss you"}
+
+  - id: T3                            # said no to SMS: nothing is sent
+    name: 张敏
+    sms_opt_in: false
+    orders: [{days_ago: 90, amount: 99}]
+    expect: {suppressed_by: consent, campaign: winback}
+
+  - id: T4                            # got the win-back SMS 10 days ago: cooldown 30d
+    name: 李伟
+    orders: [{days_ago: 90, amount: 320}]
+    contacts: [{campaign: winback, days_ago: 10}]
+    expect: {suppressed_by: cooldown, campaign: winback}
+
+  - id: T5                            # a high-value customer: Christmas points, 1 per 100 spent
+    name: 刘洋
+    orders:
+      - {days_ago: 20, amount: 2600}
+      - {days_ago: 100, amount: 1800}
+      - {days_ago: 200, amount: 1200}
+    expect: {offer: vip_thanks, points: 56, text_contains: "56积分"}
+
+  - id: T6                            # ordered last week: nothing to win back
+    name: 陈静
+    orders: [{days_ago: 7, amount: 120}]
+    expect: no_offer
+""",
     "data/customers.csv": """\
 customer_id,name,email,phone,birthday,signup_date,locale,timezone,email_opt_in,sms_opt_in
 C001,王芳,wang.fang@example.com,13800000001,1990-03-14,2023-01-05,zh-CN,Asia/Shanghai,true,true
