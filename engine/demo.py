@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mailbox
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -19,8 +18,7 @@ from typing import Callable
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
 
-from .resources import example_rules_dir, example_templates_dir
-from .sampledata import write_sample_workspace
+from .sampledata import copy_example_programme, write_sample_workspace
 
 DEMO_AS_OF = "2026-11-23T10:00:00+08:00"
 
@@ -48,8 +46,7 @@ def build_demo_workspace(directory: Path | None, customers: int) -> Path:
         raise FileExistsError(f"{directory} is not empty")
     directory.mkdir(parents=True, exist_ok=True)
     write_sample_workspace(directory, customers=customers, as_of=DEMO_AS_OF)
-    shutil.copytree(example_rules_dir(), directory / "rules", dirs_exist_ok=True)
-    shutil.copytree(example_templates_dir(), directory / "templates", dirs_exist_ok=True)
+    copy_example_programme(directory)      # rules, templates and the golden tests
     return directory
 
 

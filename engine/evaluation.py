@@ -210,8 +210,9 @@ def combine_partitions(workspace: Workspace, as_of: pd.Timestamp, parts: list[Pa
     candidates must already index one common features frame (one partition, or rows kept)."""
     settings = workspace.settings
     funnels = _sum_funnels(parts)
-    arbitrated = pd.concat([p.arbitrated for p in parts], ignore_index=True) if len(parts) > 1 \
-        else parts[0].arbitrated
+    # empty partitions' frames are untyped: leave them out, or every column turns object
+    frames = [p.arbitrated for p in parts if len(p.arbitrated)] or [parts[0].arbitrated]
+    arbitrated = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     offers = _apply_budgets(workspace, arbitrated, funnels)
     stops = [frame for part in parts for frame in part.stops]
     if trace:

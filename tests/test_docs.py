@@ -76,6 +76,9 @@ def test_snippet_is_valid(tmp_path, doc, line, text):
         event_names.update({f"event.{c}": t for c, t in EVENT_COLUMNS.items() if c != "score"})
         for path, condition in _conditions(data):
             compile_expression(condition, {**names, **event_names})
+    elif "customers" in data and "as_of" in data:       # a golden test file (docs/testing.md)
+        from engine.golden import validate_golden_document
+        assert validate_golden_document(data, smap) == []
     else:
         problems = [p for p in validate_document("loyalty", data, smap) if "missing required" not in p.message]
         assert problems == []
