@@ -1,8 +1,15 @@
 """Templates checked before sending: every campaign's template, per channel and locale,
 rendered against a synthetic customer built from the feature catalogue, so that a missing
-variable, a syntax error or an over-long SMS fails `loyalty validate`, not the send."""
+variable, a syntax error or an over-long SMS fails `loyalty validate`, not the send.
+
+Unknown variables and fields come from the template's syntax tree (so a typo inside an
+``{% if %}`` branch the synthetic customer does not take is found too); the trial render
+then catches what only values reveal, such as an SMS longer than the channel allows.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pandas as pd
 
@@ -65,5 +72,15 @@ def check_workspace_templates(workspace: Workspace) -> list[Problem]:
                               "variant": "A", "channel": campaign.channel, "send_at": send_at.isoformat()},
                 }
                 for problem in renderer.check(template, campaign.channel, locale, context):
+                    problem = _as_error(problem, campaign.channel)
                     problems.setdefault((problem.file, problem.line, problem.message), problem)
     return list(problems.values())
+
+
+def _as_error(problem: Problem, channel: str) -> Problem:
+    """An SMS longer than the channel's ``max_sms_segments`` would be split or refused at
+    send time: before sending, it is an error, not a warning."""
+    if channel != "sms" or problem.severity != "warning":
+        return problem
+    return dataclasses.replace(problem, severity="error",
+                               message="rendered for a sample customer, " + problem.message)
