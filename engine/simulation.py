@@ -4,8 +4,12 @@ Each step is a run at ``as_of`` = ``start + k * every``: features at that instan
 same evaluation as ``loyalty run``, with what earlier steps did kept in memory instead of
 the state database: contact history (offers become contacts at their ``send_at``), firing
 keys already acted on, ``becomes:`` edge state, the previous step's instant (for event and
-date triggers) and, with ``due``, each campaign's last scheduled run. The state database is
-never opened: a simulation starts as if the workspace had never run.
+date triggers) and, with ``due``, each campaign's last scheduled run.
+
+The state database is never opened for writing: a simulation starts from what it remembers
+of the runs before the first step (contacts, firings already acted on, ``becomes:`` state,
+schedules), read from a private copy of the file, or from scratch when the workspace has
+never run (or with ``fresh=True``).
 
 Evaluating is the same ``engine.evaluation.evaluate`` a run uses, on the customers who can
 possibly fire in the step (a cheap superset per trigger kind, see ``CANDIDATES``); every
@@ -15,12 +19,15 @@ fired, so the result is exactly that of evaluating everybody.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,9 +37,10 @@ from .assignment import in_holdout
 from .evaluation import Evaluation, evaluate, segment_mask
 from .features import compute_features
 from .model import CampaignDef, Workspace
-from .pipeline import empty_contacts, parse_as_of
+from .pipeline import empty_contacts, parse_as_of, run_context
 from .policy import cap_remaining, reachable
 from .sources import Tables, load_tables
+from .store import StateStore
 from .triggers import EVENT_LOOKBACK, RunContext
 
 TOP_CUSTOMERS = 20
@@ -52,6 +60,7 @@ class MemoryState:
     edge_state: dict[str, frozenset] = field(default_factory=dict)   # becomes: campaign -> ids true
     previous_as_of: pd.Timestamp | None = None
     schedules: dict[str, str] = field(default_factory=dict)          # campaign -> last scheduled run
+    earlier: Callable[[list[str]], dict] | None = None               # firings recorded before the start
 
     def context(self, workspace: Workspace, as_of: pd.Timestamp) -> RunContext:
         """The run context a real run at ``as_of`` would read from the database."""
@@ -60,9 +69,15 @@ class MemoryState:
         since = as_of - pd.Timedelta(days=longest + 1)
         contacts = self.contacts[self.contacts["contacted_at"] > since]
         self.contacts = contacts.reset_index(drop=True)   # older contacts can never matter again
-        recorded = self.recorded
         return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
-                          recorded=lambda keys: {k: recorded[k] for k in keys if k in recorded})
+                          recorded=self._recorded)
+
+    def _recorded(self, keys: list[str]) -> dict[str, str]:
+        found = {k: self.recorded[k] for k in keys if k in self.recorded}
+        rest = [k for k in keys if k not in found]
+        if self.earlier is not None and rest:
+            found.update(self.earlier(rest))
+        return found
 
     def record(self, evaluation: Evaluation, edge_state: dict[str, frozenset]) -> None:
         """Remember a run: its offers as contacts and recorded firings, its edge state."""
@@ -82,6 +97,70 @@ class MemoryState:
     def add_contacts(self, frame: pd.DataFrame) -> None:
         frame = frame.assign(contacted_at=pd.to_datetime(frame["contacted_at"], utc=True))
         self.contacts = pd.concat([self.contacts, frame], ignore_index=True) if len(self.contacts) else frame
+
+
+@dataclass
+class Seed:
+    """Where a simulation starts: the state database's runs before the first step, or nothing."""
+
+    store: StateStore | None
+    before: pd.Timestamp
+    runs: int = 0
+    last_run: str | None = None
+
+    def state(self, workspace: Workspace) -> MemoryState:
+        """A fresh in-memory state holding what the database remembered before the first step."""
+        if self.store is None or not self.runs:
+            return MemoryState()
+        ctx = run_context(workspace, self.before, self.store)
+        schedules = {}
+        for campaign in workspace.program.campaigns:
+            last = self.store.schedule_last_run(campaign)
+            if last is not None and pd.Timestamp(last) < self.before:
+                schedules[campaign] = last
+        state = MemoryState(previous_as_of=ctx.previous_as_of, edge_state=dict(ctx.edge_state),
+                            schedules=schedules, earlier=self._recorded_before)
+        if len(ctx.contacts):
+            state.add_contacts(ctx.contacts)
+        return state
+
+    def _recorded_before(self, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        before = self.before.tz_convert("UTC").isoformat(timespec="seconds")
+        for start in range(0, len(keys), 900):
+            chunk = keys[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            found.update((row["firing_key"], row["as_of_utc"]) for row in self.store.db.query(
+                "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
+                f"WHERE r.as_of_utc < ? AND o.firing_key IN ({marks})", [before, *chunk]))
+        return found
+
+
+@contextlib.contextmanager
+def seed_from_state(workspace: Workspace, before: pd.Timestamp, fresh: bool = False) -> Iterator[Seed]:
+    """The runs recorded before ``before``, read from a private copy of the state database
+    (copying reads the file and never changes it; the copy is deleted afterwards)."""
+    path = workspace.settings.state_path
+    if fresh or not path.is_file():
+        yield Seed(None, before)
+        return
+    with tempfile.TemporaryDirectory(prefix="loyalty-simulate-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file():   # changes not yet checkpointed into the main file
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        store = StateStore(copy)
+        try:
+            before_utc = before.tz_convert("UTC").isoformat(timespec="seconds")
+            rows = list(store.db.query(
+                "SELECT count(*) AS runs, max(as_of_utc) AS last FROM runs "
+                "WHERE status IN ('recorded', 'delivered') AND as_of_utc < ?", [before_utc]))
+            last = rows[0]["last"]
+            yield Seed(store, before, int(rows[0]["runs"]),
+                       pd.Timestamp(last).tz_convert(workspace.settings.timezone).isoformat() if last else None)
+        finally:
+            store.close()
 
 
 class _ScheduleBook:
@@ -360,6 +439,8 @@ class Simulation:
     top_customers: list[dict]         # customer_id, offers, campaigns
     customers: int = 0
     seconds: float = 0.0
+    earlier_runs: int = 0             # runs recorded in the state database before the first step
+    last_run: str | None = None       # the latest of them: the simulation continues from there
     diff: list[dict] | None = None    # with --diff: per campaign, this forecast against the other
     offers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # one row per simulated offer
 
@@ -440,25 +521,33 @@ def replay(workspace: Workspace, tables: Tables, times: list[pd.Timestamp], *, d
 
 
 def simulate(root: Path | str, start, end, every: str = "1d", diff: Path | str | None = None, *,
-             due: bool = False, top: int = TOP_CUSTOMERS) -> Simulation:
-    """Forecast the runs from ``start`` to ``end`` (every ``every``, at ``start``'s time of day)."""
+             due: bool = False, top: int = TOP_CUSTOMERS, fresh: bool = False) -> Simulation:
+    """Forecast the runs from ``start`` to ``end`` (every ``every``, at ``start``'s time of day).
+
+    The simulation continues from the runs the state database recorded before ``start``
+    (read from a copy, never written), or starts from scratch without one or with ``fresh``.
+    With ``diff``, the other workspace's rules are forecast from the same starting state."""
     from .workspace import load_workspace
     started = time.perf_counter()
     workspace = load_workspace(root)
     tables = load_tables(workspace.settings, workspace.root)
     times = step_times(start, end, every, workspace.settings.timezone)
-    result = _forecast(workspace, tables, times, due, top, start, end, every)
-    if diff is not None:
-        other = load_workspace(diff)
-        other_tables = tables if dict(other.settings.data) == dict(workspace.settings.data) else \
-            load_tables(other.settings, other.root)
-        other_result = _forecast(other, other_tables, times, due, top, start, end, every)
-        result.diff = compare(result, other_result)
+    with seed_from_state(workspace, times[0], fresh) as seed:
+        result = _forecast(workspace, tables, times, due, top, start, end, every, seed.state(workspace))
+        if diff is not None:
+            other = load_workspace(diff)
+            other_tables = tables if dict(other.settings.data) == dict(workspace.settings.data) else \
+                load_tables(other.settings, other.root)
+            other_result = _forecast(other, other_tables, times, due, top, start, end, every, seed.state(other))
+            result.diff = compare(result, other_result)
+    result.earlier_runs = seed.runs
+    result.last_run = seed.last_run
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
 
-def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end, every) -> Simulation:
+def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end, every,
+              state: MemoryState) -> Simulation:
     binding: list[dict] = []
 
     def watch(as_of, evaluation):
@@ -468,7 +557,7 @@ def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end,
                                 "fired": funnel["arbitration"], "kept": funnel["budget"],
                                 "lost": funnel["arbitration"] - funnel["budget"]})
 
-    offers = replay(workspace, tables, times, due=due, on_step=watch)
+    offers = replay(workspace, tables, times, due=due, state=state, on_step=watch)
     point_value = workspace.settings.point_value
     offers = offers.assign(
         week=[f"{d.isocalendar()[0]}-W{d.isocalendar()[1]:02d}" for d in offers["as_of"]],
@@ -528,9 +617,12 @@ def compare(mine: Simulation, other: Simulation) -> list[dict]:
 
 def format_text(sim: Simulation) -> str:
     """The forecast as the terminal tables `loyalty simulate` prints."""
+    start = f"continuing from {sim.earlier_runs} recorded run(s), the last at {sim.last_run}" \
+        if sim.earlier_runs else "from scratch (no run recorded before the first step)"
     lines = [f"Simulated {len(sim.steps)} runs from {sim.start} to {sim.end} (every {sim.every}) "
              f"for {sim.customers} customers in {sim.seconds:.1f} s: "
-             f"{sim.total_offers} offers, cost {sim.total_cost:,.2f}", "",
+             f"{sim.total_offers} offers, cost {sim.total_cost:,.2f}",
+             f"Started {start}; the state database was not changed.", "",
              f"{'campaign':<28}{'offers':>8}{'cost':>12}{'discounts':>12}{'points':>10}"
              f"{'budget bound':>14}"]
     for c in sim.campaigns:

@@ -44,22 +44,58 @@ def _recorded_offers(workspace: Path) -> pd.DataFrame:
                                  "JOIN runs r ON r.run_id = o.run_id", db)
 
 
-def test_thirty_daily_steps_agree_with_thirty_real_runs(workspace, forecast, tmp_path):
-    copy = tmp_path / "copy"
+@pytest.fixture(scope="module")
+def real_runs(workspace, tmp_path_factory) -> pd.DataFrame:
+    """The offers of 30 real `loyalty run`s, one a day, on a copy of the workspace."""
+    copy = tmp_path_factory.mktemp("real") / "copy"
     shutil.copytree(workspace, copy)
     for as_of in step_times(START, END, "1d", "Asia/Shanghai"):
         api.run(copy, as_of.isoformat(), deliver=False)
     real = _recorded_offers(copy)
     real["day"] = pd.to_datetime(real["as_of"]).map(lambda t: t.date().isoformat())
-    simulated = forecast.offers.assign(day=forecast.offers["as_of"].map(lambda t: t.date().isoformat()))
+    return real
+
+
+def _by_day(frame: pd.DataFrame) -> dict[str, list[str]]:
+    return {d: sorted(g["firing_key"]) for d, g in frame.groupby("day")}
+
+
+def _days(offers: pd.DataFrame) -> pd.DataFrame:
+    return offers.assign(day=offers["as_of"].map(lambda t: t.date().isoformat()))
+
+
+def test_thirty_daily_steps_agree_with_thirty_real_runs(workspace, forecast, real_runs):
+    simulated = _days(forecast.offers)
     assert len(forecast.steps) == 30
-    assert len(real) > 100, "the sample should make plenty of offers"
-    by_day = lambda frame: {d: sorted(g["firing_key"]) for d, g in frame.groupby("day")}  # noqa: E731
-    assert by_day(simulated) == by_day(real)
-    merged = simulated.merge(real, on="firing_key", suffixes=("_sim", "_run"))
+    assert len(real_runs) > 100, "the sample should make plenty of offers"
+    assert _by_day(simulated) == _by_day(real_runs)
+    merged = simulated.merge(real_runs, on="firing_key", suffixes=("_sim", "_run"))
+    assert len(merged) == len(real_runs)
     assert (merged["variant_sim"].fillna("") == merged["variant_run"].fillna("")).all()
     assert (merged["cost_sim"].round(2) == merged["cost_run"].round(2)).all()
-    assert not (workspace / "state").exists(), "a simulation never touches the state database"
+    assert not (workspace / "state").exists(), "a simulation never creates the state database"
+    assert forecast.earlier_runs == 0
+
+
+def test_a_simulation_continues_from_the_recorded_runs_without_changing_them(workspace, real_runs, tmp_path):
+    """Ten real runs, then a simulation of the twenty days after them: the same offers as the
+    last twenty of thirty real runs (cooldowns, caps, firings already acted on and `becomes:`
+    state come from the state database), and the database is left exactly as it was."""
+    copy = tmp_path / "copy"
+    shutil.copytree(workspace, copy)
+    times = step_times(START, END, "1d", "Asia/Shanghai")
+    for as_of in times[:10]:
+        api.run(copy, as_of.isoformat(), deliver=False)
+    state = copy / "state"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.iterdir()}
+    result = simulate(copy, times[10].isoformat(), END, "1d")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.iterdir()} == before
+    assert result.earlier_runs == 10 and result.last_run == times[9].isoformat()
+    later = real_runs[real_runs["day"] >= times[10].date().isoformat()]
+    assert len(later) > 20
+    assert _by_day(_days(result.offers)) == _by_day(later)
+    fresh = simulate(copy, times[10].isoformat(), END, "1d", fresh=True)
+    assert fresh.earlier_runs == 0 and fresh.total_offers > result.total_offers
 
 
 def test_forecast_adds_up_per_campaign_and_week(forecast):
