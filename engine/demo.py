@@ -97,6 +97,11 @@ def run_demo(directory: Path | None, customers: int = 2000,
     program = result.workspace.program
     echo(f"2. Validated {len(result.files)} files: {len(program.campaigns)} campaigns, "
          f"{len(program.segments)} segments, {len(program.tiers)} tiers.")
+    from .golden import run_golden_tests
+    golden = run_golden_tests(workspace)
+    for failure in golden.failed:
+        echo(f"FAIL {failure}")
+    echo(f"   Golden tests (tests/*.yaml, `loyalty test`): {golden.passed} passed, {len(golden.failed)} failed.")
 
     echo(f"3. Preview at {DEMO_AS_OF} (a dry run, nothing recorded):")
     preview = api.preview(workspace, DEMO_AS_OF, sample=1)

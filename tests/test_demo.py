@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import mailbox
 
 from click.testing import CliRunner
@@ -16,6 +17,9 @@ def test_demo_runs_end_to_end(tmp_path):
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Validated" in result.output and "0 new offers" in result.output
+    golden = re.search(r"Golden tests .*: (\d+) passed, (\d+) failed", result.output)
+    assert golden and int(golden[1]) > 0 and golden[2] == "0", result.output
+    assert (target / "tests").is_dir()    # the workspace carries its golden tests for `loyalty test`
     report = target / "report.html"
     assert report.is_file() and "<svg" in report.read_text(encoding="utf-8")
     lines = [json.loads(line) for path in (target / "outbox").glob("*.jsonl")
