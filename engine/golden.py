@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from .errors import LoyaltyError, Problem
 from .evaluation import STAGES, evaluate
@@ -107,6 +108,8 @@ class GoldenResult:
 
 def golden_files(root: Path, paths=None) -> list[Path]:
     """``tests/*.yaml`` of the workspace, or the given files and folders."""
+    if not paths and not (Path(root) / "tests").is_dir():
+        return []
     chosen = [Path(p) for p in paths] if paths else [Path(root) / "tests"]
     files: list[Path] = []
     for path in chosen:
@@ -159,10 +162,13 @@ def validate_golden_document(data, smap: SourceMap) -> list[Problem]:
         return [smap.problem((), "a golden test file is a mapping with as_of: and customers:")]
     problems = []
     for error in _VALIDATOR.iter_errors(data):
-        while error.validator in ("oneOf", "anyOf") and error.context:   # the alternative that came closest
-            error = max(error.context, key=lambda e: len(e.absolute_path))
+        error = best_match([error])   # of oneOf's alternatives, the one that came closest
         where = ".".join(str(p) for p in error.absolute_path) or "the file"
-        problems.append(smap.problem(tuple(error.absolute_path), f"{where}: {error.message}"))
+        message = error.message
+        if error.validator in ("oneOf", "anyOf") and "expect" in error.absolute_path:
+            message = (f"{error.instance!r} is not an expectation: write no_offer, or a mapping of "
+                       f"{', '.join(_EXPECTATION['properties'])}")
+        problems.append(smap.problem(tuple(error.absolute_path), f"{where}: {message}"))
     return sorted(problems, key=lambda p: (p.line, p.column))
 
 
