@@ -559,8 +559,9 @@ def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end,
 
     offers = replay(workspace, tables, times, due=due, state=state, on_step=watch)
     point_value = workspace.settings.point_value
+    week_of = {t: f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}" for t in times}
     offers = offers.assign(
-        week=[f"{d.isocalendar()[0]}-W{d.isocalendar()[1]:02d}" for d in offers["as_of"]],
+        week=offers["as_of"].map(week_of).astype(object),
         discount_value=np.where(offers["reward_kind"] == "coupon", offers["cost"], 0.0),
         points_value=offers["points"].astype(float) * point_value)
     campaigns = []
@@ -583,11 +584,13 @@ def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end,
                   "points_value": _money(r.points_value)} for r in grouped.itertuples()]
     most = []
     if len(offers):
-        counts = offers.groupby("customer_id").agg(offers=("firing_key", "size"),
-                                                   campaigns=("campaign", lambda c: sorted(set(c))))
-        counts = counts.reset_index().sort_values(["offers", "customer_id"], ascending=[False, True]).head(top)
-        most = [{"customer_id": str(r.customer_id), "offers": int(r.offers), "campaigns": list(r.campaigns)}
-                for r in counts.itertuples()]
+        counts = offers["customer_id"].astype(str).value_counts()
+        counts = counts.rename_axis("customer_id").reset_index(name="offers")
+        counts = counts.sort_values(["offers", "customer_id"], ascending=[False, True]).head(top)
+        chosen = offers[offers["customer_id"].astype(str).isin(set(counts["customer_id"]))]
+        theirs = chosen.groupby(chosen["customer_id"].astype(str))["campaign"].unique()
+        most = [{"customer_id": r.customer_id, "offers": int(r.offers),
+                 "campaigns": sorted(theirs[r.customer_id])} for r in counts.itertuples()]
     local = [t.isoformat() for t in times]
     return Simulation(str(workspace.root), local[0] if local else str(start), local[-1] if local else str(end),
                       str(every), local, campaigns, weeks, binding, most, customers=len(tables.customers),
