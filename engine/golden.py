@@ -473,7 +473,24 @@ def _trace(workspace, outcome: _Outcome, customer_id: str, focus: set[str]) -> l
         lines.append(line)
         if item["campaign"] in focus:
             lines += [f"  {c['where']}: {c['expression']} = {_show(c['value'])}" for c in item["conditions"]]
+            lines += _trigger_lines(workspace.program.campaigns[item["campaign"]], explained)
     return lines
+
+
+# the feature each trigger kind looks at, shown beside the trigger in a failure's trace
+_TRIGGER_FEATURES = {"inactive_for": "days_since_last_order", "birthday": "days_to_birthday"}
+
+
+def _trigger_lines(campaign, explained: dict) -> list[str]:
+    trigger = campaign.trigger
+    if trigger.kind == "always":
+        return []
+    params = ", ".join(f"{k}: {_show(v)}" for k, v in trigger.params.items())
+    line = f"  when: {trigger.kind}" + (f" {{{params}}}" if params else "")
+    feature = _TRIGGER_FEATURES.get(trigger.kind)
+    if feature and feature in explained.get("features", {}):
+        line += f"; {feature} = {_show(explained['features'][feature])}"
+    return [line]
 
 
 def _already_acted_on(state: MemoryState, campaign: str, customer_id: str, timezone: str) -> str:

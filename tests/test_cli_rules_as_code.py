@@ -59,6 +59,7 @@ def test_a_rule_change_that_breaks_a_golden_test_fails_ci(workspace):
     lines = result.output.splitlines()
     assert "FAIL tests/programme.yaml:13: customer T1: expected offer winback, got no offer" in lines
     assert "    winback: stopped at trigger [stage: trigger]" in lines
+    assert "      when: inactive_for {days: 120}; days_since_last_order = 90" in lines
     assert any(line.startswith("FAIL tests/programme.yaml:20: customer T2") for line in lines)
     # T3 and T4 expected the win-back to be stopped at consent / cooldown: now the trigger decides
     assert any("customer T3: expected winback to be stopped at consent, but it stopped at trigger" in line
