@@ -1,5 +1,6 @@
 """Golden tests: passing and failing fixtures, failures at the fixture's line with the deciding stage."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,15 @@ customers:
     assert ("winback_at_risk: stopped at trigger [stage: trigger] (the same firing "
             "winback_at_risk:H-4:2026-09-08 was already acted on by the run at 2026-11-22T10:00:00+08:00)"
             ) in failure.trace, failure.trace
+
+
+def test_the_golden_files_in_the_docs_pass(workspace, tmp_path):
+    """Every golden test file shown in docs/testing.md runs, and passes, against the example programme."""
+    text = (REPO / "docs" / "testing.md").read_text(encoding="utf-8")
+    snippets = [m.group(1) for m in re.finditer(r"```yaml\n(.*?)```", text, re.S) if "customers:" in m.group(1)]
+    assert len(snippets) >= 2
+    for n, snippet in enumerate(snippets):
+        path = tmp_path / f"docs_{n}.yaml"
+        path.write_text(snippet, encoding="utf-8")
+        result = run_golden_tests(workspace, [path])
+        assert result.failed == [] and result.passed >= 2, "\n".join(str(f) for f in result.failed)
