@@ -620,12 +620,12 @@ def compare(mine: Simulation, other: Simulation) -> list[dict]:
 
 def format_text(sim: Simulation) -> str:
     """The forecast as the terminal tables `loyalty simulate` prints."""
-    start = f"continuing from {sim.earlier_runs} recorded run(s), the last at {sim.last_run}" \
-        if sim.earlier_runs else "from scratch (no run recorded before the first step)"
+    start = f"Continued from {sim.earlier_runs} recorded run(s), the last at {sim.last_run}" \
+        if sim.earlier_runs else "Started from scratch (no run recorded before the first step)"
     lines = [f"Simulated {len(sim.steps)} runs from {sim.start} to {sim.end} (every {sim.every}) "
              f"for {sim.customers} customers in {sim.seconds:.1f} s: "
              f"{sim.total_offers} offers, cost {sim.total_cost:,.2f}",
-             f"Started {start}; the state database was not changed.", "",
+             f"{start}; the state database was not changed.", "",
              f"{'campaign':<28}{'offers':>8}{'cost':>12}{'discounts':>12}{'points':>10}"
              f"{'budget bound':>14}"]
     for c in sim.campaigns:

@@ -179,6 +179,18 @@ def test_simulate_diff_compares_two_versions_of_the_rules(example, tmp_path):
     assert row["offers_change"] == -row["offers_before"]
 
 
+def test_simulate_continues_from_the_recorded_runs_and_leaves_the_state_alone(workspace):
+    run = invoke("run", workspace, "--as-of", "2026-12-25T10:00:00+08:00")
+    assert run.exit_code == 0, run.output
+    state = workspace / "state" / "loyalty.db"
+    before = (state.read_bytes(), state.stat().st_mtime_ns)
+    result = invoke("simulate", workspace, "--from", "2026-12-26T10:00", "--to", "2026-12-31")
+    assert result.exit_code == 0, result.output
+    assert "Continued from 1 recorded run(s), the last at 2026-12-25T10:00:00+08:00; " \
+           "the state database was not changed." in result.output
+    assert (state.read_bytes(), state.stat().st_mtime_ns) == before
+
+
 @pytest.mark.parametrize("args, words", [
     (["--from", "2026-11-23", "--to", "2026-11-30", "--every", "daily"], "is not a step"),
     (["--from", "2026-11-30", "--to", "2026-11-23"], "is before --from"),
