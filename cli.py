@@ -324,12 +324,14 @@ def golden_test(workspace, paths, fmt):
 @click.option("--due", is_flag=True, help="Each run takes only the campaigns whose schedule is due, like run --due.")
 @click.option("--diff", "diff", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also forecast another version of the workspace and compare.")
+@click.option("--fresh", is_flag=True,
+              help="Ignore the state database: simulate as if the programme had never run.")
 @format_option("text", "json", "csv")
 @handle_errors
-def simulate(workspace, start, end, every, due, diff, fmt):
+def simulate(workspace, start, end, every, due, diff, fresh, fmt):
     """Forecast offers and reward cost over a date range, in memory. Writes nothing."""
     from engine.simulation import format_text, simulate as run_simulation
-    result = run_simulation(workspace, start, end, every, diff, due=due)
+    result = run_simulation(workspace, start, end, every, diff, due=due, fresh=fresh)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":
