@@ -15,9 +15,10 @@ Features are computed in two passes (RFM inputs, then everything) so that only o
 partition's feature frame is alive at a time; the rows of customers with a candidate
 are kept for rendering. ``pos`` in the resulting offers indexes those kept rows.
 
-When every table is a Parquet file, a preview can stream: the files are read in batches
-and each row is written to its customer's partition file, so that each partition is
-loaded (and validated) on its own and the whole data set is never in memory at once.
+Two ways in: ``evaluate_in_partitions`` splits tables already in memory;
+``evaluate_streamed`` reads each partition's rows from the partitioned copy of the data
+(``partitioned_data``: Parquet per partition, converted once), so that the whole data
+set is never in memory at once.
 """
 
 from __future__ import annotations
@@ -31,28 +32,22 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .assignment import stable_fraction
+from .errors import DataError
 from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
-from .sources import Tables, load_tables
+from .partitioned_data import (ensure_partitioned, estimated_customers, partition_folder, partition_numbers,
+                               partition_settings)
+from .sources import Tables, load_tables, merge_warnings
 from .triggers import RunContext
 
-PARTITION_SALT = "loyalty"            # independent of the programme's salt: partitions are not groups
-BYTES_PER_CUSTOMER = 600             # features frame, measured: ~45 columns with text ids and names
+__all__ = ["Decided", "auto_partitions", "evaluate_in_partitions", "evaluate_streamed", "partition_numbers",
+           "split_tables"]
+
+BYTES_PER_CUSTOMER = 2_500           # loaded tables and features of one customer with ~10 orders, measured
 ROWS_PER_PARTITION = 2_000_000       # default size when memory allows
-
-
-def partition_numbers(customer_ids: pd.Series, count: int) -> np.ndarray:
-    """The partition (0..count-1) of each customer id; the same id always lands in the same one."""
-    if count <= 1:
-        return np.zeros(len(customer_ids), dtype=np.int64)
-    fraction = stable_fraction(pd.Series(customer_ids).astype(str), PARTITION_SALT, "partition")
-    return np.minimum((fraction * count).astype(np.int64), count - 1)
 
 
 def available_memory() -> int:
@@ -68,8 +63,8 @@ def available_memory() -> int:
 
 
 def auto_partitions(customers: int, memory: int | None = None) -> int:
-    """Enough partitions that one partition's features take at most an eighth of the free
-    memory and at most ROWS_PER_PARTITION customers; 1 for small programmes."""
+    """Enough partitions that one partition's rows and features take at most an eighth of
+    the free memory and at most ROWS_PER_PARTITION customers; 1 for small programmes."""
     memory = available_memory() if memory is None else memory
     per_partition = max(10_000, min(ROWS_PER_PARTITION, memory // 8 // BYTES_PER_CUSTOMER))
     return max(1, math.ceil(customers / per_partition))
@@ -113,7 +108,7 @@ class Decided:
 
 
 # first pass: a partition's RFM inputs; second pass: its tables and local features
-FirstPass = Callable[[int], dict]
+FirstPass = Callable[[int], dict | None]
 SecondPass = Callable[[int], tuple[Tables, pd.DataFrame]]
 
 
@@ -146,14 +141,18 @@ def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns
                     second: SecondPass, progress) -> Decided:
     """The two passes over the partitions and the global steps between and after them."""
     settings, program = workspace.settings, workspace.program
-    inputs = []
+    inputs = {}
     for number in range(count):
         _say(progress, f"RFM inputs, partition {number + 1}/{count}")
-        inputs.append(first(number))
-    scores = _global_rfm(inputs)
+        found = first(number)
+        if found is not None:         # None: a partition without customers
+            inputs[number] = found
+    if not inputs:
+        raise DataError(str(settings.data["customers"].path or "customers"), "the customers table has no rows")
+    scores = dict(zip(inputs, _global_rfm(list(inputs.values()))))
 
     decisions, kept, offset, customers = [], [], 0, 0
-    for number in range(count):
+    for number in inputs:
         _say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
         features = finish_features(local, program, settings, ctx.as_of, scores[number])
@@ -170,109 +169,52 @@ def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns
     return Decided(evaluation, pd.concat(kept, ignore_index=True), customers, count)
 
 
-# --------------------------------------------------------------------------- streaming from Parquet
+# --------------------------------------------------------------------------- streaming from disk
 
 
-STREAMED = ("customers", "orders", "events")
-BATCH_ROWS = 1_000_000
-
-
-def streamable(settings, root: Path) -> dict[str, Path] | None:
-    """The Parquet files of customers, orders and events, or None when one is not a
-    Parquet file inside the workspace (then the tables are loaded whole and split)."""
-    paths = {}
-    root = Path(root).resolve()
-    for table in STREAMED:
-        source = (settings.data or {}).get(table)
-        if source is None and table != "customers":
-            continue
-        if source is None or source.path is None:
-            return None
-        path = Path(source.path)
-        path = (path if path.is_absolute() else root / path).resolve()
-        fmt = (source.format or path.suffix.lstrip(".")).lower()
-        if fmt not in ("parquet", "pq") or not path.is_file() or not path.is_relative_to(root):
-            return None
-        paths[table] = path
-    return paths
-
-
-def _partitions_of_ids(ids: pa.Array, count: int) -> np.ndarray:
-    """Partition numbers of raw id values, normalised as the loader does (text, trimmed);
-    each distinct id is hashed once."""
-    if pa.types.is_dictionary(ids.type):
-        ids = ids.dictionary_decode()
-    text = pc.utf8_trim_whitespace(pc.cast(ids, pa.string()))
-    encoded = text.dictionary_encode()
-    distinct = partition_numbers(pd.Series(encoded.dictionary.to_pandas()).fillna(""), count)
-    return distinct[np.asarray(encoded.indices.fill_null(0), dtype=np.int64)]
-
-
-def write_partition_files(settings, paths: dict[str, Path], count: int, folder: Path) -> bool:
-    """Each table's rows, batch by batch, into one Parquet file per partition; False when a
-    file has no customer id column to partition by (the loader will report it)."""
-    for table, path in paths.items():
-        source = settings.data[table]
-        id_column = dict(source.columns or {}).get("customer_id", "customer_id")
-        file = pq.ParquetFile(path)
-        if id_column not in file.schema_arrow.names:
-            return False
-        writers = [pq.ParquetWriter(folder / f"{table}-{n}.parquet", file.schema_arrow) for n in range(count)]
-        try:
-            for batch in file.iter_batches(batch_size=BATCH_ROWS):
-                numbers = _partitions_of_ids(batch.column(id_column), count)
-                order = np.argsort(numbers, kind="stable")
-                bounds = np.searchsorted(numbers[order], np.arange(count + 1))
-                for number in range(count):
-                    rows = order[bounds[number]:bounds[number + 1]]
-                    if len(rows):
-                        writers[number].write_batch(batch.take(pa.array(rows)))
-        finally:
-            for writer in writers:
-                writer.close()
-    return True
+def streamed_count(workspace: Workspace, count: int | None) -> int:
+    """The partition count of a streamed evaluation: ``count``, or automatic from the
+    customers' row count when that is cheap to know (Parquet), else 1 (load whole)."""
+    if count is not None:
+        return max(1, int(count))
+    customers = estimated_customers(workspace.settings, workspace.root)
+    return 1 if customers is None else auto_partitions(customers)
 
 
 def evaluate_streamed(workspace: Workspace, ctx: RunContext, count: int | None = None,
                       campaigns: list[str] | None = None,
                       progress: Callable[[str], None] | None = None) -> Decided | None:
-    """Partitioned evaluation reading each partition's rows from its own files: bounded
-    memory for data sets larger than memory. None when the data is not all Parquet."""
+    """Partitioned evaluation reading each partition's rows from the partitioned copy of
+    the data (converted first when missing or stale): bounded memory whatever the data
+    size. None when one partition is enough (then the tables are loaded whole)."""
     settings, program = workspace.settings, workspace.program
-    paths = streamable(settings, workspace.root)
-    if paths is None:
-        return None
-    customers = pq.ParquetFile(paths["customers"]).metadata.num_rows
-    count = auto_partitions(customers) if count is None else max(1, int(count))
+    count = streamed_count(workspace, count)
     if count == 1:
         return None
+    folder = ensure_partitioned(settings, workspace.root, count, progress)
+    warnings: list[tuple[str, ...]] = []      # each partition's
     with tempfile.TemporaryDirectory(prefix="loyalty-partitions-") as temp:
-        folder = Path(temp)
-        _say(progress, f"splitting the data into {count} partitions")
-        if not write_partition_files(settings, paths, count, folder):
-            return None
-        warnings: list[str] = []
-
-        def first(number: int) -> dict:
-            data = {t: replace(settings.data[t], path=folder / f"{t}-{number}.parquet") for t in paths}
-            tables = load_tables(replace(settings, data=data), folder)
-            warnings.extend(w for w in tables.warnings if w not in warnings)
+        def first(number: int) -> dict | None:
+            if pq.ParquetFile(partition_folder(folder, number) / "customers.parquet").metadata.num_rows == 0:
+                return None
+            tables = load_tables(partition_settings(settings, folder, number), workspace.root, as_source=True)
+            warnings.append(tables.warnings)
             local = local_features(tables, program, settings, ctx.as_of)
             # evaluation needs the events (event triggers), never the orders again
             kept = replace(tables, orders=tables.orders.iloc[0:0], redemptions=None)
-            with open(folder / f"part-{number}.pickle", "wb") as handle:
+            with open(Path(temp) / f"part-{number}.pickle", "wb") as handle:
                 pickle.dump((kept, local), handle, protocol=pickle.HIGHEST_PROTOCOL)
             return rfm_inputs(local)
 
         def second(number: int) -> tuple[Tables, pd.DataFrame]:
-            path = folder / f"part-{number}.pickle"
+            path = Path(temp) / f"part-{number}.pickle"
             with open(path, "rb") as handle:
                 part = pickle.load(handle)
             path.unlink()
             return part
 
         decided = _evaluate_parts(workspace, ctx, count, campaigns, first, second, progress)
-    decided.warnings = tuple(warnings)
+    decided.warnings = merge_warnings(warnings)
     return decided
 
 

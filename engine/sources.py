@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import DataError
 from .model import Settings, SourceDef
@@ -84,6 +85,7 @@ FALSE_WORDS = {"false", "f", "no", "n", "0", "否", "off"}
 FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet",
            ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite"}
 MAX_EXAMPLES = 3
+TABLE_ORDER = {"customers": 0, "orders": 1, "events": 2}
 TEXT = pd.StringDtype("pyarrow", na_value=np.nan)   # pandas' default "str"
 _OFFSET = re.compile(r"\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.I)
 _LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|\d{3}))?$")
@@ -116,6 +118,55 @@ class _Raw:
     label: str            # how messages name the source
     first_row: int        # the row number users see for the first data row
     fingerprint: str
+    rows: np.ndarray | None = None   # a partitioned copy: each row's position in the source
+
+
+# A partitioned copy of a source (partitioned_data) keeps each row's position in the source
+# in this column, and the source's label and first row number in the Parquet metadata, so
+# that messages about a partition can name the user's file and row.
+ROW_COLUMN = "__loyalty_row"
+LABEL_KEY = b"loyalty.label"
+FIRST_ROW_KEY = b"loyalty.first_row"
+
+
+class DataWarning(str):
+    """A warning about the data: its text, and what merging the warnings of several
+    partitions of one table into the text of one load needs (count, first examples)."""
+
+    def __new__(cls, order: tuple, template: str, count: int | None = None,
+                examples: tuple[tuple[int, str], ...] = (), everywhere: bool = False):
+        text = template.replace("\0count\0", str(count)).replace(
+            "\0examples\0", ", ".join(text for _, text in examples[:MAX_EXAMPLES]))
+        warning = super().__new__(cls, text)
+        warning.order, warning.template, warning.count = order, template, count
+        warning.examples, warning.everywhere = tuple(examples[:MAX_EXAMPLES]), everywhere
+        return warning
+
+    def __reduce__(self):
+        return DataWarning, (self.order, self.template, self.count, self.examples, self.everywhere)
+
+
+def merge_warnings(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The warnings of one load from the warnings of its partitions' loads: counts summed,
+    the first examples by source row, each once; a warning about an empty table only when
+    every partition gave it."""
+    merged: dict[tuple, list] = {}
+    for warnings in parts:
+        for warning in warnings:
+            if not isinstance(warning, DataWarning):
+                merged.setdefault((("~",), str(warning)), [warning, 0])[1] += 1
+                continue
+            key = (warning.order, warning.template)
+            if key not in merged:
+                merged[key] = [warning, 1]
+                continue
+            first, seen = merged[key]
+            count = None if first.count is None else first.count + warning.count
+            examples = tuple(sorted(first.examples + warning.examples))
+            merged[key] = [DataWarning(first.order, first.template, count, examples, first.everywhere), seen + 1]
+    kept = [(key, warning) for key, (warning, seen) in merged.items()
+            if not getattr(warning, "everywhere", False) or seen == len(parts)]
+    return tuple(warning for _, warning in sorted(kept, key=lambda item: item[0]))
 
 
 def _label(source: SourceDef, root: Path, path: Path | None) -> str:
@@ -162,7 +213,7 @@ def _file_hash(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _read(source: SourceDef, root: Path) -> _Raw:
+def _read(source: SourceDef, root: Path, as_source: bool = False) -> _Raw:
     path = _resolve(source, root) if source.path is not None else None
     if path is None and not source.url:
         raise DataError(f"data.{source.table}", "no path or url given",
@@ -178,7 +229,16 @@ def _read(source: SourceDef, root: Path) -> _Raw:
             frame = pd.read_parquet(path, engine="pyarrow")
         except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds
             raise DataError(label, f"not a readable Parquet file: {exc}") from exc
-        return _Raw(frame, label, 1, _file_hash(path))
+        raw = _Raw(frame, label, 1, _file_hash(path))
+        if ROW_COLUMN in frame.columns:
+            raw.rows = frame.pop(ROW_COLUMN).to_numpy(dtype=np.int64)
+            metadata = pq.read_schema(path).metadata or {}
+            if as_source and LABEL_KEY in metadata:
+                raw.label = metadata[LABEL_KEY].decode()
+                raw.first_row = int(metadata[FIRST_ROW_KEY])
+            else:
+                raw.rows = None
+        return raw
     if fmt == "sqlite":
         return _Raw(_read_sqlite(source, path, label), label, 1, _file_hash(path))
     if fmt == "sql":
@@ -326,12 +386,13 @@ def _check_required(frame: pd.DataFrame, table: str, raw: _Raw) -> None:
 
 
 def _row(raw: _Raw, position: int) -> int:
-    return raw.first_row + int(position)
+    return raw.first_row + int(position if raw.rows is None else raw.rows[position])
 
 
-def _examples(raw: _Raw, positions, values) -> str:
-    return ", ".join(f"row {_row(raw, p)}: {getattr(v, 'item', lambda: v)()!r}" for p, v in
-                     zip(list(positions)[:MAX_EXAMPLES], list(values)[:MAX_EXAMPLES]))
+def _examples(raw: _Raw, positions, values) -> tuple[tuple[int, str], ...]:
+    """(row, "row N: value") of the first few positions."""
+    return tuple((_row(raw, p), f"row {_row(raw, p)}: {getattr(v, 'item', lambda: v)()!r}") for p, v in
+                 zip(list(positions)[:MAX_EXAMPLES], list(values)[:MAX_EXAMPLES]))
 
 
 def _arrow(series: pd.Series) -> pa.Array:
@@ -584,16 +645,18 @@ def _fallback_column(raw: _Raw, customers: pd.Series, values: pd.Series, column:
     bad = (text.notna() & fixed.isna()).to_numpy()
     if bad.any():
         positions = np.flatnonzero(bad)
-        examples = ", ".join(f"row {_row(raw, p)} customer {customers.iat[p]} '{text.iat[p]}'"
-                             for p in positions[:MAX_EXAMPLES])
-        warnings.append(f"{raw.label}: {len(positions)} customer(s) with an invalid {column}, "
-                        f"using the programme's {column} '{default}' for them (e.g. {examples})")
+        examples = tuple((_row(raw, p), f"row {_row(raw, p)} customer {customers.iat[p]} '{text.iat[p]}'")
+                         for p in positions[:MAX_EXAMPLES])
+        warnings.append(DataWarning((0, 0 if column == "timezone" else 1),
+                                    f"{raw.label}: \0count\0 customer(s) with an invalid {column}, "
+                                    f"using the programme's {column} '{default}' for them (e.g. \0examples\0)",
+                                    len(positions), examples))
     return fixed.fillna(default).astype("string")
 
 
-def _load_customers(source: SourceDef, root: Path, settings: Settings,
+def _load_customers(source: SourceDef, root: Path, settings: Settings, as_source: bool,
                     warnings: list[str]) -> tuple[pd.DataFrame, dict[str, str], _Raw, pd.Series]:
-    raw = _read(source, root)
+    raw = _read(source, root, as_source)
     frame = _apply_mapping(raw, source)
     _check_required(frame, "customers", raw)
     if frame.empty:
@@ -614,8 +677,9 @@ def _load_customers(source: SourceDef, root: Path, settings: Settings,
     types["timezone"] = types["locale"] = "string"
     from .features import BUILTIN_FEATURES   # late: features builds on this module
     for column in [c for c in columns if c in BUILTIN_FEATURES]:
-        warnings.append(f"{raw.label}: column '{column}' has the name of a built-in feature and is ignored "
-                        f"(to keep it, give it another name: columns: {{my_{column}: {column}}})")
+        warnings.append(DataWarning((0, 2), f"{raw.label}: column '{column}' has the name of a built-in "
+                                            f"feature and is ignored (to keep it, give it another name: "
+                                            f"columns: {{my_{column}: {column}}})"))
         del columns[column], types[column]
     customers = pd.DataFrame({"customer_id": ids, **columns})
     customers.index = pd.RangeIndex(len(customers))
@@ -633,18 +697,20 @@ def _customer_codes(customer_ids: pd.Series, customer_raw: pd.Series, ids: pd.Se
 
 def _load_activity(source: SourceDef | None, table: str, root: Path, settings: Settings,
                    customers: pd.DataFrame, customer_raw: pd.Series,
-                   warnings: list[str]) -> tuple[pd.DataFrame, dict[str, str], str | None]:
+                   warnings: list[str],
+                   as_source: bool = False) -> tuple[pd.DataFrame, dict[str, str], str | None]:
     """Orders or events: validated, typed, unknown customers dropped, ``cust_code`` added."""
     id_column = ID_COLUMNS[table]
     tz = settings.timezone
     if source is None:
         frame = _empty_activity(table, tz)
         return frame, {c: KNOWN_COLUMNS[table][c] for c in REQUIRED_COLUMNS[table]}, None
-    raw = _read(source, root)
+    raw = _read(source, root, as_source)
     frame = _apply_mapping(raw, source)
     _check_required(frame, table, raw)
     if frame.empty:
-        warnings.append(f"{raw.label}: the {table} table has no rows")
+        warnings.append(DataWarning((TABLE_ORDER[table], 0), f"{raw.label}: the {table} table has no rows",
+                                    everywhere=True))
     ids = _ids(raw, frame, id_column)
     _check_unique(raw, ids, id_column)
     cust = _ids(raw, frame, "customer_id")
@@ -661,8 +727,9 @@ def _load_activity(source: SourceDef | None, table: str, root: Path, settings: S
         types["amount"] = "number"
         negative = np.flatnonzero(columns["amount"].to_numpy() < 0)
         if negative.size:
-            warnings.append(f"{raw.label}: {negative.size} order(s) with a negative amount, counted as "
-                            f"refunds (e.g. {_examples(raw, negative, columns['amount'].to_numpy()[negative])})")
+            warnings.append(DataWarning((1, 1), f"{raw.label}: \0count\0 order(s) with a negative amount, "
+                                                f"counted as refunds (e.g. \0examples\0)", negative.size,
+                                        _examples(raw, negative, columns['amount'].to_numpy()[negative])))
     else:
         kinds = _as_text(frame["type"])
         empty = kinds.isna().to_numpy()
@@ -676,8 +743,9 @@ def _load_activity(source: SourceDef | None, table: str, root: Path, settings: S
     codes = _customer_codes(customers["customer_id"], customer_raw, cust, frame["customer_id"])
     unknown = np.flatnonzero(codes < 0)
     if unknown.size:
-        warnings.append(f"{raw.label}: {unknown.size} {table[:-1]}(s) for unknown customers dropped "
-                        f"(e.g. {_examples(raw, unknown, cust.to_numpy()[unknown])})")
+        warnings.append(DataWarning((TABLE_ORDER[table], 2), f"{raw.label}: \0count\0 {table[:-1]}(s) for "
+                                    f"unknown customers dropped (e.g. \0examples\0)", unknown.size,
+                                    _examples(raw, unknown, cust.to_numpy()[unknown])))
         keep = codes >= 0
         result, codes = result[keep], codes[keep]
     result["cust_code"] = codes
@@ -706,10 +774,12 @@ def _load_redemptions(source: SourceDef, root: Path, settings: Settings,
     return result, {"customer_id": "string", **types}, raw.fingerprint
 
 
-def load_tables(settings: Settings, root: Path) -> Tables:
+def load_tables(settings: Settings, root: Path, *, as_source: bool = False) -> Tables:
     """Load, validate and link every table of ``settings.data``; raises DataError.
 
-    Nothing is returned until every table has loaded and passed its checks.
+    Nothing is returned until every table has loaded and passed its checks. ``as_source``:
+    messages about a partitioned copy (``partitioned_data``) name the user's source file
+    and its row numbers, and merge across partitions with ``merge_warnings``.
     """
     root = Path(root)
     data = dict(settings.data or {})
@@ -717,13 +787,14 @@ def load_tables(settings: Settings, root: Path) -> Tables:
         raise DataError("loyalty.yaml", "no customers table under data:",
                         hint="e.g. data: {customers: {path: data/customers.csv}}")
     warnings: list[str] = []
-    customers, customer_types, raw, customer_raw = _load_customers(data["customers"], root, settings, warnings)
+    customers, customer_types, raw, customer_raw = _load_customers(data["customers"], root, settings,
+                                                                   as_source, warnings)
     fingerprints = {"customers": raw.fingerprint}
     types = {"customers": customer_types}
     frames = {}
     for table in ("orders", "events"):
         frame, table_types, fingerprint = _load_activity(data.get(table), table, root, settings,
-                                                         customers, customer_raw, warnings)
+                                                         customers, customer_raw, warnings, as_source)
         frames[table], types[table] = frame, table_types
         if fingerprint:
             fingerprints[table] = fingerprint

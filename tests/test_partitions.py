@@ -18,7 +18,9 @@ import pytest
 
 from engine import api
 from engine.demo import DEMO_AS_OF, build_demo_workspace
-from engine.partitions import auto_partitions, evaluate_in_partitions, partition_numbers, split_tables
+from engine.partitioned_data import is_current
+from engine.partitions import (auto_partitions, evaluate_in_partitions, evaluate_streamed, partition_numbers,
+                               split_tables)
 from engine.pipeline import parse_as_of, run_context
 from engine.sources import load_tables
 from engine.workspace import load_workspace
@@ -143,41 +145,52 @@ def test_every_customer_is_in_exactly_one_stable_partition(workspace):
 
 def test_partition_count_grows_with_customers_and_shrinking_memory():
     assert auto_partitions(1_000, memory=8 << 30) == 1
-    assert auto_partitions(1_000_000, memory=16 << 30) == 1
-    assert auto_partitions(10_000_000, memory=16 << 30) > 1
+    assert auto_partitions(1_000_000, memory=24 << 30) == 1
+    assert auto_partitions(10_000_000, memory=24 << 30) > 1
     assert auto_partitions(1_000_000, memory=1 << 30) > auto_partitions(1_000_000, memory=16 << 30)
 
 
-def _as_parquet(workspace: Path, target: Path) -> Path:
-    """The same workspace with every table as a Parquet file (so that previews can stream)."""
+def _stream(root: Path, count: int):
+    workspace = load_workspace(root)
+    as_of = parse_as_of(DEMO_AS_OF, workspace.settings.timezone)
+    return evaluate_streamed(workspace, run_context(workspace, as_of), count)
+
+
+def test_streamed_partitions_decide_exactly_as_one_evaluation(workspace):
+    """Each partition read alone from the partitioned copy (CSV, Parquet and SQLite sources
+    converted once), budgets binding: the same offers, funnels, holdouts and edge state."""
+    whole = _decide(workspace, 1)
+    for count in PARTITIONS[1:]:
+        streamed = _stream(workspace, count)
+        assert streamed.partitions == count and streamed.customers == CUSTOMERS
+        pd.testing.assert_frame_equal(_offers(streamed), _offers(whole))
+        assert streamed.evaluation.funnels == whole.evaluation.funnels
+        held = lambda d: d.evaluation.holdouts.sort_values("firing_key").reset_index(drop=True)  # noqa: E731
+        pd.testing.assert_frame_equal(held(streamed), held(whole))
+        assert streamed.evaluation.edge_state == whole.evaluation.edge_state
+        rows = streamed.features.iloc[streamed.evaluation.offers["pos"]]
+        assert list(rows["customer_id"]) == list(streamed.evaluation.offers["customer_id"])
+        assert is_current(load_workspace(workspace).settings, workspace, count)
+    assert _stream(workspace, 1) is None       # one partition: the tables are loaded whole
+
+
+def test_streamed_warnings_name_the_source_rows_as_one_load_does(workspace):
+    settings = load_workspace(workspace).settings
+    expected = load_tables(settings, workspace).warnings
+    assert len(expected) >= 2          # invalid timezones and locales in the sample customers
+    assert _stream(workspace, 7).warnings == expected
+
+
+def test_the_partitioned_copy_is_rebuilt_when_the_data_changes(workspace, tmp_path):
     import shutil
-    import sqlite3
-    shutil.copytree(workspace, target)
-    data = target / "data"
-    customers = pd.read_csv(data / "customers.csv", dtype=str)
-    customers.to_parquet(data / "customers.parquet")
-    with sqlite3.connect(data / "crm.db") as conn:
-        pd.read_sql_query("select * from events", conn).to_parquet(data / "events.parquet")
-    settings = target / "loyalty.yaml"
-    text = settings.read_text(encoding="utf-8")
-    text = text.replace("path: data/customers.csv", "path: data/customers.parquet")
-    text = text.replace("path: data/crm.db\n    table: events", "path: data/events.parquet")
-    settings.write_text(text, encoding="utf-8")
-    return target
-
-
-def test_a_streamed_preview_reads_each_partition_alone_and_agrees(workspace, tmp_path):
-    from engine.partitions import streamable
-    root = _as_parquet(workspace, tmp_path / "pq")
-    assert streamable(load_workspace(root).settings, root) is not None
-    assert streamable(load_workspace(workspace).settings, workspace) is None   # CSV and SQLite
-    one = api.preview(root, DEMO_AS_OF, partitions=1, sample=2)
-    three = api.preview(root, DEMO_AS_OF, partitions=3, sample=2)
-    assert three.customers == one.customers == CUSTOMERS
-    a, b = one.as_dict(), three.as_dict()
-    # the dirty sample rows are reported either way (streamed, each partition counts its own)
-    assert a.pop("warnings") and b.pop("warnings")
-    assert a == b
-    c = api.preview(workspace, DEMO_AS_OF, partitions=1, sample=2).as_dict()
-    c.pop("warnings")
-    assert a == c
+    root = Path(shutil.copytree(workspace, tmp_path / "ws"))
+    settings = load_workspace(root).settings
+    first = _stream(root, 3)
+    assert is_current(settings, root, 3)
+    customers = root / "data" / "customers.csv"
+    lines = customers.read_text(encoding="utf-8").splitlines(keepends=True)
+    customers.write_text("".join(lines[:-100]), encoding="utf-8")      # 100 customers fewer
+    assert not is_current(settings, root, 3)
+    again = _stream(root, 3)
+    assert again.customers == first.customers - 100 == CUSTOMERS - 100
+    assert is_current(settings, root, 3)
