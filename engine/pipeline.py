@@ -167,8 +167,24 @@ def plain_value(value):
 
 def customer_records(features: pd.DataFrame, positions) -> list[dict]:
     """Customer columns and features of the given rows, as plain dicts for templates."""
-    subset = features.iloc[np.asarray(positions, dtype=int)]
-    return [{k: plain_value(v) for k, v in row.items()} for row in subset.to_dict("records")]
+    return _plain_records(features.iloc[np.asarray(positions, dtype=int)])
+
+
+def _plain_records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts of plain Python values (missing values as None), built a column at a time."""
+    names = [str(name) for name in frame.columns]
+    columns = [_plain_column(frame.iloc[:, i]) for i in range(frame.shape[1])]
+    return [dict(zip(names, values)) for values in zip(*columns)]
+
+
+def _plain_column(column: pd.Series) -> list:
+    values = column.tolist()
+    if column.dtype == object:
+        return [plain_value(v) for v in values]
+    missing = np.flatnonzero(column.isna().to_numpy())
+    for i in missing:
+        values[i] = None
+    return values
 
 
 def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.DataFrame,
@@ -185,13 +201,16 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
     errors: list[dict] = []
     program = workspace.program
     explain_names = _explanation_names(workspace)
-    for customer, offer in zip(customers, rows.to_dict("records")):
+    rewards = {(c.id, v.name): v.reward for c in program.campaigns.values() for v in c.variants
+               if v.reward is not None}
+    as_of = evaluation.as_of.isoformat()
+    event_columns = [c for c in rows.columns if c.startswith("event.")]
+    send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
+    for customer, offer, send_at_local in zip(customers, _offer_records(rows), send_at):
         campaign = program.campaigns[offer["campaign"]]
-        variant = next((v for v in campaign.variants if v.name == offer["variant"]), None)
-        reward = variant.reward if variant is not None and variant.reward is not None else campaign.reward
-        send_at = pd.Timestamp(offer["send_at"]).tz_convert(settings.timezone)
+        reward = rewards.get((campaign.id, offer["variant"]), campaign.reward)
         code = (codes or {}).get(offer["offer_id"]) if reward.kind == "coupon" else None
-        payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at, code,
+        payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at_local, code,
                                  offer["locale"], offer["cost"])
         if reward.kind == "coupon" and code is None:
             payload["code"] = "(assigned at run)"
@@ -200,10 +219,10 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
             "offer_id": offer["offer_id"], "firing_key": offer["firing_key"], "campaign": campaign.id,
             "campaign_name": campaign.name, "customer_id": offer["customer_id"], "channel": campaign.channel,
             "variant": offer["variant"], "reward": payload, "cost": float(offer["cost"]),
-            "send_at": send_at.isoformat(), "locale": offer["locale"], "template": offer["template"],
-            "address": customer.get(channel.address_column), "as_of": evaluation.as_of.isoformat(),
+            "send_at": send_at_local.isoformat(), "locale": offer["locale"], "template": offer["template"],
+            "address": customer.get(channel.address_column), "as_of": as_of,
             "explanation": {n: _jsonable(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
-            "event": {k[6:]: _jsonable(v) for k, v in offer.items() if k.startswith("event.")},
+            "event": {k[6:]: _jsonable(offer[k]) for k in event_columns},
         }
         context = {"customer": customer, "reward": payload, "program": renderer.program,
                    "offer": {k: record[k] for k in ("offer_id", "campaign", "campaign_name", "variant",
@@ -220,6 +239,12 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
                       too_long=message.too_long)
         records.append(record)
     return records, errors
+
+
+def _offer_records(offers: pd.DataFrame) -> list[dict]:
+    """Offer rows as dicts, values as ``to_dict("records")`` gives them, a column at a time."""
+    names = list(offers.columns)
+    return [dict(zip(names, values)) for values in zip(*(offers[c].tolist() for c in names))]
 
 
 def _jsonable(value):
