@@ -42,7 +42,8 @@ def check_exact(directory: Path, steps: int) -> None:
     """The pre-filtered evaluation gives exactly the offers of evaluating everyone."""
     from engine.evaluation import evaluate
     from engine.features import compute_features
-    from engine.simulation import MemoryState, evaluate_step, step_times
+    from engine.replay import MemoryState, step_times
+    from engine.step_candidates import evaluate_step
     from engine.sources import load_tables
     from engine.workspace import load_workspace
     workspace = load_workspace(directory)

@@ -28,7 +28,7 @@ from .model import SourceDef, Workspace
 from .pipeline import build_messages, make_renderer, parse_as_of
 from .preview import explain_customer
 from .rulefiles import SourceMap, load_yaml
-from .simulation import MemoryState
+from .replay import MemoryState
 from .sources import load_tables
 from .trace import trace_frame
 
