@@ -10,26 +10,25 @@ stage that decided and every condition's value.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from .errors import LoyaltyError, Problem
 from .evaluation import STAGES, evaluate
-from .features import compute_features, feature_order
-from .model import SourceDef, Workspace
+from .features import compute_features
+from .golden_fixtures import fixture_contacts, fixture_features, fixture_tables, unknown_features
+from .model import Workspace
 from .pipeline import build_messages, make_renderer, parse_as_of
 from .preview import explain_customer
-from .rulefiles import SourceMap, load_yaml
 from .replay import MemoryState
-from .sources import load_tables
+from .rulefiles import SourceMap, load_yaml
+from .schema import did_you_mean
 from .trace import trace_frame
 
 STOP_STAGES = [s for s in STAGES if s != "offers"]
@@ -77,7 +76,6 @@ SCHEMA = {
     },
 }
 _VALIDATOR = Draft202012Validator(SCHEMA)
-_RESERVED = {"id", "orders", "events", "contacts", "features", "expect"}
 
 
 @dataclass
@@ -185,129 +183,11 @@ def _check(data, smap: SourceMap, workspace: Workspace) -> list[Problem]:
             base = ("customers", i, "expect") + ((j,) if isinstance(customer["expect"], list) else ())
             for name in sorted(_named(expect)):
                 if name not in program.campaigns:
-                    from .schema import did_you_mean
                     problems.append(smap.problem(base, f"no campaign '{name}'", did_you_mean(name, program.campaigns)))
     for name in data.get("campaigns") or []:
         if name not in program.campaigns:
             problems.append(smap.problem(("campaigns",), f"no campaign '{name}'"))
     return problems
-
-
-# --------------------------------------------------------------------------- fixture data
-
-
-def _timestamp(entry: dict, as_of: pd.Timestamp, timezone: str) -> str:
-    if "days_ago" in entry:
-        return (as_of - pd.Timedelta(days=float(entry["days_ago"]))).isoformat()
-    return parse_as_of(str(entry["at"]), timezone).isoformat()
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _fixture_tables(workspace: Workspace, data: dict, as_of: pd.Timestamp, folder: Path):
-    """The fixture as CSV files loaded by the workspace's own loader (types, checks, codes)."""
-    settings = workspace.settings
-    defaults = {}
-    for channel in settings.channels.values():   # reachable unless the fixture says otherwise
-        defaults[channel.consent_column] = True
-        if channel.address_column != "customer_id":
-            defaults[channel.address_column] = f"fixture-{channel.address_column}"
-    defaults.update(data.get("defaults") or {})
-    customers, orders, events = [], [], []
-    for customer in data["customers"]:
-        cid = str(customer["id"])
-        row = {"customer_id": cid, **defaults}
-        row.update({k: v for k, v in customer.items() if k not in _RESERVED})
-        customers.append(row)
-        for n, order in enumerate(customer.get("orders") or [], 1):
-            extra = {k: v for k, v in order.items() if k not in ("at", "days_ago")}
-            orders.append({"order_id": f"{cid}-O{n}", "customer_id": cid, "timestamp": _timestamp(order, as_of,
-                           settings.timezone), "amount": extra.pop("amount", 0), **extra})
-        for n, event in enumerate(customer.get("events") or [], 1):
-            extra = {k: v for k, v in event.items() if k not in ("at", "days_ago", "type")}
-            events.append({"event_id": f"{cid}-E{n}", "customer_id": cid, "type": event["type"],
-                           "timestamp": _timestamp(event, as_of, settings.timezone), **extra})
-    sources = {}
-    for table, rows in (("customers", customers), ("orders", orders), ("events", events)):
-        if not rows:
-            continue
-        _write_csv(folder / f"{table}.csv", rows)
-        own = settings.data.get(table)
-        sources[table] = SourceDef(table, path=folder / f"{table}.csv", format="csv",
-                                   fields=dict(own.fields) if own is not None else {})
-    fixture_settings = dataclasses.replace(settings, data=sources)
-    return load_tables(fixture_settings, folder)
-
-
-def _features(workspace: Workspace, tables, data: dict, as_of: pd.Timestamp) -> pd.DataFrame:
-    """Features from the fixture data, then the fixture's feature values; tiers and expression
-    features are computed again from them (RFM scores are not)."""
-    features = compute_features(tables, workspace.program, workspace.settings, as_of)
-    overrides = [(i, c.get("features") or {}) for i, c in enumerate(data["customers"])]
-    if not any(values for _, values in overrides):
-        return features
-    positions = dict(zip(features["customer_id"].astype(str), range(len(features))))
-
-    def apply(names=None):
-        for i, values in overrides:
-            pos = positions[str(data["customers"][i]["id"])]
-            for name, value in values.items():
-                if names is None or name in names:
-                    features.loc[pos, name] = _typed(features[name], value)
-
-    apply()
-    program = workspace.program
-    for name in feature_order(program.features, program.tiers):
-        if name == "tier":
-            tier = pd.Series(None, index=features.index, dtype="string")
-            assigned = np.zeros(len(features), dtype=bool)
-            for tier_name, tier_def in program.tiers.items():
-                hit = np.asarray(tier_def.where.mask(features, as_of), dtype=bool) & ~assigned
-                tier[hit] = tier_name
-                assigned |= hit
-            features["tier"] = tier
-        elif program.features[name].expr is not None:
-            value = program.features[name].expr.evaluate(features, as_of)
-            features[name] = pd.Series(value, index=features.index).astype(features[name].dtype)
-        else:
-            continue
-        apply({name})
-    return features
-
-
-def _typed(column: pd.Series, value):
-    if pd.api.types.is_datetime64_any_dtype(column.dtype) and value is not None:
-        return pd.Timestamp(str(value))
-    return value
-
-
-def _unknown_features(data: dict, features: pd.DataFrame, smap: SourceMap, display: str) -> list[Failure]:
-    failures = []
-    for i, customer in enumerate(data["customers"]):
-        for name in customer.get("features") or {}:
-            if name not in features.columns:
-                from .schema import did_you_mean
-                line, _ = smap.key_position(("customers", i, "features", name))
-                hint = did_you_mean(name, features.columns)
-                failures.append(Failure(display, line, f"unknown feature '{name}'" + (f" ({hint})" if hint else "")))
-    return failures
 
 
 # --------------------------------------------------------------------------- running a file
@@ -330,21 +210,21 @@ def _run_file(workspace: Workspace, data: dict, smap: SourceMap) -> tuple[int, l
     as_of = parse_as_of(str(data["as_of"]), settings.timezone)
     campaigns = data.get("campaigns")
     with tempfile.TemporaryDirectory(prefix="loyalty-golden-") as folder:
-        tables = _fixture_tables(workspace, data, as_of, Path(folder))
+        tables = fixture_tables(workspace, data, as_of, Path(folder))
     probe = compute_features(tables, workspace.program, settings, as_of)
-    unknown = _unknown_features(data, probe, smap, smap.file)
+    unknown = unknown_features(data, probe, smap)
     if unknown:
-        return 0, unknown
+        return 0, [Failure(smap.file, line, message) for line, message in unknown]
     state = MemoryState()
-    state.add_contacts(_contacts(data, as_of, settings.timezone))
+    state.add_contacts(fixture_contacts(data, as_of, settings.timezone))
     for earlier in sorted(parse_as_of(str(t), settings.timezone) for t in data.get("previous_runs") or []):
         if earlier >= as_of:
             line, _ = smap.value_position(("previous_runs",))
             return 0, [Failure(smap.file, line, f"previous run {earlier.isoformat()} is not before as_of")]
-        features = _features(workspace, tables, data, earlier)
+        features = fixture_features(workspace, tables, data, earlier)
         evaluation = evaluate(workspace, tables, features, state.context(workspace, earlier), campaigns)
         state.record(evaluation, evaluation.edge_state)
-    features = _features(workspace, tables, data, as_of)
+    features = fixture_features(workspace, tables, data, as_of)
     evaluation = evaluate(workspace, tables, features, state.context(workspace, as_of), campaigns, trace=True)
     records, errors = build_messages(workspace, evaluation, features, make_renderer(workspace))
     stages = trace_frame(evaluation, features)[["customer_id", "campaign", "stage"]]
@@ -362,18 +242,6 @@ def _run_file(workspace: Workspace, data: dict, smap: SourceMap) -> tuple[int, l
             trace = _trace(workspace, outcome, str(customer["id"]), _named(expect))
             failures.append(Failure(smap.file, line, f"customer {customer['id']}: {problem}", trace))
     return passed, failures
-
-
-def _contacts(data: dict, as_of, timezone) -> pd.DataFrame:
-    rows = []
-    for customer in data["customers"]:
-        for contact in customer.get("contacts") or []:
-            at = _timestamp(contact, as_of, timezone) if ("at" in contact or "days_ago" in contact) \
-                else as_of.isoformat()
-            rows.append({"customer_id": str(customer["id"]), "campaign": contact["campaign"],
-                         "channel": contact.get("channel", ""), "contacted_at": at})
-    frame = pd.DataFrame(rows, columns=["customer_id", "campaign", "channel", "contacted_at"])
-    return frame.astype({"customer_id": object, "campaign": object, "channel": object})
 
 
 # --------------------------------------------------------------------------- judging
