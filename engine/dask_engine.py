@@ -83,27 +83,55 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
         _say(progress, f"Dask dashboard: {dashboard}")
         job = _Job(str(root), rule_version(workspace), count, ctx.as_of, campaigns)
         thresholds = _rfm_thresholds(distributed, client, job, progress)
-        futures = [client.submit(_decide_partition, job, number, _context_slice(ctx, count, number, recorded),
-                                 thresholds, _budget_caps(workspace), key=f"loyalty-decide-{job.token}-{number}",
-                                 pure=False) for number in range(count)]
-        parts = _gather(distributed, futures, "features and evaluation", progress)
-    decisions, kept, warnings, offset, customers = [], [], [], 0, 0
-    for decision, features, part_customers, part_warnings in parts:
-        if decision is None:           # a partition without customers
-            continue
-        positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
-        kept.append(features)
-        decision.arbitrated = decision.arbitrated.assign(
-            pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
-        offset += len(positions)
-        decisions.append(decision)
-        customers += part_customers
-        warnings.extend(part_warnings)
-    _typed_empty_candidates(decisions)
-    evaluation = combine_partitions(workspace, ctx.as_of, decisions)
-    features = pd.concat(kept, ignore_index=True)
+        contexts = _context_slices(ctx, count, recorded)
+        caps = _budget_caps(workspace)
+        # the decided partitions stay on their workers; the client gathers them without
+        # their customers' feature rows, then fetches the rows of the offers that survived
+        decided = [client.submit(_decide_partition, job, number, contexts[number], thresholds, caps,
+                                 key=f"loyalty-decide-{job.token}-{number}", pure=False)
+                   for number in range(count)]
+        summaries = [client.submit(_summary_of, part, key=f"loyalty-summary-{job.token}-{number}", pure=False)
+                     for number, part in enumerate(decided)]
+        parts = _gather(distributed, summaries, "features and evaluation", progress)
+        decisions, starts, warnings, offset, customers = [], [], [], 0, 0
+        for number, (decision, part_customers, part_warnings) in enumerate(parts):
+            if decision is None:           # a partition without customers
+                continue
+            positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
+            decision.arbitrated = decision.arbitrated.assign(
+                pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
+            starts.append((offset, number))
+            offset += len(positions)
+            decisions.append(decision)
+            customers += part_customers
+            warnings.extend(part_warnings)
+        _typed_empty_candidates(decisions)
+        evaluation = combine_partitions(workspace, ctx.as_of, decisions)
+        del decisions, parts
+        features = _offered_rows(client, decided, starts, evaluation, job)
     return DaskDecided(evaluation, features, customers, count,
                        table_warnings=tuple(dict.fromkeys(warnings)), dashboard=dashboard)
+
+
+def _offered_rows(client, decided: list, starts: list[tuple[int, int]], evaluation, job: _Job) -> pd.DataFrame:
+    """The feature rows of the offered customers, fetched from the workers that hold them;
+    the offers' ``pos`` is renumbered to index the returned frame."""
+    offers = evaluation.offers
+    if not starts:
+        return pd.DataFrame()
+    wanted = np.unique(offers["pos"].to_numpy(dtype=np.int64)) if len(offers) else np.zeros(0, dtype=np.int64)
+    bounds = np.array([start for start, _ in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
+    owner = np.searchsorted(bounds, wanted, side="right") - 1
+    futures = []
+    for index, (start, number) in enumerate(starts):
+        mine = wanted[owner == index] - start
+        if len(mine) or not futures:      # at least one partition, for the columns
+            futures.append(client.submit(_rows_at, decided[number], mine,
+                                         key=f"loyalty-rows-{job.token}-{number}", pure=False))
+    frames = client.gather(futures)
+    if len(offers):
+        offers["pos"] = np.searchsorted(wanted, offers["pos"].to_numpy(dtype=np.int64))
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
 
 
 def default_partitions(workspace: Workspace, root: Path) -> int:
@@ -246,18 +274,21 @@ class _Recorded:
         return {key: self.keys[key] for key in keys if key in self.keys}
 
 
-def _context_slice(ctx: RunContext, count: int, number: int, recorded: list[dict]) -> RunContext:
-    """The run context restricted to one partition's customers (contacts, edge state, keys)."""
-    contacts = ctx.contacts
-    if len(contacts):
-        contacts = contacts[partition_numbers(contacts["customer_id"].astype(str), count) == number]
-    edge_state = {}
+def _context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[RunContext]:
+    """The run context restricted to each partition's customers (contacts, edge state, keys)."""
+    contacts = ctx.contacts.reset_index(drop=True)
+    numbers = partition_numbers(contacts["customer_id"].astype(str), count) if len(contacts) else np.zeros(0)
+    states = {}
     for campaign, ids in ctx.edge_state.items():
         listed = sorted(ids)
-        mine = partition_numbers(pd.Series(listed, dtype=object), count) == number if listed else []
-        edge_state[campaign] = frozenset(i for i, keep in zip(listed, mine) if keep)
-    return replace(ctx, contacts=contacts.reset_index(drop=True), edge_state=edge_state,
-                   recorded=_Recorded(recorded[number]))
+        states[campaign] = (listed, partition_numbers(pd.Series(listed, dtype=object), count) if listed else [])
+    slices = []
+    for number in range(count):
+        edge_state = {campaign: frozenset(i for i, n in zip(listed, mine) if n == number)
+                      for campaign, (listed, mine) in states.items()}
+        slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
+                              edge_state=edge_state, recorded=_Recorded(recorded[number])))
+    return slices
 
 
 def _typed_empty_candidates(decisions: list[PartitionDecision]) -> None:
@@ -416,6 +447,17 @@ def _decide_partition(job: _Job, number: int, ctx: RunContext, thresholds: dict,
     decision.arbitrated = _within_budgets(decision.arbitrated, caps)
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
     return decision, features.iloc[positions], len(features), list(tables.warnings)
+
+
+def _summary_of(result: tuple) -> tuple[PartitionDecision | None, int, list[str]]:
+    """Task: a decided partition without its feature rows (what the global steps need)."""
+    decision, _, customers, warnings = result
+    return decision, customers, warnings
+
+
+def _rows_at(result: tuple, index: np.ndarray) -> pd.DataFrame:
+    """Task: the feature rows at ``index`` of a decided partition's candidates."""
+    return result[1].iloc[index]
 
 
 def _within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
