@@ -189,6 +189,9 @@ def test_simulate_continues_from_the_recorded_runs_and_leaves_the_state_alone(wo
     assert "Continued from 1 recorded run(s), the last at 2026-12-25T10:00:00+08:00; " \
            "the state database was not changed." in result.output
     assert (state.read_bytes(), state.stat().st_mtime_ns) == before
+    fresh = invoke("simulate", workspace, "--from", "2026-12-26T10:00", "--to", "2026-12-31", "--fresh")
+    assert fresh.exit_code == 0 and "Started from scratch" in fresh.output
+    assert (state.read_bytes(), state.stat().st_mtime_ns) == before
 
 
 @pytest.mark.parametrize("args, words", [
