@@ -291,10 +291,10 @@ def _suppressed(customer_id: str, stage: str, campaign: str | None, outcome: _Ou
         found = "got the offer" if found == "offers" else f"stopped at {found}"
         return f"expected {campaign} to be stopped at {stage}, but it {found}" + \
             (f" (offers: {got_text})" if got_text != "no offer" else "")
-    stopped = rows[~rows["stage"].isin(["segment", "offers"])]
-    found = ", ".join(f"{c} at {s}" for c, s in zip(stopped["campaign"], stopped["stage"])) or \
-        "no campaign stopped past its segment"
-    return f"expected a campaign to be stopped at {stage}, got {found} (offers: {got_text})"
+    stopped = rows[~rows["stage"].isin(["segment", "trigger", "offers"])]
+    found = ", ".join(f"{c} at {s}" for c, s in zip(stopped["campaign"], stopped["stage"]))
+    found = f"got {found}" if found else "but none that fired was stopped"
+    return f"expected a campaign to be stopped at {stage}, {found} (offers: {got_text})"
 
 
 def _names(value) -> list[str]:

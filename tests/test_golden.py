@@ -141,3 +141,52 @@ def test_the_golden_files_in_the_docs_pass(workspace, tmp_path):
         path.write_text(snippet, encoding="utf-8")
         result = run_golden_tests(workspace, [path])
         assert result.failed == [] and result.passed >= 2, "\n".join(str(f) for f in result.failed)
+
+
+AT_RISK = """\
+as_of: 2026-11-23T10:00:00+08:00
+defaults: {locale: zh-CN}
+customers:
+  - id: W-1001
+    name: 王芳
+    orders: [{days_ago: 75, amount: 320}, {days_ago: 120, amount: 180}, {days_ago: 150, amount: 260}]
+    contacts: CONTACTS
+    expect: EXPECT
+"""
+
+
+@pytest.mark.parametrize("contacts, expect, message", [
+    ("[]", "{offer: winback_at_risk, variant: B}", "expected winback_at_risk variant B, got A"),
+    ("[]", "{offer: winback_at_risk, channel: email}", "expected winback_at_risk channel email, got sms"),
+    ("[]", "{offer: winback_at_risk, text_excludes: 好久不见}", "the winback_at_risk message contains '好久不见'"),
+    ("[]", "{offer: winback_at_risk, text_contains: [王芳, 生日快乐]}",
+     "the winback_at_risk message does not contain '生日快乐'"),
+    ("[]", "no_offer", "expected no offer, got winback_at_risk"),
+    ("[]", "{no_offer: [vip_perks, winback_at_risk]}", "expected no offer from winback_at_risk, got winback_at_risk"),
+    ("[]", "{suppressed_by: frequency_cap}",
+     "expected a campaign to be stopped at frequency_cap, but none that fired was stopped "
+     "(offers: winback_at_risk)"),
+    ("[{campaign: holiday_greetings, days_ago: 1}, {campaign: welcome_pack, days_ago: 2}]",
+     "{offer: winback_at_risk}", "expected offer winback_at_risk, got no offer"),
+])
+def test_each_kind_of_expectation_fails_in_plain_words(workspace, contacts, expect, message):
+    path = workspace / "tests" / "kinds.yaml"
+    path.write_text(AT_RISK.replace("CONTACTS", contacts).replace("EXPECT", expect), encoding="utf-8")
+    try:
+        result = run_golden_tests(workspace, [path])
+    finally:
+        path.unlink()
+    [failure] = result.failed
+    assert failure.line == 8 and failure.message.startswith(f"customer W-1001: {message}"), str(failure)
+
+
+def test_suppressed_by_without_a_campaign_accepts_any_campaign(workspace):
+    path = workspace / "tests" / "any.yaml"
+    path.write_text(AT_RISK.replace("CONTACTS", "[{campaign: holiday_greetings, days_ago: 1}, "
+                                                "{campaign: welcome_pack, days_ago: 2}]")
+                    .replace("EXPECT", "[no_offer, {suppressed_by: frequency_cap}]"), encoding="utf-8")
+    try:
+        result = run_golden_tests(workspace, [path])
+    finally:
+        path.unlink()
+    assert result.failed == [] and result.passed == 2, "\n".join(str(f) for f in result.failed)
