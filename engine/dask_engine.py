@@ -9,9 +9,11 @@ folder and a partition number and reads that partition's Parquet files itself
   ``becomes`` state (small), and the RFM thresholds (a few numbers);
 * from workers: per-partition value counts of the RFM inputs (merged on the cluster,
   only the thresholds reach the client), funnel counts, holdouts, and the arbitrated
-  candidates with their customers' feature rows (cut to what a budget can keep).
+  candidates (cut to what a budget can keep);
+* last, from the workers that hold them: the feature rows of the customers whose
+  candidates became offers (for rendering).
 
-The client then applies the global steps exactly as ``partitions.evaluate_in_partitions``
+The client applies the global steps exactly as ``partitions.evaluate_in_partitions``
 does (``combine_partitions``), so offers, funnels and budgets are identical to
 ``--engine local``. A task lost with its worker is run again by Dask; tasks are pure
 (they read files and return values), so a retry decides the same.
@@ -50,7 +52,8 @@ UNREACHABLE_HINT = ("Check the address and that the scheduler runs, or leave out
 
 
 class ClusterError(LoyaltyError):
-    """The dask engine cannot run: Dask is not installed, or the scheduler cannot be reached."""
+    """The dask engine cannot run: Dask is not installed, the scheduler cannot be reached,
+    a worker cannot see the workspace, or the cluster failed mid-evaluation."""
 
     exit_code = 3
 
