@@ -32,14 +32,14 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, LoyaltyError
+from .errors import LoyaltyError
 from .evaluation import PartitionDecision, combine_partitions, evaluate_partition
 from .features import finish_features, local_features, rfm_inputs
 from .model import Workspace
 from .partitioned_data import (ensure_partitioned, estimated_customers, partition_folder, partition_settings,
                                partitioned_folder)
 from .partitions import Decided, partition_numbers
-from .sources import _label, _resolve, load_tables
+from .sources import load_tables, merge_warnings
 from .triggers import RunContext
 from .workspace import load_workspace, rule_version
 
@@ -107,13 +107,13 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
             offset += len(positions)
             decisions.append(decision)
             customers += part_customers
-            warnings.extend(part_warnings)
+            warnings.append(tuple(part_warnings))
         _typed_empty_candidates(decisions)
         evaluation = combine_partitions(workspace, ctx.as_of, decisions)
         del decisions, parts
         features = _offered_rows(client, decided, starts, evaluation, job)
     return DaskDecided(evaluation, features, customers, count,
-                       table_warnings=tuple(dict.fromkeys(warnings)), dashboard=dashboard)
+                       table_warnings=merge_warnings(warnings), dashboard=dashboard)
 
 
 def _offered_rows(client, decided: list, starts: list[tuple[int, int]], evaluation, job: _Job) -> pd.DataFrame:
@@ -345,36 +345,13 @@ def _has_customers(job: _Job, number: int) -> bool:
 
 
 def _local_features(job: _Job, number: int):
+    """Partition ``number``'s tables, read from its own files; messages name the user's
+    sources and rows (``as_source``), to be merged with the other partitions' on the client."""
     workspace = _workspace(job)
     settings = partition_settings(workspace.settings, partitioned_folder(job.root), number)
-    labels = _source_labels(workspace, job, number)
-    try:
-        tables = load_tables(settings, Path(job.root))
-    except DataError as exc:
-        raise DataError(_relabel(exc.source, labels), exc.message, exc.row, exc.column, exc.hint) from None
-    tables = replace(tables, redemptions=None, warnings=tuple(_relabel(w, labels) for w in tables.warnings))
+    tables = load_tables(settings, Path(job.root), as_source=True)
+    tables = replace(tables, redemptions=None)
     return workspace, tables, local_features(tables, workspace.program, workspace.settings, job.as_of)
-
-
-def _source_labels(workspace: Workspace, job: _Job, number: int) -> dict[str, str]:
-    """How the loader names partition ``number``'s files -> the user's source and the partition,
-    so that warnings and errors point at data/customers.csv, not at the partitioned copy."""
-    root = Path(job.root).resolve()
-    folder = partition_folder(partitioned_folder(root), number)
-    labels = {}
-    for table, source in (workspace.settings.data or {}).items():
-        copy = folder / f"{table}.parquet"
-        original = _resolve(source, root) if source.path is not None else None
-        labels[copy.relative_to(root).as_posix()] = \
-            f"{_label(source, root, original)} (partition {number + 1} of {job.count}, rows counted within it)"
-    return labels
-
-
-def _relabel(text: str, labels: Mapping[str, str]) -> str:
-    for copy, source in labels.items():
-        if text.startswith(copy):
-            return source + text[len(copy):]
-    return text
 
 
 RANKED = (("rfm_r", "days_since_last_order", False), ("rfm_f", "orders_365d", True),
