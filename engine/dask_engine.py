@@ -108,7 +108,6 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
             decisions.append(decision)
             customers += part_customers
             warnings.append(tuple(part_warnings))
-        _typed_empty_candidates(decisions)
         evaluation = combine_partitions(workspace, ctx.as_of, decisions)
         del decisions, parts
         features = _offered_rows(client, decided, starts, evaluation, job)
@@ -292,18 +291,6 @@ def _context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[R
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
                               edge_state=edge_state, recorded=_Recorded(recorded[number])))
     return slices
-
-
-def _typed_empty_candidates(decisions: list[PartitionDecision]) -> None:
-    """Give partitions without candidates an empty frame with the others' column types, so
-    that pooling them keeps text as text and numbers as numbers (an untyped empty frame
-    would turn every pooled column into ``object``)."""
-    typed = next((d.arbitrated for d in decisions if len(d.arbitrated)), None)
-    if typed is None:
-        return
-    for decision in decisions:
-        if not len(decision.arbitrated):
-            decision.arbitrated = typed.iloc[0:0]
 
 
 def _budget_caps(workspace: Workspace) -> dict[str, tuple[int | None, float | None]]:
