@@ -88,14 +88,18 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
         thresholds = _rfm_thresholds(distributed, client, job, progress)
         contexts = _context_slices(ctx, count, recorded)
         caps = _budget_caps(workspace)
-        # the decided partitions stay on their workers; the client gathers them without
-        # their customers' feature rows, then fetches the rows of the offers that survived
+        # the decided partitions stay on their workers. Budgets: each partition's ranked
+        # candidates of budgeted campaigns (rank, tiebreak, key, cost) are merged pairwise
+        # on the cluster, each merge cut to what the budget keeps, and the client gets one
+        # cut-off per campaign. The partitions then send their candidates within the
+        # cut-offs, and at last the feature rows of the customers who got an offer.
         decided = [client.submit(_decide_partition, job, number, contexts[number], thresholds, caps,
                                  key=f"loyalty-decide-{job.token}-{number}", pure=False)
                    for number in range(count)]
-        summaries = [client.submit(_summary_of, part, key=f"loyalty-summary-{job.token}-{number}", pure=False)
-                     for number, part in enumerate(decided)]
-        parts = _gather(distributed, summaries, "features and evaluation", progress)
+        cutoffs = _budget_cutoffs(distributed, client, decided, caps, job, progress)
+        summaries = [client.submit(_summary_of, part, cutoffs, key=f"loyalty-summary-{job.token}-{number}",
+                                   pure=False) for number, part in enumerate(decided)]
+        parts = client.gather(summaries)
         decisions, starts, warnings, offset, customers = [], [], [], 0, 0
         for number, (decision, part_customers, part_warnings) in enumerate(parts):
             if decision is None:           # a partition without customers
@@ -103,7 +107,7 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
             positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
             decision.arbitrated = decision.arbitrated.assign(
                 pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
-            starts.append((offset, number))
+            starts.append((offset, number, positions))
             offset += len(positions)
             decisions.append(decision)
             customers += part_customers
@@ -115,18 +119,19 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
                        table_warnings=merge_warnings(warnings), dashboard=dashboard)
 
 
-def _offered_rows(client, decided: list, starts: list[tuple[int, int]], evaluation, job: _Job) -> pd.DataFrame:
+def _offered_rows(client, decided: list, starts: list[tuple[int, int, np.ndarray]], evaluation,
+                  job: _Job) -> pd.DataFrame:
     """The feature rows of the offered customers, fetched from the workers that hold them;
     the offers' ``pos`` is renumbered to index the returned frame."""
     offers = evaluation.offers
     if not starts:
         return pd.DataFrame()
     wanted = np.unique(offers["pos"].to_numpy(dtype=np.int64)) if len(offers) else np.zeros(0, dtype=np.int64)
-    bounds = np.array([start for start, _ in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
+    bounds = np.array([start for start, _, _ in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
     owner = np.searchsorted(bounds, wanted, side="right") - 1
     futures = []
-    for index, (start, number) in enumerate(starts):
-        mine = wanted[owner == index] - start
+    for index, (start, number, positions) in enumerate(starts):
+        mine = positions[wanted[owner == index] - start]      # rows of the partition's features
         if len(mine) or not futures:      # at least one partition, for the columns
             futures.append(client.submit(_rows_at, decided[number], mine,
                                          key=f"loyalty-rows-{job.token}-{number}", pure=False))
@@ -234,10 +239,20 @@ def _rfm_thresholds(distributed, client, job: _Job, progress) -> dict:
     return client.submit(_thresholds_of, futures[0], pure=False).result()
 
 
-def _gather(distributed, futures, phase: str, progress) -> list:
-    for _ in _as_completed(distributed, futures, phase, progress):
+def _budget_cutoffs(distributed, client, decided: list, caps: dict, job: _Job, progress) -> dict:
+    """Per budgeted campaign, the budget-order key (rank, tiebreak, firing key) of the last
+    candidate its budget keeps over all partitions (None: it keeps none). Campaigns whose
+    costs are not all >= 0, whose kept set is then not a prefix, get no cut-off and are
+    budgeted on the client over all their candidates."""
+    ranked = [client.submit(_ranked_of, part, caps, key=f"loyalty-ranked-{job.token}-{number}", pure=False)
+              for number, part in enumerate(decided)]
+    for _ in _as_completed(distributed, ranked, "features and evaluation", progress):
         pass
-    return [future.result() for future in futures]
+    while len(ranked) > 1:
+        pairs = [ranked[i:i + 2] for i in range(0, len(ranked), 2)]
+        ranked = [client.submit(_merge_ranked, *pair, caps, pure=False) if len(pair) == 2 else pair[0]
+                  for pair in pairs]
+    return client.submit(_cutoffs_of, ranked[0], caps, pure=False).result()
 
 
 def _as_completed(distributed, futures, phase: str, progress):
@@ -413,18 +428,30 @@ def _decide_partition(job: _Job, number: int, ctx: RunContext, thresholds: dict,
     decision = evaluate_partition(workspace, tables, features, ctx, job.campaigns)
     decision.arbitrated = _within_budgets(decision.arbitrated, caps)
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
-    return decision, features.iloc[positions], len(features), list(tables.warnings)
+    rows = features.iloc[positions].set_axis(positions)      # labelled by their position
+    return decision, rows, len(features), list(tables.warnings)
 
 
-def _summary_of(result: tuple) -> tuple[PartitionDecision | None, int, list[str]]:
-    """Task: a decided partition without its feature rows (what the global steps need)."""
-    decision, _, customers, warnings = result
-    return decision, customers, warnings
+RANK_KEY = ["rank", "tiebreak", "firing_key"]
 
 
-def _rows_at(result: tuple, index: np.ndarray) -> pd.DataFrame:
-    """Task: the feature rows at ``index`` of a decided partition's candidates."""
-    return result[1].iloc[index]
+def _budget_order(group: pd.DataFrame) -> pd.Index:
+    """The budget order of ``evaluation._apply_budgets``: rank (highest first, missing last),
+    then the stable hash, then the firing key."""
+    return group.sort_values(RANK_KEY, ascending=[False, True, True], na_position="last", kind="stable").index
+
+
+def _budget_prefix(group: pd.DataFrame, max_offers: int | None, max_cost: float | None) -> pd.DataFrame | None:
+    """``group`` (rank, tiebreak, firing_key, cost) in budget order, cut to the prefix the
+    budget keeps; None when costs are not all >= 0 (the kept set is then no prefix)."""
+    ordered = group.loc[_budget_order(group)]
+    costs = ordered["cost"].to_numpy(dtype=float)
+    if not (costs >= 0).all():
+        return None
+    keep = len(ordered) if max_offers is None else min(len(ordered), max_offers)
+    if max_cost is not None:
+        keep = min(keep, int(np.searchsorted(np.cumsum(costs) > max_cost + 1e-9, True)))
+    return ordered.iloc[:keep]
 
 
 def _within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
@@ -433,24 +460,87 @@ def _within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
     running cost (costs are never negative, so the kept set is a prefix of the order)."""
     if not len(arbitrated) or not caps:
         return arbitrated
+    arbitrated = arbitrated.reset_index(drop=True)
     keep = np.ones(len(arbitrated), dtype=bool)
     campaign = arbitrated["campaign"].to_numpy()
     for campaign_id, (max_offers, max_cost) in caps.items():
         rows = np.flatnonzero(campaign == campaign_id)
         if not len(rows):
             continue
-        group = arbitrated.iloc[rows]
-        order = group.sort_values(["rank", "tiebreak", "firing_key"], ascending=[False, True, True],
-                                  na_position="last", kind="stable").index
-        ordered = arbitrated.index.get_indexer(order)
-        cut = np.zeros(len(ordered), dtype=bool)
-        if max_offers is not None:
-            cut |= np.arange(len(ordered)) >= max_offers
-        costs = arbitrated["cost"].to_numpy(dtype=float)[ordered]
-        if max_cost is not None and (costs >= 0).all():
-            cut |= np.cumsum(costs) > max_cost + 1e-9
-        keep[ordered[cut]] = False
+        kept = _budget_prefix(arbitrated.iloc[rows][[*RANK_KEY, "cost"]], max_offers, max_cost)
+        if kept is not None:
+            keep[rows] = False
+            keep[kept.index.to_numpy()] = True
     return arbitrated[keep]
+
+
+def _ranked_of(result: tuple, caps: dict) -> dict[str, pd.DataFrame]:
+    """Task: a decided partition's candidates of budgeted campaigns, only what the budgets
+    rank and count (rank, tiebreak, firing_key, cost)."""
+    decision = result[0]
+    if decision is None:
+        return {}
+    arbitrated = decision.arbitrated
+    campaign = arbitrated["campaign"].to_numpy()
+    return {campaign_id: arbitrated.loc[campaign == campaign_id, [*RANK_KEY, "cost"]].reset_index(drop=True)
+            for campaign_id in caps if (campaign == campaign_id).any()}
+
+
+def _merge_ranked(left: dict, right: dict, caps: dict) -> dict:
+    """Task: two sets of ranked candidates pooled, each campaign cut to what its budget keeps
+    (a campaign without a prefix cut keeps everything)."""
+    merged = {}
+    for campaign_id in sorted(set(left) | set(right)):
+        frames = [side[campaign_id] for side in (left, right) if campaign_id in side]
+        group = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        kept = _budget_prefix(group, *caps[campaign_id])
+        merged[campaign_id] = group if kept is None else kept.reset_index(drop=True)
+    return merged
+
+
+def _cutoffs_of(ranked: dict, caps: dict) -> dict[str, tuple | None]:
+    """Task: per campaign, the key of the last candidate its budget keeps (None: none kept)."""
+    cutoffs = {}
+    for campaign_id, group in ranked.items():
+        kept = _budget_prefix(group, *caps[campaign_id])
+        if kept is not None:
+            cutoffs[campaign_id] = tuple(kept.iloc[-1][RANK_KEY]) if len(kept) else None
+    return cutoffs
+
+
+def _within_cutoffs(arbitrated: pd.DataFrame, cutoffs: dict) -> pd.DataFrame:
+    """The candidates at or before their campaign's cut-off in budget order."""
+    if not len(arbitrated) or not cutoffs:
+        return arbitrated
+    keep = np.ones(len(arbitrated), dtype=bool)
+    campaign = arbitrated["campaign"].to_numpy()
+    for campaign_id, cutoff in cutoffs.items():
+        rows = np.flatnonzero(campaign == campaign_id)
+        if not len(rows):
+            continue
+        keep[rows] = False
+        if cutoff is None:
+            continue
+        group = arbitrated.iloc[rows][RANK_KEY].reset_index(drop=True)
+        sentinel = pd.DataFrame([cutoff], columns=RANK_KEY, index=[len(group)]).astype(group.dtypes.to_dict())
+        order = _budget_order(pd.concat([group, sentinel])).to_numpy()
+        before = order[:int(np.flatnonzero(order == len(group))[0])]      # stable: the cut-off row itself too
+        keep[rows[before]] = True
+    return arbitrated[keep]
+
+
+def _summary_of(result: tuple, cutoffs: dict) -> tuple[PartitionDecision | None, int, list[str]]:
+    """Task: a decided partition without its feature rows, its candidates within the
+    budget cut-offs (what the global steps need)."""
+    decision, _, customers, warnings = result
+    if decision is not None:
+        decision = replace(decision, arbitrated=_within_cutoffs(decision.arbitrated, cutoffs))
+    return decision, customers, warnings
+
+
+def _rows_at(result: tuple, positions: np.ndarray) -> pd.DataFrame:
+    """Task: the feature rows at ``positions`` of a decided partition's features."""
+    return result[1].loc[positions]
 
 
 def _crash_once() -> None:
