@@ -342,6 +342,33 @@ def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) ->
     return frame
 
 
+def within_budgets(workspace: Workspace, arbitrated: pd.DataFrame) -> pd.DataFrame:
+    """One partition's arbitrated candidates without those its campaign's budget cannot keep
+    whatever the other partitions hold: beyond max_offers in the budget order, or past
+    max_cost in its running cost (costs are never negative, so what a budget keeps is a
+    prefix of the order). Applying the budgets to the pooled rest decides the same."""
+    if not len(arbitrated):
+        return arbitrated
+    keep = np.ones(len(arbitrated), dtype=bool)
+    campaign = arbitrated["campaign"].to_numpy()
+    for campaign_id in np.unique(campaign):
+        budget = workspace.program.campaigns[campaign_id].budget
+        if budget.max_offers is None and budget.max_cost is None:
+            continue
+        rows = np.flatnonzero(campaign == campaign_id)
+        group = arbitrated.iloc[rows].reset_index(drop=True)
+        ordered = rows[group.sort_values(["rank", "tiebreak", "firing_key"], ascending=[False, True, True],
+                                         na_position="last", kind="stable").index.to_numpy()]
+        cut = np.zeros(len(ordered), dtype=bool)
+        if budget.max_offers is not None:
+            cut |= np.arange(len(ordered)) >= budget.max_offers
+        costs = arbitrated["cost"].to_numpy(dtype=float)[ordered]
+        if budget.max_cost is not None and (costs >= 0).all():
+            cut |= np.cumsum(costs) > budget.max_cost + 1e-9
+        keep[ordered[cut]] = False
+    return arbitrated if keep.all() else arbitrated[keep]
+
+
 def _apply_budgets(workspace: Workspace, offers: pd.DataFrame, funnels) -> pd.DataFrame:
     """Per-campaign max_offers / max_cost: who keeps an offer is decided by rank_by
     (highest first) and then by a stable hash of the customer id."""

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition
+from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition, within_budgets
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
 from .partitioned_data import (ensure_partitioned, estimated_customers, partition_folder, partition_numbers,
@@ -138,8 +138,12 @@ def evaluate_in_partitions(workspace: Workspace, tables: Tables, ctx: RunContext
 
 
 def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns, first: FirstPass,
-                    second: SecondPass, progress) -> Decided:
-    """The two passes over the partitions and the global steps between and after them."""
+                    second: SecondPass, progress, spill: Path | None = None) -> Decided:
+    """The two passes over the partitions and the global steps between and after them.
+
+    Each partition keeps the feature rows of its candidates that a budget can still keep
+    (in ``spill`` on disk when given); once the budgets are applied, only the offered
+    customers' rows are gathered."""
     settings, program = workspace.settings, workspace.program
     inputs = {}
     for number in range(count):
@@ -158,15 +162,37 @@ def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns
         features = finish_features(local, program, settings, ctx.as_of, scores[number])
         customers += len(features)
         decision = evaluate_partition(workspace, part, features, ctx, campaigns)
+        decision.arbitrated = within_budgets(workspace, decision.arbitrated)
         positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
-        kept.append(features.iloc[positions])
+        rows = features.iloc[positions].reset_index(drop=True)
+        if spill is not None:
+            path = spill / f"rows-{number}.pickle"
+            rows.to_pickle(path)
+            rows = path
+        kept.append((offset, len(positions), rows))
         decision.arbitrated = decision.arbitrated.assign(
             pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
         offset += len(positions)
         decisions.append(decision)
         del features, part, local
+    _say(progress, "budgets over every partition")
     evaluation = combine_partitions(workspace, ctx.as_of, decisions)
-    return Decided(evaluation, pd.concat(kept, ignore_index=True), customers, count)
+    del decisions
+    return Decided(evaluation, _offered_rows(evaluation, kept), customers, count)
+
+
+def _offered_rows(evaluation: Evaluation, kept: list[tuple[int, int, pd.DataFrame | Path]]) -> pd.DataFrame:
+    """The feature rows of the offered customers, gathered from the partitions' kept rows;
+    the offers' ``pos`` is renumbered to index them."""
+    positions = evaluation.offers["pos"].to_numpy(dtype=np.int64)
+    needed = np.unique(positions)
+    parts = []
+    for start, length, rows in kept:
+        inside = needed[(needed >= start) & (needed < start + length)] - start
+        frame = pd.read_pickle(rows) if isinstance(rows, Path) else rows
+        parts.append(frame.iloc[inside])
+    evaluation.offers["pos"] = np.searchsorted(needed, positions)
+    return pd.concat(parts, ignore_index=True)
 
 
 # --------------------------------------------------------------------------- streaming from disk
@@ -213,7 +239,7 @@ def evaluate_streamed(workspace: Workspace, ctx: RunContext, count: int | None =
             path.unlink()
             return part
 
-        decided = _evaluate_parts(workspace, ctx, count, campaigns, first, second, progress)
+        decided = _evaluate_parts(workspace, ctx, count, campaigns, first, second, progress, spill=Path(temp))
     decided.warnings = merge_warnings(warnings)
     return decided
 
