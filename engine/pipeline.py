@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -128,7 +129,8 @@ def prepare(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None, t
 
 def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None,
                          campaigns: list[str] | None = None, partitions: int | None = None,
-                         trace: bool = False, stream: bool = False) -> tuple[Prepared, Evaluation]:
+                         trace: bool = False, stream: bool = False,
+                         progress: Callable[[str], None] | None = None) -> tuple[Prepared, Evaluation]:
     """Load the data and decide, a partition of customers at a time (see partitions.py).
 
     ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
@@ -137,14 +139,15 @@ def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, 
     but for the warnings."""
     from .partitions import evaluate_in_partitions, evaluate_streamed   # late: they build on evaluation
     context = run_context(workspace, as_of, store, since)
-    decided = evaluate_streamed(workspace, context, partitions, campaigns) if stream and not trace else None
+    decided = evaluate_streamed(workspace, context, partitions, campaigns, progress) if stream and not trace \
+        else None
     if decided is not None:
         tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
                         orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
                         warnings=decided.warnings)
     else:
         tables = load_tables(workspace.settings, workspace.root)
-        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace)
+        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace, progress)
     return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 
