@@ -38,8 +38,8 @@ from .errors import DataError
 from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition, within_budgets
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
-from .partitioned_data import (ensure_partitioned, estimated_customers, partition_folder, partition_numbers,
-                               partition_settings)
+from .partitioned_data import (ensure_partitioned, estimated_customers, is_current, partition_folder,
+                               partition_numbers, partition_settings, read_manifest)
 from .sources import Tables, load_tables, merge_warnings
 from .triggers import RunContext
 
@@ -200,11 +200,21 @@ def _offered_rows(evaluation: Evaluation, kept: list[tuple[int, int, pd.DataFram
 
 def streamed_count(workspace: Workspace, count: int | None) -> int:
     """The partition count of a streamed evaluation: ``count``, or automatic from the
-    customers' row count when that is cheap to know (Parquet), else 1 (load whole)."""
+    customers' row count when that is cheap to know (Parquet), else 1 (load whole).
+
+    Automatic keeps the count of a current partitioned copy whose partitions are small
+    enough, so that a little less free memory does not mean converting the data again."""
     if count is not None:
         return max(1, int(count))
     customers = estimated_customers(workspace.settings, workspace.root)
-    return 1 if customers is None else auto_partitions(customers)
+    if customers is None:
+        return 1
+    needed = auto_partitions(customers)
+    existing = (read_manifest(workspace.root) or {}).get("partitions")
+    if needed > 1 and isinstance(existing, int) and existing >= needed and \
+            is_current(workspace.settings, workspace.root, existing):
+        return existing
+    return needed
 
 
 def evaluate_streamed(workspace: Workspace, ctx: RunContext, count: int | None = None,

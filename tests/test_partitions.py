@@ -194,3 +194,22 @@ def test_the_partitioned_copy_is_rebuilt_when_the_data_changes(workspace, tmp_pa
     again = _stream(root, 3)
     assert again.customers == first.customers - 100 == CUSTOMERS - 100
     assert is_current(settings, root, 3)
+
+
+def test_automatic_count_keeps_a_current_copy_with_small_enough_partitions(workspace, tmp_path, monkeypatch):
+    import shutil
+
+    from engine import partitions
+    root = Path(shutil.copytree(workspace, tmp_path / "ws"))
+    pd.read_csv(root / "data" / "customers.csv", dtype=str).to_parquet(root / "data" / "customers.parquet")
+    settings_file = root / "loyalty.yaml"
+    settings_file.write_text(settings_file.read_text(encoding="utf-8").replace(
+        "path: data/customers.csv", "path: data/customers.parquet"), encoding="utf-8")
+    monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 2)
+    loaded = load_workspace(root)
+    assert partitions.streamed_count(loaded, None) == 2          # no copy yet
+    _stream(root, 3)
+    assert partitions.streamed_count(loaded, None) == 3          # smaller partitions than needed: kept
+    monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 4)
+    assert partitions.streamed_count(loaded, None) == 4          # too big now: converted again
+    assert partitions.streamed_count(loaded, 5) == 5
