@@ -241,10 +241,10 @@ def step_preview(folder: Path, partitions: int | None) -> dict:
     from engine import api
     from engine.partitions import streamed_count
     from engine.workspace import load_workspace
+    count = streamed_count(load_workspace(folder), partitions)     # what the preview will use
     start = time.perf_counter()
     result = api.preview(folder, AS_OF, sample=3, partitions=partitions)
     seconds = time.perf_counter() - start
-    count = streamed_count(load_workspace(folder), partitions)
     return {"seconds": seconds, "offers": result.total_offers, "partitions": count,
             "campaigns": len(result.campaigns), "peak": _peak_bytes()}
 

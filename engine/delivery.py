@@ -378,23 +378,26 @@ def deliver(store: StateStore, settings: Settings, now: Any, consent: Consent = 
     (default: the current directory). Raises DeliveryError only for channel
     configuration; each offer's failure is recorded and retried next time.
     """
-    due = store.pending(now, limit=limit, max_attempts=max_attempts)
+    waiting = store.due_summary(now, max_attempts)
+    total = sum(waiting.values()) if limit is None else min(limit, sum(waiting.values()))
     result = DeliveryResult(not_due=store.not_due(now))
     allowed = consent_checker(consent, settings)
     senders: dict[str, Sender] = {}
     try:
-        for name in sorted({offer["channel"] for offer in due}):
+        for name in sorted(waiting):
             if name not in settings.channels:
                 raise DeliveryError(f"offers are waiting for channel '{name}', but loyalty.yaml "
                                     f"has no channels.{name}")
             senders[name] = make_sender(settings.channels[name], Path(root or "."))
-        with _progress_bar(len(due), progress) as advance:
-            for name, sender in senders.items():
-                offers = [offer for offer in due if offer["channel"] == name]
-                for start in range(0, len(offers), sender.batch_size):
-                    batch = offers[start:start + sender.batch_size]
-                    _deliver_batch(store, sender, batch, allowed, result)
-                    advance(len(batch))
+        with _progress_bar(total, progress) as advance:
+            # a page of due offers at a time, each channel's in batches of its sender's size
+            for page in store.due_pages(now, limit=limit, max_attempts=max_attempts):
+                for name, sender in senders.items():
+                    offers = [offer for offer in page if offer["channel"] == name]
+                    for start in range(0, len(offers), sender.batch_size):
+                        batch = offers[start:start + sender.batch_size]
+                        _deliver_batch(store, sender, batch, allowed, result)
+                        advance(len(batch))
     finally:
         for sender in senders.values():
             sender.close()

@@ -202,8 +202,10 @@ def streamed_count(workspace: Workspace, count: int | None) -> int:
     """The partition count of a streamed evaluation: ``count``, or automatic from the
     customers' row count when that is cheap to know (Parquet), else 1 (load whole).
 
-    Automatic keeps the count of a current partitioned copy whose partitions are small
-    enough, so that a little less free memory does not mean converting the data again."""
+    Automatic keeps the count of a current partitioned copy whose partitions are at most
+    twice the size it would choose now (a quarter of the free memory), so that less free
+    memory for a moment (e.g. right after the conversion wrote its files) does not mean
+    converting the data again."""
     if count is not None:
         return max(1, int(count))
     customers = estimated_customers(workspace.settings, workspace.root)
@@ -211,7 +213,7 @@ def streamed_count(workspace: Workspace, count: int | None) -> int:
         return 1
     needed = auto_partitions(customers)
     existing = (read_manifest(workspace.root) or {}).get("partitions")
-    if needed > 1 and isinstance(existing, int) and existing >= needed and \
+    if needed > 1 and isinstance(existing, int) and 2 * existing >= needed and \
             is_current(workspace.settings, workspace.root, existing):
         return existing
     return needed

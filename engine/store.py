@@ -662,6 +662,29 @@ class StateStore:
             params.append(limit)
         return [_decode(row, JSON_OFFER_COLUMNS) for row in self.db.query(sql, params)]
 
+    _DUE = ("(status = 'pending' OR (status = 'failed' AND attempts < ?)) AND due_at <= ?")
+
+    def due_pages(self, now: Any, page: int = 20_000, limit: int | None = None,
+                  max_attempts: int = MAX_ATTEMPTS) -> Iterator[list[dict]]:
+        """``pending`` a page at a time (in the same order), so that a big delivery holds
+        one page of offers in memory. The order is read once: an offer marked while paging
+        (failed, to be retried by a later delivery) is not read again."""
+        params: list = [max_attempts, iso_utc(now)]
+        order = [row[0] for row in self.db.execute(
+            f"SELECT rowid FROM offers WHERE {self._DUE} ORDER BY due_at, rowid"
+            + (" LIMIT ?" if limit is not None else ""), params + ([limit] if limit is not None else []))]
+        for start in range(0, len(order), page):
+            chunk = order[start:start + page]
+            rows = {row.pop("rowid_"): row for row in self.db.query(
+                f"SELECT rowid AS rowid_, * FROM offers WHERE rowid IN (SELECT value FROM json_each(?))",
+                [json.dumps(chunk)])}
+            yield [_decode(rows[rowid], JSON_OFFER_COLUMNS) for rowid in chunk if rowid in rows]
+
+    def due_summary(self, now: Any, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
+        """channel -> how many offers are due for delivery (what ``pending`` would return)."""
+        return dict(self.db.execute(f"SELECT channel, count(*) FROM offers WHERE {self._DUE} GROUP BY channel",
+                                    [max_attempts, iso_utc(now)]).fetchall())
+
     def not_due(self, now: Any) -> int:
         """How many pending offers wait for a later ``send_at`` (quiet hours)."""
         return self.db.execute("SELECT count(*) FROM offers WHERE status = 'pending' "

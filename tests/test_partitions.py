@@ -209,7 +209,9 @@ def test_automatic_count_keeps_a_current_copy_with_small_enough_partitions(works
     loaded = load_workspace(root)
     assert partitions.streamed_count(loaded, None) == 2          # no copy yet
     _stream(root, 3)
-    assert partitions.streamed_count(loaded, None) == 3          # smaller partitions than needed: kept
-    monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 4)
-    assert partitions.streamed_count(loaded, None) == 4          # too big now: converted again
+    assert partitions.streamed_count(loaded, None) == 3          # smaller partitions: kept
+    monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 6)
+    assert partitions.streamed_count(loaded, None) == 3          # at most twice as big: still kept
+    monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 7)
+    assert partitions.streamed_count(loaded, None) == 7          # too big now: converted again
     assert partitions.streamed_count(loaded, 5) == 5

@@ -171,6 +171,23 @@ def test_outbox_compares_instants_not_text(store):
     assert store.pending(now)[0]["reward"]["percent_off"] == 20  # JSON decoded
 
 
+def test_due_pages_read_the_outbox_in_order_a_page_at_a_time(store):
+    store.record_run(new_run(store), [make_offer(i, send_at=f"2024-05-01T0{i % 3}:00:00+00:00")
+                                      for i in range(7)])
+    now = pd.Timestamp("2024-05-01 08:00", tz="UTC")
+    everything = store.pending(now)
+    pages = list(store.due_pages(now, page=3))
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [o for page in pages for o in page] == everything          # same rows, order, decoding
+    assert [len(p) for p in store.due_pages(now, page=3, limit=5)] == [3, 2]
+    assert store.due_summary(now) == {everything[0]["channel"]: 7}
+    seen = []
+    for page in store.due_pages(now, page=2):                           # marked while paging
+        seen += [o["offer_id"] for o in page]
+        store.mark_failed(page[0]["offer_id"], "HTTP 503")
+    assert seen == [o["offer_id"] for o in everything]                   # each read once
+
+
 def test_delivery_marks_and_retry_limit(store):
     store.record_run(new_run(store), [make_offer(i) for i in range(3)])
     now = AS_OF + pd.Timedelta(hours=1)
