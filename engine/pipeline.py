@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -202,13 +203,26 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
     customers = customer_records(features, rows["pos"])
     records: list[dict] = []
     errors: list[dict] = []
-    program = workspace.program
+    send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
+    collecting = gc.isenabled()
+    gc.disable()      # 200k records of small dicts would make the cyclic GC rescan them over and over
+    try:
+        _render_all(workspace, evaluation, renderer, rows, customers, send_at, codes, records, errors)
+    finally:
+        if collecting:
+            gc.enable()
+    return records, errors
+
+
+def _render_all(workspace: Workspace, evaluation: Evaluation, renderer: Renderer, rows: pd.DataFrame,
+                customers: list[dict], send_at: list, codes: dict | None, records: list[dict],
+                errors: list[dict]) -> None:
+    settings, program = workspace.settings, workspace.program
     explain_names = _explanation_names(workspace)
     rewards = {(c.id, v.name): v.reward for c in program.campaigns.values() for v in c.variants
                if v.reward is not None}
     as_of = evaluation.as_of.isoformat()
     event_columns = [c for c in rows.columns if c.startswith("event.")]
-    send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
     for customer, offer, send_at_local in zip(customers, _offer_records(rows), send_at):
         campaign = program.campaigns[offer["campaign"]]
         reward = rewards.get((campaign.id, offer["variant"]), campaign.reward)
@@ -241,7 +255,6 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
                       template_file=message.template_file, sms_segments=message.sms_segments,
                       too_long=message.too_long)
         records.append(record)
-    return records, errors
 
 
 def _offer_records(offers: pd.DataFrame) -> list[dict]:
