@@ -310,11 +310,11 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     per-partition cut, the pairwise merges and the cut-offs keep exactly the candidates that
     the local engine's one budget step over all of them keeps."""
     import numpy as np
-    from engine.dask_engine import (_budget_caps, _cutoffs_of, _merge_ranked, _ranked_of, _within_budgets,
-                                    _within_cutoffs)
+    from engine.partition_tasks import (budget_caps, cutoffs_of, merge_ranked, ranked_of, within_budgets,
+                                        within_cutoffs)
     from engine.evaluation import STAGES, PartitionDecision, _apply_budgets
     workspace = load_workspace(tight)
-    caps = _budget_caps(workspace)
+    caps = budget_caps(workspace)
     rng = np.random.default_rng(seed)
     size = 400
     free = next(c for c in sorted(workspace.program.campaigns) if c not in caps)
@@ -325,14 +325,14 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
         "rank": rng.choice([1.0, 2.0, 5.0, np.nan], size), "tiebreak": rng.choice([0.1, 0.5, 0.9], size),
         "cost": rng.choice([0.0, 5.0, 20.0, 60.0], size), "pos": np.arange(size)})
     numbers = rng.integers(0, int(rng.integers(1, 7)), size)
-    decided = [(PartitionDecision(_within_budgets(candidates[numbers == n], caps), {}, None, {}, [], set(), [], []),)
+    decided = [(PartitionDecision(within_budgets(candidates[numbers == n], caps), {}, None, {}, [], set(), [], []),)
                for n in np.unique(numbers)]
-    ranked = [_ranked_of(part, caps) for part in decided]
+    ranked = [ranked_of(part, caps) for part in decided]
     while len(ranked) > 1:
-        ranked = [_merge_ranked(*ranked[i:i + 2], caps) if i + 1 < len(ranked) else ranked[i]
+        ranked = [merge_ranked(*ranked[i:i + 2], caps) if i + 1 < len(ranked) else ranked[i]
                   for i in range(0, len(ranked), 2)]
-    cutoffs = _cutoffs_of(ranked[0], caps)
-    kept = pd.concat([_within_cutoffs(part[0].arbitrated, cutoffs) for part in decided])
+    cutoffs = cutoffs_of(ranked[0], caps)
+    kept = pd.concat([within_cutoffs(part[0].arbitrated, cutoffs) for part in decided])
     funnels = {c: dict.fromkeys(STAGES, 0) for c in [*caps, free]}
     expected = _apply_budgets(workspace, candidates, funnels)
     assert sorted(kept["firing_key"]) == sorted(expected["firing_key"])
