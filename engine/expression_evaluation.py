@@ -24,7 +24,7 @@ import pandas as pd
 from engine.errors import DataError
 
 if TYPE_CHECKING:
-    from engine.expressions import _Node
+    from engine.expression_checker import _Node
 
 
 def describe_type(kind: str) -> str:
