@@ -1,21 +1,20 @@
 """The dask engine: partitioned evaluation with each partition a task on a Dask cluster.
 
 The partition function is the local one (``local_features`` -> ``finish_features`` ->
-``evaluate_partition``, wrapped as tasks in ``partition_tasks``); only where it runs
-changes. Every task takes the workspace
-folder and a partition number and reads that partition's Parquet files itself
-(``partitioned_data``), so the client never loads a table. What crosses the network:
+``evaluate_partition``, as tasks in ``partition_tasks``); only where it runs changes.
+Every task takes the workspace folder and a partition number and reads that partition's
+Parquet files itself (``partitioned_data``), so the client never loads a table. What
+crosses the network:
 
 * to workers: the partition's slice of contact history, recorded firing keys and
-  ``becomes`` state (small), and the RFM thresholds (a few numbers);
-* from workers: per-partition value counts of the RFM inputs (merged on the cluster,
-  only the thresholds reach the client), funnel counts, holdouts, and the arbitrated
-  candidates (cut to what a budget can keep);
-* last, from the workers that hold them: the feature rows of the customers whose
-  candidates became offers (for rendering).
+  ``becomes`` state, the RFM thresholds and the budget cut-offs (small);
+* between workers: RFM value counts and the ranked keys of budgeted candidates, merged
+  pairwise, so that only the thresholds and one cut-off per campaign reach the client;
+* to the client: funnel counts, holdouts, warnings, the candidates within the cut-offs,
+  and last the feature rows of the customers who got an offer (for rendering).
 
-The client applies the global steps exactly as ``partitions.evaluate_in_partitions``
-does (``combine_partitions``), so offers, funnels and budgets are identical to
+The client applies the global steps as ``partitions.evaluate_in_partitions`` does
+(``combine_partitions``), so offers, funnels and budgets are identical to
 ``--engine local``. A task lost with its worker is run again by Dask; tasks are pure
 (they read files and return values), so a retry decides the same.
 """

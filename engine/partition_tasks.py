@@ -52,6 +52,7 @@ class Job:
 
     @property
     def token(self) -> str:
+        """Unique to this evaluation: names its tasks on a shared scheduler."""
         return f"{self.version}-{self.as_of.value}-{os.getpid()}-{id(self)}"
 
 
@@ -100,6 +101,7 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
 
 
 def budget_caps(workspace: Workspace) -> dict[str, tuple[int | None, float | None]]:
+    """Campaign -> (max_offers, max_cost) of every campaign with a budget."""
     return {c.id: (c.budget.max_offers, c.budget.max_cost) for c in workspace.program.campaigns.values()
             if c.budget.max_offers is not None or c.budget.max_cost is not None}
 
@@ -116,11 +118,11 @@ def _workspace(job: Job) -> Workspace:
         return cached
     if not (Path(job.root) / "loyalty.yaml").is_file():
         raise WorkerSetupError(f"worker {os.uname().nodename} cannot see the workspace at {job.root}: every "
-                           "worker needs the workspace folder at the same path (a shared volume)")
+                               "worker needs the workspace folder at the same path (a shared volume)")
     workspace = load_workspace(job.root)
     if rule_version(workspace) != job.version:
         raise WorkerSetupError(f"the workspace at {job.root} on worker {os.uname().nodename} has other rules "
-                           "than the client's: give every worker the same copy of the workspace")
+                               "than the client's: give every worker the same copy of the workspace")
     _WORKSPACES.clear()
     _WORKSPACES[(job.root, job.version)] = workspace
     return workspace
