@@ -122,9 +122,7 @@ def convert(settings: Settings, root: Path | str, count: int,
         source = data.get(table)
         if source is None:
             continue
-        if progress is not None:
-            progress(f"partitioning {table} into {count} partitions")
-        _split_source(source, root, table, count, staging)
+        _split_source(source, root, table, count, staging, progress)
     (staging / MANIFEST).write_text(json.dumps(_expected_manifest(settings, root, count), indent=1),
                                     encoding="utf-8")
     old = folder.with_name(folder.name + ".old")
@@ -158,7 +156,8 @@ def partition_settings(settings: Settings, folder: Path, number: int) -> Setting
 # --------------------------------------------------------------------------- splitting
 
 
-def _split_source(source: SourceDef, root: Path, table: str, count: int, staging: Path) -> None:
+def _split_source(source: SourceDef, root: Path, table: str, count: int, staging: Path,
+                  progress: Callable[[str], None] | None = None) -> None:
     """Each row of the source to its customer's partition file, with its position in the
     source (ROW_COLUMN) and the source's label for the loader's messages."""
     id_column = dict(source.columns or {}).get("customer_id", "customer_id")
@@ -171,6 +170,8 @@ def _split_source(source: SourceDef, root: Path, table: str, count: int, staging
     offset = 0
     try:
         for batch in _batches(source, root):
+            if progress is not None:
+                progress(f"partitioning {table} into {count} partitions: {offset:,} rows done")
             batch = batch.append_column(ROW_COLUMN, pa.array(np.arange(offset, offset + batch.num_rows)))
             offset += batch.num_rows
             schema = schema or batch.schema.with_metadata(origin)

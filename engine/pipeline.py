@@ -135,9 +135,10 @@ def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, 
     """Load the data and decide, a partition of customers at a time (see partitions.py).
 
     ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
-    one partition, the offered customers' rows with several. With ``stream`` and Parquet
-    data, each partition's rows are read on their own and ``Prepared.tables`` is empty
-    but for the warnings."""
+    one partition, the offered customers' rows with several. With ``stream`` and more than
+    one partition, each partition's rows are read on their own from the partitioned copy of
+    the data (``partitioned_data``) and ``Prepared.tables`` is empty but for the warnings.
+    ``progress`` is told what is being done (conversion, partition by partition)."""
     from .partitions import evaluate_in_partitions, evaluate_streamed   # late: they build on evaluation
     context = run_context(workspace, as_of, store, since)
     decided = evaluate_streamed(workspace, context, partitions, campaigns, progress) if stream and not trace \

@@ -215,3 +215,14 @@ def test_automatic_count_keeps_a_current_copy_with_small_enough_partitions(works
     monkeypatch.setattr(partitions, "auto_partitions", lambda customers, memory=None: 7)
     assert partitions.streamed_count(loaded, None) == 7          # too big now: converted again
     assert partitions.streamed_count(loaded, 5) == 5
+
+
+def test_a_streamed_preview_says_what_it_is_doing(workspace, tmp_path):
+    import shutil
+    root = Path(shutil.copytree(workspace, tmp_path / "ws"))
+    loaded = load_workspace(root)
+    said: list[str] = []
+    evaluate_streamed(loaded, run_context(loaded, parse_as_of(DEMO_AS_OF, loaded.settings.timezone)), 3,
+                      progress=said.append)
+    assert "partitioning orders into 3 partitions: 0 rows done" in said
+    assert said[-2:] == ["features and evaluation, partition 3/3", "budgets over every partition"]
