@@ -407,12 +407,10 @@ class StateStore:
         """firing key -> payload hash, for the given keys that are already recorded."""
         keys = list(dict.fromkeys(firing_keys))
         found: dict[str, str] = {}
-        for start in range(0, len(keys), 900):
-            chunk = keys[start:start + 900]
-            marks = ",".join("?" * len(chunk))
+        for start in range(0, len(keys), 50_000):
             found.update(self.db.execute(
-                f"SELECT firing_key, payload_hash FROM offers WHERE firing_key IN ({marks})",
-                chunk).fetchall())
+                "SELECT firing_key, payload_hash FROM offers WHERE firing_key IN (SELECT value FROM json_each(?))",
+                [json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 
     def record_run(self, run_id: str, offers: list[dict],
