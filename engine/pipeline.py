@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,12 +98,11 @@ def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.Data
 def _recorded_at(store, keys: list[str]) -> dict[str, str]:
     """firing key -> as_of (UTC) of the run that recorded it, for the keys already recorded."""
     found: dict[str, str] = {}
-    for start in range(0, len(keys), 900):
-        chunk = keys[start:start + 900]
-        marks = ",".join("?" * len(chunk))
+    for start in range(0, len(keys), 50_000):
+        chunk = json.dumps(list(keys[start:start + 50_000]))
         found.update((row["firing_key"], row["as_of_utc"]) for row in store.db.query(
-            f"SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
-            f"WHERE o.firing_key IN ({marks})", chunk))
+            "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
+            "WHERE o.firing_key IN (SELECT value FROM json_each(?))", [chunk]))
     return found
 
 
