@@ -104,7 +104,7 @@ def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, 
             raise LoyaltyError("--scheduler needs the dask engine: add --engine dask, "
                                "or set engine: {kind: dask} in loyalty.yaml")
         return prepare_and_evaluate(workspace, as_of, store, since, campaigns, partitions,
-                                    trace=trace, stream=stream)
+                                    trace=trace, stream=stream, progress=progress)
     if engine != "dask":
         raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
     if trace:
