@@ -13,8 +13,12 @@ subprocess so that its peak memory is its own:
            is the client's (it also hosts the scheduler), the largest worker's is sampled
            from outside. The time includes starting the cluster.
 
-Both previews write their offers' firing keys, variants and costs, which must be identical,
-and their funnels, which must be equal.
+Both previews write their funnels and the preview itself (per-campaign offers, costs,
+variants, sample messages, warnings), which must be equal; the local one also its offers'
+firing keys, variants and costs (the dask preview leaves its offers on the workers). With
+``--skip-local`` the dask preview is compared with an earlier local run's files. The dask
+step's progress lines, with the client's resident and peak memory at each, go to
+``dask.log`` in the workspace.
 
     flock /tmp/heavy.lock /work/venv/bin/python bench/bench_dask.py --customers 100000 1000000
     flock /tmp/heavy.lock /work/venv/bin/python bench/bench_dask.py --customers 10000000 --skip-local
@@ -44,11 +48,19 @@ def _preview(folder: Path, engine: str, partitions: int | None, progress=None) -
     start = time.perf_counter()
     result = api.preview(folder, AS_OF, sample=3, engine=engine, partitions=partitions, progress=progress)
     seconds = time.perf_counter() - start
-    offers = result._evaluation.offers
-    offers[COLUMNS].sort_values("firing_key").to_parquet(folder / f"offers-{engine}.parquet")
+    if engine == "local":       # the dask preview leaves the offers on its workers
+        offers = result._evaluation.offers
+        offers[COLUMNS].sort_values("firing_key").to_parquet(folder / f"offers-{engine}.parquet")
     (folder / f"funnels-{engine}.json").write_text(json.dumps(result._evaluation.funnels, sort_keys=True))
+    (folder / f"preview-{engine}.json").write_text(json.dumps(result.as_dict(), sort_keys=True, default=str))
     return {"seconds": seconds, "offers": result.total_offers, "customers": result.customers,
             "peak": _peak_bytes()}
+
+
+def _resident() -> str:
+    """This process's resident memory now and its peak so far."""
+    import psutil
+    return f"client {_gb(psutil.Process().memory_info().rss)}, peak {_gb(_peak_bytes())}"
 
 
 def step_local(folder: Path, partitions: int | None) -> dict:
@@ -82,7 +94,7 @@ def step_dask(folder: Path, partitions: int | None) -> dict:
 
     threading.Thread(target=sample, daemon=True).start()
     result = _preview(folder, "dask", partitions,
-                      progress=lambda m: print("  " + m, file=sys.stderr, flush=True))
+                      progress=lambda m: print(f"  [{_resident()}] {m}", file=sys.stderr, flush=True))
     done.set()
     return {**result, "partitions": partitions, "worker_peak": workers_peak[0]}
 
@@ -95,6 +107,7 @@ def _in_subprocess(step: str, folder: Path, partitions: int | None) -> dict:
     if partitions is not None:
         command += ["--partitions", str(partitions)]
     out = subprocess.run(command, capture_output=True, text=True)
+    (folder / f"{step}.log").write_text(out.stderr)        # the dask step's progress, with the client's memory
     if out.returncode != 0:
         raise SystemExit(f"step {step} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -125,15 +138,37 @@ def measure(customers: int, folder: Path, partitions: int | None, skip_local: bo
     print(f"  dask engine, LocalCluster ({dask['partitions']} partitions): {dask['seconds']:.1f} s, "
           f"{dask['offers']:,} offers, client peak {_gb(dask['peak'])}, "
           f"largest worker {_gb(dask['worker_peak'])}", flush=True)
-    if not skip_local:
-        import pandas as pd
-        same = pd.read_parquet(folder / "offers-local.parquet").reset_index(drop=True).equals(
-            pd.read_parquet(folder / "offers-dask.parquet").reset_index(drop=True))
-        same = same and (folder / "funnels-local.json").read_text() == (folder / "funnels-dask.json").read_text()
-        print("  offers and funnels identical to the local engine:", same)
+    same = _same_as_local(folder)
+    if same is not None:
         results["identical"] = same
     (folder / "bench-dask.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _same_as_local(folder: Path) -> bool | None:
+    """The dask preview against the local engine's (of this run, or of an earlier run on the
+    same data with --skip-local): funnels equal, and the whole preview (per-campaign offers,
+    costs, variants, sample messages, warnings) equal, or where only the local offers are
+    kept, the per-campaign offers, costs and variants counted from them."""
+    if not (folder / "funnels-local.json").exists():
+        return None
+    same = (folder / "funnels-local.json").read_text() == (folder / "funnels-dask.json").read_text()
+    mine = json.loads((folder / "preview-dask.json").read_text())
+    if (folder / "preview-local.json").exists():
+        same = same and json.loads((folder / "preview-local.json").read_text()) == mine
+        print("  funnels and preview (counts, costs, variants, messages) identical to the local engine's:", same)
+        return same
+    import pandas as pd
+    offers = pd.read_parquet(folder / "offers-local.parquet")
+    offers["campaign"] = offers["firing_key"].str.split(":").str[0]
+    for campaign in mine["campaigns"]:
+        theirs = offers[offers["campaign"] == campaign["id"]]
+        variants = theirs["variant"].value_counts().to_dict() if campaign["variants"] else {}
+        same = same and (campaign["offers"], campaign["cost"], campaign["variants"]) == (
+            len(theirs), round(float(theirs["cost"].sum()), 2), {k: int(v) for k, v in sorted(variants.items())})
+    print("  funnels, per-campaign offers, costs and variants identical to the local engine's "
+          "(offers-local.parquet of an earlier run):", same)
+    return same
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from .model import Workspace
 from .pipeline import (Prepared, build_messages, edge_state_rows, make_renderer, parse_as_of, prepare,
                        prepare_and_evaluate, run_context)
 from .policy import reachable
-from .preview import Preview, diff_offers, explain_customer, sample_rows, summarise
+from .preview import Preview, SampledEvaluation, diff_offers, explain_customer, sample_rows, summarise
 from .rewards import generate_codes
 from .sources import Tables, load_tables
 from .store import StateStore
@@ -59,16 +59,17 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     try:
         prepared, evaluation = _decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
                                        engine=engine, scheduler=scheduler, progress=progress,
-                                       trace=trace or customer is not None, stream=diff is None)
+                                       trace=trace or customer is not None, stream=diff is None,
+                                       sample=sample if diff is None else None)
     finally:
         if store is not None:
             store.close()
     renderer = make_renderer(workspace)
     rows = sample_rows(evaluation.offers, sample)
-    sms = evaluation.offers[evaluation.offers["channel"] == "sms"] if len(evaluation.offers) else rows
     records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
     warnings = list(prepared.tables.warnings) + evaluation.warnings
-    result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings)
+    totals = evaluation.totals if isinstance(evaluation, SampledEvaluation) else None
+    result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings, totals)
     if customer is not None:
         result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
     if diff is not None:
@@ -81,7 +82,6 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
         result.diff = diff_offers(evaluation, other_eval)
     result._evaluation = evaluation  # for --trace export and tests
     result._features = prepared.features
-    del sms
     return result
 
 
@@ -93,9 +93,11 @@ def write_preview_trace(result: Preview, path: Path | str) -> int:
 
 
 def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, *, partitions=None,
-            engine=None, scheduler=None, progress=None, trace=False, stream=False):
+            engine=None, scheduler=None, progress=None, trace=False, stream=False, sample=None):
     """Evaluate on the chosen engine: ``local`` (in this process, a partition at a time) or
-    ``dask`` (each partition a task on a cluster). Options override loyalty.yaml's ``engine:``."""
+    ``dask`` (each partition a task on a cluster). Options override loyalty.yaml's ``engine:``.
+    ``sample``: only a preview of N messages per campaign is wanted; the dask engine then
+    leaves the offers on its workers and returns a ``SampledEvaluation``."""
     settings = workspace.settings
     engine = engine or settings.engine
     partitions = partitions or settings.partitions
@@ -110,11 +112,12 @@ def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, 
     if trace:
         raise LoyaltyError("--trace and --customer explain every customer and need the local engine: "
                            "run that preview with --engine local (the result is the same)")
-    from .dask_engine import evaluate_on_dask
+    from .dask_engine import evaluate_on_dask, preview_on_dask
     context = run_context(workspace, as_of, store, since)
-    decided = evaluate_on_dask(workspace, context, store=store, campaigns=campaigns,
-                               scheduler=scheduler or settings.scheduler, partitions=partitions,
-                               progress=progress)
+    options = dict(store=store, campaigns=campaigns, scheduler=scheduler or settings.scheduler,
+                   partitions=partitions, progress=progress)
+    decided = (evaluate_on_dask(workspace, context, **options) if sample is None else
+               preview_on_dask(workspace, context, sample, **options))
     tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
                     orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
                     warnings=tuple(decided.table_warnings))

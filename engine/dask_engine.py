@@ -11,7 +11,10 @@ crosses the network:
 * between workers: RFM value counts and the ranked keys of budgeted candidates, merged
   pairwise, so that only the thresholds and one cut-off per campaign reach the client;
 * to the client: funnel counts, holdouts, warnings, the candidates within the cut-offs,
-  and last the feature rows of the customers who got an offer (for rendering).
+  and last the feature rows of the customers who got an offer (for rendering). A preview
+  (``preview_on_dask``) leaves the offers on the workers too: per partition, its funnels,
+  per-campaign totals (offers, cost, variants) and its first offers per campaign with
+  their feature rows, from which the client keeps the global first ones.
 
 The client applies the global steps as ``partitions.evaluate_in_partitions`` does
 (``combine_partitions``), so offers, funnels and budgets are identical to
@@ -35,10 +38,11 @@ from .errors import LoyaltyError
 from .evaluation import combine_partitions
 from .model import Workspace
 from .partition_tasks import (Job, budget_caps, context_slices, cutoffs_of, decide_partition, merge_counts,
-                              merge_ranked, ranked_of, recorded_by_partition, rfm_counts, rows_at, summary_of,
-                              thresholds_of)
+                              merge_ranked, preview_of, ranked_of, recorded_by_partition, rfm_counts, rows_at,
+                              summary_of, thresholds_of)
 from .partitioned_data import ensure_partitioned, estimated_customers
 from .partitions import Decided
+from .preview import CampaignTotals, SampledEvaluation, campaign_totals, sample_rows
 from .sources import merge_warnings
 from .triggers import RunContext
 from .workspace import rule_version
@@ -76,6 +80,75 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
     ``scheduler``: a scheduler address (``tcp://host:8786``); None starts a LocalCluster
     sized to this machine for the duration of the call. ``store``: the state store the
     context was read from, whose recorded firing keys each partition needs."""
+    with _decided_on_cluster(workspace, ctx, store, campaigns, scheduler, partitions, progress) as run:
+        return _gathered(workspace, ctx, run)
+
+
+def preview_on_dask(workspace: Workspace, ctx: RunContext, sample: int, *, store=None,
+                    campaigns: list[str] | None = None, scheduler: str | None = None,
+                    partitions: int | None = None,
+                    progress: Callable[[str], None] | None = None) -> DaskDecided:
+    """What a preview of ``workspace`` at ``ctx.as_of`` shows, evaluated on a Dask cluster
+    with the offers left on the workers: the evaluation is a ``SampledEvaluation`` whose
+    offers are each campaign's first ``sample`` offers by customer id (with their
+    customers' feature rows), its funnels and per-campaign totals those of all offers,
+    identical to ``evaluate_on_dask``'s. Options as ``evaluate_on_dask``."""
+    with _decided_on_cluster(workspace, ctx, store, campaigns, scheduler, partitions, progress) as run:
+        if set(run.budgeted) - set(run.cutoffs):
+            # a budget over costs not all >= 0 keeps no prefix: applied on the client over
+            # all of its candidates, as evaluate_on_dask does
+            decided = _gathered(workspace, ctx, run)
+            full = decided.evaluation
+            decided.evaluation = SampledEvaluation(**vars(full), totals=campaign_totals(full.offers, list(full.funnels)))
+            return decided
+        client, job = run.client, run.job
+        futures = [client.submit(preview_of, part, run.cutoffs, sample, key=f"loyalty-preview-{job.token}-{number}",
+                                 pure=False) for number, part in enumerate(run.decided)]
+        parts = client.gather(futures)
+    decisions, frames, warnings, funnels, totals, customers, offset = [], [], [], {}, {}, 0, 0
+    for part in parts:
+        customers += part.customers
+        warnings.append(tuple(part.warnings))
+        if part.decision is None:           # a partition without customers
+            continue
+        for campaign_id, funnel in part.decision.funnels.items():
+            total = funnels.setdefault(campaign_id, dict.fromkeys(funnel, 0))
+            for stage, count in funnel.items():
+                total[stage] += count
+        for campaign_id, total in part.totals.items():
+            totals[campaign_id] = totals.get(campaign_id, CampaignTotals()) + total
+        first = part.decision.arbitrated
+        part.decision.arbitrated = first.assign(pos=first["pos"].to_numpy(dtype=np.int64) + offset)
+        offset += len(part.features)
+        decisions.append(part.decision)
+        frames.append(part.features)
+    # the global first offers per campaign, among the partitions' own first ones; budgets
+    # keep them all (every one is within its campaign's cut-off)
+    sampled = combine_partitions(workspace, ctx.as_of, decisions)
+    evaluation = SampledEvaluation(sampled.as_of, sample_rows(sampled.offers, sample).reset_index(drop=True),
+                                   funnels, sampled.holdouts, {}, sampled.warnings, totals=totals)
+    frames = [frame for frame in frames if len(frame)] or frames[:1]     # one, for the columns
+    features = (pd.concat(frames, ignore_index=True) if len(frames) > 1 else
+                frames[0] if frames else pd.DataFrame())
+    return DaskDecided(evaluation, features, customers, run.job.count,
+                       table_warnings=merge_warnings(warnings), dashboard=run.dashboard)
+
+
+@dataclass
+class _Run:
+    """A cluster with every partition decided on it (futures), and the budgets' cut-offs."""
+
+    client: object
+    job: Job
+    decided: list                 # futures of decide_partition, one a partition
+    cutoffs: dict
+    budgeted: list[str]           # budgeted campaigns with candidates
+    dashboard: str
+
+
+@contextmanager
+def _decided_on_cluster(workspace: Workspace, ctx: RunContext, store, campaigns, scheduler, partitions,
+                        progress) -> Iterator[_Run]:
     distributed = _import_distributed()
     root = Path(workspace.root).resolve()
     count = partitions or default_partitions(workspace, root)
@@ -91,32 +164,38 @@ def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
         # the decided partitions stay on their workers. Budgets: each partition's ranked
         # candidates of budgeted campaigns (rank, tiebreak, key, cost) are merged pairwise
         # on the cluster, each merge cut to what the budget keeps, and the client gets one
-        # cut-off per campaign. The partitions then send their candidates within the
-        # cut-offs, and at last the feature rows of the customers who got an offer.
+        # cut-off per campaign.
         decided = [client.submit(decide_partition, job, number, contexts[number], thresholds, caps,
                                  key=f"loyalty-decide-{job.token}-{number}", pure=False)
                    for number in range(count)]
-        cutoffs = _budget_cutoffs(distributed, client, decided, caps, job, progress)
-        summaries = [client.submit(summary_of, part, cutoffs, key=f"loyalty-summary-{job.token}-{number}",
-                                   pure=False) for number, part in enumerate(decided)]
-        parts = client.gather(summaries)
-        decisions, starts, warnings, offset, customers = [], [], [], 0, 0
-        for number, (decision, part_customers, part_warnings) in enumerate(parts):
-            if decision is None:           # a partition without customers
-                continue
-            positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
-            decision.arbitrated = decision.arbitrated.assign(
-                pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
-            starts.append((offset, number, positions))
-            offset += len(positions)
-            decisions.append(decision)
-            customers += part_customers
-            warnings.append(tuple(part_warnings))
-        evaluation = combine_partitions(workspace, ctx.as_of, decisions)
-        del decisions, parts
-        features = _offered_rows(client, decided, starts, evaluation, job)
-    return DaskDecided(evaluation, features, customers, count,
-                       table_warnings=merge_warnings(warnings), dashboard=dashboard)
+        cutoffs, budgeted = _budget_cutoffs(distributed, client, decided, caps, job, progress)
+        yield _Run(client, job, decided, cutoffs, budgeted, dashboard)
+
+
+def _gathered(workspace: Workspace, ctx: RunContext, run: _Run) -> DaskDecided:
+    """Every partition's candidates within the cut-offs gathered, the global steps applied
+    on the client, and the offered customers' feature rows fetched from the workers."""
+    client, job, decided = run.client, run.job, run.decided
+    summaries = [client.submit(summary_of, part, run.cutoffs, key=f"loyalty-summary-{job.token}-{number}",
+                               pure=False) for number, part in enumerate(decided)]
+    parts = client.gather(summaries)
+    decisions, starts, warnings, offset, customers = [], [], [], 0, 0
+    for number, (decision, part_customers, part_warnings) in enumerate(parts):
+        if decision is None:           # a partition without customers
+            continue
+        positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
+        decision.arbitrated = decision.arbitrated.assign(
+            pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
+        starts.append((offset, number, positions))
+        offset += len(positions)
+        decisions.append(decision)
+        customers += part_customers
+        warnings.append(tuple(part_warnings))
+    evaluation = combine_partitions(workspace, ctx.as_of, decisions)
+    del decisions, parts
+    features = _offered_rows(client, decided, starts, evaluation, job)
+    return DaskDecided(evaluation, features, customers, job.count,
+                       table_warnings=merge_warnings(warnings), dashboard=run.dashboard)
 
 
 def _offered_rows(client, decided: list, starts: list[tuple[int, int, np.ndarray]], evaluation,
@@ -224,8 +303,8 @@ def _rfm_thresholds(distributed, client, job: Job, progress) -> dict:
     return client.submit(thresholds_of, futures[0], pure=False).result()
 
 
-def _budget_cutoffs(distributed, client, decided: list, caps: dict, job: Job, progress) -> dict:
-    """Per budgeted campaign, the budget-order key (rank, tiebreak, firing key) of the last
+def _budget_cutoffs(distributed, client, decided: list, caps: dict, job: Job, progress) -> tuple[dict, list]:
+    """The budgeted campaigns that have candidates, and per budgeted campaign, the budget-order key (rank, tiebreak, firing key) of the last
     candidate its budget keeps over all partitions (None: it keeps none). Campaigns whose
     costs are not all >= 0, whose kept set is then not a prefix, get no cut-off and are
     budgeted on the client over all their candidates."""
@@ -237,7 +316,8 @@ def _budget_cutoffs(distributed, client, decided: list, caps: dict, job: Job, pr
         pairs = [ranked[i:i + 2] for i in range(0, len(ranked), 2)]
         ranked = [client.submit(merge_ranked, *pair, caps, pure=False) if len(pair) == 2 else pair[0]
                   for pair in pairs]
-    return client.submit(cutoffs_of, ranked[0], caps, pure=False).result()
+    cutoffs = client.submit(cutoffs_of, ranked[0], caps, pure=False)
+    return tuple(client.gather([cutoffs, client.submit(sorted, ranked[0], pure=False)]))
 
 
 def _as_completed(distributed, futures, phase: str, progress):

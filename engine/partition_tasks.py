@@ -10,6 +10,8 @@ The passes: ``rfm_counts`` per partition, merged with ``merge_counts`` into the 
 cut to what a budget can keep); ``ranked_of`` / ``merge_ranked`` / ``cutoffs_of``, the
 budgets from ranked keys; ``summary_of`` a decided partition within the cut-offs, for
 ``evaluation.combine_partitions``; ``rows_at``, the offered customers' feature rows.
+A preview needs less: ``preview_of`` a decided partition, its funnels and per-campaign
+totals within the cut-offs and only its first offers per campaign with their feature rows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .features import finish_features, local_features, rfm_inputs
 from .model import Workspace
 from .partitioned_data import partition_folder, partition_settings, partitioned_folder
 from .partitions import partition_numbers
+from .preview import CampaignTotals, campaign_totals
 from .sources import load_tables
 from .triggers import RunContext
 from .workspace import load_workspace, rule_version
@@ -324,6 +327,47 @@ def summary_of(result: tuple, cutoffs: dict) -> tuple[PartitionDecision | None, 
     if decision is not None:
         decision = replace(decision, arbitrated=within_cutoffs(decision.arbitrated, cutoffs))
     return decision, customers, warnings
+
+
+@dataclass
+class PartitionPreview:
+    """What a preview needs of one decided partition: its decision with, as candidates,
+    only its first ``sample`` offers per campaign by customer id (``pos`` indexing
+    ``features``, their feature rows) and its funnels counting the offers it keeps; the
+    per-campaign totals of all its offers; its customer count and loader warnings."""
+
+    decision: PartitionDecision | None
+    features: pd.DataFrame | None
+    totals: dict[str, CampaignTotals]
+    customers: int
+    warnings: list[str]
+
+
+OFFER_ORDER = ["campaign", "customer_id", "firing_key"]     # the order of ``Evaluation.offers``
+
+
+def preview_of(result: tuple, cutoffs: dict, sample: int) -> PartitionPreview:
+    """Task: a decided partition summed up for a preview. Every candidate within the
+    budget cut-offs is an offer (what a budget keeps is the prefix up to its cut-off), so
+    the partition counts its own offers, and the global first N per campaign are among
+    the partitions' own first N."""
+    decision, rows, customers, warnings = result
+    if decision is None:
+        return PartitionPreview(None, None, {}, customers, warnings)
+    offers = within_cutoffs(decision.arbitrated, cutoffs)
+    funnels = {campaign_id: dict(funnel) for campaign_id, funnel in decision.funnels.items()}
+    totals = campaign_totals(offers, list(funnels))
+    for campaign_id, total in totals.items():
+        if total.offers:
+            funnels[campaign_id]["budget"] = funnels[campaign_id]["offers"] = total.offers
+    first = offers.sort_values(OFFER_ORDER, kind="stable").groupby("campaign", sort=True).head(max(sample, 0))
+    positions = np.unique(first["pos"].to_numpy(dtype=np.int64))
+    first = first.assign(pos=np.searchsorted(positions, first["pos"].to_numpy(dtype=np.int64)))
+    keys = set(first["firing_key"])
+    decision = replace(decision, arbitrated=first, funnels=funnels, holdouts=decision.holdouts.iloc[0:0],
+                       edge_state={}, same_run={key for key in decision.same_run if key in keys},
+                       candidates=[], stops=[])
+    return PartitionPreview(decision, rows.loc[positions].reset_index(drop=True), totals, customers, warnings)
 
 
 def rows_at(result: tuple, positions: np.ndarray) -> pd.DataFrame:

@@ -50,20 +50,63 @@ class Preview:
         return data
 
 
+@dataclass
+class CampaignTotals:
+    """One campaign's offers counted: how many, their cost, how many of each variant."""
+
+    offers: int = 0
+    cost: float = 0.0
+    variants: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: "CampaignTotals") -> "CampaignTotals":
+        variants = dict(self.variants)
+        for name, count in other.variants.items():
+            variants[name] = variants.get(name, 0) + count
+        return CampaignTotals(self.offers + other.offers, self.cost + other.cost, variants)
+
+
+def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTotals]:
+    """Per campaign, its offers' count, cost and variants; totals of separate sets of
+    offers (partitions) add up with ``+`` to those of all of them."""
+    totals = {}
+    for campaign_id in campaign_ids:
+        mine = offers[offers["campaign"] == campaign_id] if len(offers) else offers
+        if not len(mine):
+            totals[campaign_id] = CampaignTotals()
+            continue
+        variants = mine["variant"].value_counts().to_dict()
+        totals[campaign_id] = CampaignTotals(len(mine), float(mine["cost"].sum()),
+                                             {str(k): int(v) for k, v in variants.items()})
+    return totals
+
+
+@dataclass
+class SampledEvaluation(Evaluation):
+    """An evaluation that kept only what a preview shows: ``offers`` holds (at least) each
+    campaign's first offers by customer id, the messages to render; ``totals`` counts
+    all of them."""
+
+    totals: dict[str, CampaignTotals] = field(default_factory=dict)
+
+
 def summarise(workspace: Workspace, evaluation: Evaluation, customers: int,
-              samples: list[dict], render_errors: list[dict], warnings: list[str]) -> Preview:
-    offers = evaluation.offers
+              samples: list[dict], render_errors: list[dict], warnings: list[str],
+              totals: dict[str, CampaignTotals] | None = None) -> Preview:
+    """The preview of an evaluation. ``totals``: the campaigns' offer counts, costs and
+    variants when ``evaluation.offers`` does not hold every offer (None: counted from it)."""
+    if totals is None:
+        totals = campaign_totals(evaluation.offers, list(evaluation.funnels))
     campaigns = []
     for campaign_id, funnel in evaluation.funnels.items():
         campaign = workspace.program.campaigns[campaign_id]
-        mine = offers[offers["campaign"] == campaign_id] if len(offers) else offers
-        variants = mine["variant"].value_counts().to_dict() if campaign.variants and len(mine) else {}
+        mine = totals.get(campaign_id) or CampaignTotals()
+        variants = mine.variants if campaign.variants else {}
         own_samples = [s for s in samples if s["campaign"] == campaign_id]
         campaigns.append(CampaignPreview(
             id=campaign_id, name=campaign.name, channel=campaign.channel,
             funnel={stage: int(funnel[stage]) for stage in STAGES}, offers=int(funnel["offers"]),
-            cost=round(float(mine["cost"].sum()) if len(mine) else 0.0, 2),
-            variants={str(k): int(v) for k, v in sorted(variants.items())},
+            cost=round(mine.cost, 2),
+            variants={k: int(v) for k, v in sorted(variants.items())},
             samples=[_sample(s) for s in own_samples],
             sms_too_long=sum(1 for s in own_samples if s.get("too_long")),
             errors=[e["error"] for e in render_errors if e["campaign"] == campaign_id][:3]))

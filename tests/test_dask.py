@@ -194,18 +194,35 @@ def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*start, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_preview_is_the_same_on_both_engines(demo, cluster):
-    local = CliRunner().invoke(main, ["preview", str(demo), "--as-of", DEMO_AS_OF, "--format", "json"],
-                               catch_exceptions=False)
-    remote = CliRunner().invoke(main, ["preview", str(demo), "--as-of", DEMO_AS_OF, "--format", "json",
-                                       "--engine", "dask", "--scheduler", cluster[0].scheduler_address],
+@pytest.mark.parametrize("sample", ["0", "1", "3"])
+def test_cli_preview_is_the_same_on_both_engines(demo, cluster, sample):
+    command = ["preview", str(demo), "--as-of", DEMO_AS_OF, "--format", "json", "--sample", sample]
+    local = CliRunner().invoke(main, command, catch_exceptions=False)
+    remote = CliRunner().invoke(main, [*command, "--engine", "dask", "--scheduler", cluster[0].scheduler_address],
                                 catch_exceptions=False)
     assert local.exit_code == remote.exit_code == 0, remote.output
     mine, theirs = json.loads(remote.stdout), json.loads(local.stdout)
     assert sum(c["offers"] for c in theirs["campaigns"]) > 20
+    assert sum(len(c["samples"]) for c in theirs["campaigns"]) >= (int(sample) > 0)
     # the data warnings too: merged from the partitions, naming the user's files and rows
     assert {w.split(":")[0] for w in theirs["warnings"]} == {"data/customers.csv", "data/orders.parquet"}
     assert mine == theirs
+
+
+@pytest.mark.parametrize("sample", [0, 1, 3])
+def test_a_preview_keeps_the_offers_on_the_workers_and_shows_the_same(tight, cluster, sample):
+    """Binding budgets on random data: the dask preview brings back only each campaign's
+    first offers and per-campaign totals, and shows what the local preview shows."""
+    from engine.preview import SampledEvaluation
+    local = api.preview(tight, DEMO_AS_OF, sample=sample)
+    remote = api.preview(tight, DEMO_AS_OF, sample=sample, engine="dask", scheduler=cluster[0].scheduler_address,
+                         partitions=5)
+    assert remote.as_dict() == local.as_dict()
+    assert isinstance(remote._evaluation, SampledEvaluation)
+    campaigns = len(remote.campaigns)
+    assert len(remote._evaluation.offers) <= sample * campaigns < local.total_offers
+    assert len(remote._features) <= sample * campaigns * 5      # each partition's own first ones
+    assert remote._evaluation.funnels == local._evaluation.funnels
 
 
 def test_cli_run_twice_at_one_as_of_records_once(demo, tmp_path, cluster):
