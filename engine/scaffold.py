@@ -168,16 +168,27 @@ E2,C004,2026-11-20 10:00:00,nps_response,4
 }
 
 
+GITIGNORE = """\
+# What runs produce, not what you edit: keep these out of git.
+# The state database: back it up instead (docs/operations.md).
+state/
+# Messages written by the file channel.
+outbox/
+# The partitioned copy of the data, rebuilt automatically (loyalty data convert).
+.loyalty/
+"""
+
+
 def init_workspace(directory: Path) -> list[str]:
     """Write the tutorial workspace into ``directory`` (which must be empty or new)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise LoyaltyError(f"{directory} is not empty; choose a new folder for the workspace")
-    for name, text in FILES.items():
+    for name, text in {**FILES, ".gitignore": GITIGNORE}.items():
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
-    return sorted(FILES)
+    return sorted([*FILES, ".gitignore"])
 
 
 def init_example(directory: Path, customers: int = 2000) -> list[str]:
@@ -187,4 +198,5 @@ def init_example(directory: Path, customers: int = 2000) -> list[str]:
     if directory.exists() and any(directory.iterdir()):
         raise LoyaltyError(f"{directory} is not empty; choose a new folder for the workspace")
     build_demo_workspace(directory, customers)
+    (directory / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,25 @@ def test_init_workspace_validates_clean(workspace):
     result = invoke("validate", str(workspace))
     assert result.exit_code == 0, result.output
     assert "OK: 2 files, 2 campaigns" in result.output
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="git is not installed")
+def test_what_a_run_writes_stays_out_of_git(workspace):
+    """A marketer keeps the workspace in git: rules and templates are tracked, while the
+    state database, the file outbox and the partitioned data copy are ignored."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    assert invoke("run", str(workspace), "--as-of", AS_OF, "--partitions", "2",
+                  "--now", AS_OF).exit_code in (0, 3)
+    assert invoke("data", "convert", str(workspace), "--partitions", "2").exit_code == 0
+    produced = {p.relative_to(workspace).parts[0] for p in workspace.rglob("*")
+                if p.is_file() and ".git" not in p.relative_to(workspace).parts}
+    assert {"state", "outbox", ".loyalty"} <= produced
+    untracked = git("status", "--porcelain", "--untracked-files=all")
+    listed = {line[3:].split("/")[0] for line in untracked.splitlines()}
+    assert "rules" in listed and "loyalty.yaml" in listed
+    assert not listed & {"state", "outbox", ".loyalty"}, untracked
 
 
 def test_init_refuses_a_non_empty_folder(workspace):
