@@ -56,14 +56,20 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     since_ts = parse_as_of(since, workspace.settings.timezone) if since is not None else None
     _check_campaigns(workspace, campaigns)
     store = _open_store(workspace, create=False)
-    try:
-        prepared, evaluation = _decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
-                                       engine=engine, scheduler=scheduler, progress=progress,
-                                       trace=trace or customer is not None, stream=diff is None,
-                                       sample=sample if diff is None else None)
+    try:     # open until the end: --diff evaluates the other rules against the same history
+        return _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace,
+                        partitions, engine, scheduler, progress)
     finally:
         if store is not None:
             store.close()
+
+
+def _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace, partitions,
+             engine, scheduler, progress) -> Preview:
+    prepared, evaluation = _decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
+                                   engine=engine, scheduler=scheduler, progress=progress,
+                                   trace=trace or customer is not None, stream=diff is None,
+                                   sample=sample if diff is None else None)
     renderer = make_renderer(workspace)
     rows = sample_rows(evaluation.offers, sample)
     records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)

@@ -114,6 +114,23 @@ def test_preview_diff_counts_added_customers(workspace, tmp_path):
     assert vip["before"] == 1 and vip["added"] >= 1 and "C001" in vip["added_examples"]
 
 
+def test_preview_diff_after_a_recorded_run_compares_against_the_same_history(workspace, tmp_path):
+    """Once a programme has run, --diff still works and decides as before the run: a preview
+    at the run's own instant re-decides exactly what the run recorded, for both versions."""
+    other = tmp_path / "other"
+    invoke("init", str(other))
+    rules = other / "rules" / "programme.yaml"
+    rules.write_text(rules.read_text(encoding="utf-8").replace("monetary_365d >= 5000 and orders_365d >= 3",
+                                                               "monetary_365d >= 300"), encoding="utf-8")
+    args = ("preview", str(workspace), "--as-of", AS_OF, "--diff", str(other), "--format", "json")
+    before_run = json.loads(invoke(*args).output)["diff"]
+    assert invoke("run", str(workspace), "--as-of", AS_OF, "--no-deliver").exit_code == 0
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["diff"] == before_run
+    vip = next(d for d in before_run if d["campaign"] == "vip_thanks")
+    assert vip["before"] == 1 and "C001" in vip["added_examples"]
+
 def test_run_twice_records_and_sends_once(workspace):
     first = invoke("run", str(workspace), "--as-of", AS_OF, "--now", "2026-12-26T12:00:00+08:00",
                    "--format", "json")
