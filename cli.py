@@ -220,6 +220,9 @@ def deliver(workspace, now):
     result = do_deliver(workspace, now)
     click.echo(f"sent {result.sent}, failed {result.failed}, skipped {result.skipped}, "
                f"not yet due {result.not_due}")
+    from engine.delivery import failure_summary
+    for line in failure_summary(result.errors):
+        click.echo(f"delivery failed: {line}", err=True)
     sys.exit(3 if result.failed else 0)
 
 

@@ -430,8 +430,8 @@ def _deliver_batch(store: StateStore, sender: Sender, batch: list[dict],
             failed.append((offer_id, message))
             result.errors.append({"offer_id": offer_id, "customer_id": customer_id,
                                   "channel": channel, "error": message})
-            log.warning("offer %s to customer %s on %s failed: %s",
-                        offer_id, customer_id, channel, message)
+            log.info("offer %s to customer %s on %s failed: %s",   # summarised by failure_summary
+                     offer_id, customer_id, channel, message)
             continue
         sent.append(offer_id)
         log.debug("offer %s sent to customer %s on %s", offer_id, customer_id, channel)
@@ -447,6 +447,16 @@ def _deliver_batch(store: StateStore, sender: Sender, batch: list[dict],
     result.sent += len(sent)
     result.failed += len(failed)
     result.skipped += len(suppressed)
+
+
+def failure_summary(errors: list[dict], examples: int = 3) -> list[str]:
+    """One line per channel and error, with how many offers and a few offer ids: what an
+    operator reads after a delivery (the offers stay failed and are retried by `deliver`)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for error in errors:
+        groups.setdefault((error["channel"], error["error"]), []).append(error["offer_id"])
+    return [f"{len(ids)} offer(s) on {channel} failed: {message} (e.g. {', '.join(ids[:examples])})"
+            for (channel, message), ids in sorted(groups.items(), key=lambda item: -len(item[1]))]
 
 
 class _progress_bar:

@@ -91,3 +91,8 @@ def print_run(result) -> None:
     if result.delivery is not None:
         d = result.delivery
         console.print(f"Delivery: sent {d.sent}, failed {d.failed}, skipped {d.skipped}, not yet due {d.not_due}.")
+        from .delivery import failure_summary
+        for line in failure_summary(d.errors):
+            console.print(f"[red]delivery failed[/red]: {line}", markup=True, highlight=False)
+        if d.failed:
+            console.print("Failed offers stay in the outbox; `loyalty deliver` retries them.")

@@ -54,6 +54,37 @@ def test_what_a_run_writes_stays_out_of_git(workspace):
     assert not listed & {"state", "outbox", ".loyalty"}, untracked
 
 
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as probe:        # bound then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_failed_deliveries_are_summarised_per_channel_and_error_then_retried(workspace):
+    """An unreachable mail server: one line says how many offers failed and why, not one
+    line per offer; the offers stay failed in the outbox and `deliver` retries them."""
+    settings = workspace / "loyalty.yaml"
+    port = _closed_port()
+    settings.write_text(settings.read_text(encoding="utf-8").replace(
+        "email: {send: file, path: outbox/email.jsonl}",
+        f"email: {{send: smtp, host: 127.0.0.1, port: {port}, sender: rewards@example.com}}").replace(
+        "sms:   {send: file, path: outbox/sms.jsonl}",
+        f"sms: {{send: webhook, url: 'http://127.0.0.1:{port}/sms', retries: 0}}"), encoding="utf-8")
+    run = invoke("run", str(workspace), "--as-of", AS_OF, "--now", AS_OF)
+    assert run.exit_code == 3, run.output
+    failed = json.loads(invoke("runs", str(workspace), "--format", "json").output)
+    assert failed, "the run was recorded"
+    retry = CliRunner().invoke(main, ["deliver", str(workspace), "--now", AS_OF])
+    assert retry.exit_code == 3
+    lines = [line for line in retry.output.splitlines() if line.startswith("delivery failed:")]
+    assert len(lines) == 2, retry.output          # one per channel and error
+    sms = next(line for line in lines if "on sms failed" in line)
+    email = next(line for line in lines if "on email failed" in line)
+    assert sms.startswith("delivery failed: 2 offer(s)") and sms.count("of_") == 2, sms
+    assert f"127.0.0.1:{port}" in email and "e.g. of_" in email
+
+
 def test_init_refuses_a_non_empty_folder(workspace):
     result = invoke("init", str(workspace))
     assert result.exit_code == 1
