@@ -329,12 +329,14 @@ def golden_test(workspace, paths, fmt):
               help="Also forecast another version of the workspace and compare.")
 @click.option("--fresh", is_flag=True,
               help="Ignore the state database: simulate as if the programme had never run.")
+@engine_options
 @format_option("text", "json", "csv")
 @handle_errors
-def simulate(workspace, start, end, every, due, diff, fresh, fmt):
+def simulate(workspace, start, end, every, due, diff, fresh, engine, scheduler, partitions, fmt):
     """Forecast offers and reward cost over a date range, in memory. Writes nothing."""
     from engine.simulation import format_text, simulate as run_simulation
-    result = run_simulation(workspace, start, end, every, diff, due=due, fresh=fresh)
+    result = run_simulation(workspace, start, end, every, diff, due=due, fresh=fresh,
+                            engine=engine, scheduler=scheduler, partitions=partitions)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":

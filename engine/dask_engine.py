@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -73,15 +73,29 @@ class DaskDecided(Decided):
 def evaluate_on_dask(workspace: Workspace, ctx: RunContext, *, store=None,
                      campaigns: list[str] | None = None, scheduler: str | None = None,
                      partitions: int | None = None,
-                     progress: Callable[[str], None] | None = None) -> DaskDecided:
+                     progress: Callable[[str], None] | None = None,
+                     client=None, recorded: Mapping[str, str] | None = None) -> DaskDecided:
     """Evaluate ``workspace`` at ``ctx.as_of`` on a Dask cluster; the same result as
     ``evaluate_in_partitions`` (offers, funnels, budgets, holdouts, edge state).
 
     ``scheduler``: a scheduler address (``tcp://host:8786``); None starts a LocalCluster
     sized to this machine for the duration of the call. ``store``: the state store the
-    context was read from, whose recorded firing keys each partition needs."""
-    with _decided_on_cluster(workspace, ctx, store, campaigns, scheduler, partitions, progress) as run:
+    context was read from, whose recorded firing keys each partition needs. ``client``:
+    a client of ``cluster()`` to reuse (a simulation evaluates many steps on one cluster);
+    ``recorded``: firing key -> as_of (UTC) of the firings already acted on, in place of
+    the store's (a simulation's in-memory history)."""
+    with _decided_on_cluster(workspace, ctx, store, campaigns, scheduler, partitions, progress,
+                             client, recorded) as run:
         return _gathered(workspace, ctx, run)
+
+
+@contextmanager
+def cluster(scheduler: str | None = None) -> Iterator:
+    """A client of the scheduler at ``scheduler`` (or of a LocalCluster of this machine),
+    with the cluster's failures reported as ``ClusterError``; for several evaluations."""
+    distributed = _import_distributed()
+    with _connect(distributed, scheduler) as client, _cluster_failures(distributed, scheduler):
+        yield client
 
 
 def preview_on_dask(workspace: Workspace, ctx: RunContext, sample: int, *, store=None,
@@ -148,13 +162,14 @@ class _Run:
 
 @contextmanager
 def _decided_on_cluster(workspace: Workspace, ctx: RunContext, store, campaigns, scheduler, partitions,
-                        progress) -> Iterator[_Run]:
+                        progress, client=None, known: Mapping[str, str] | None = None) -> Iterator[_Run]:
     distributed = _import_distributed()
     root = Path(workspace.root).resolve()
     count = partitions or default_partitions(workspace, root)
     ensure_partitioned(workspace.settings, root, count, progress)
-    recorded = recorded_by_partition(store, count)
-    with _connect(distributed, scheduler) as client, _cluster_failures(distributed, scheduler):
+    recorded = recorded_by_partition(store, count) if known is None else [known] * count
+    connected = nullcontext(client) if client is not None else _connect(distributed, scheduler)
+    with connected as client, _cluster_failures(distributed, scheduler):
         dashboard = client.dashboard_link
         _say(progress, f"Dask dashboard: {dashboard}")
         job = Job(str(root), rule_version(workspace), count, ctx.as_of, campaigns)

@@ -115,6 +115,15 @@ class Seed:
             state.add_contacts(ctx.contacts)
         return state
 
+    def all_recorded_before(self) -> dict[str, str]:
+        """Every firing recorded before the first step (what a cluster's tasks are shipped)."""
+        if self.store is None:
+            return {}
+        before = self.before.tz_convert("UTC").isoformat(timespec="seconds")
+        return {row["firing_key"]: row["as_of_utc"] for row in self.store.db.query(
+            "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
+            "WHERE r.as_of_utc < ?", [before])}
+
     def _recorded_before(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
         before = self.before.tz_convert("UTC").isoformat(timespec="seconds")
@@ -198,9 +207,13 @@ def step_times(start, end, every: str, timezone: str) -> list[pd.Timestamp]:
     return times
 
 
-def replay(workspace: Workspace, tables: Tables, times: list[pd.Timestamp], *, due: bool = False,
-           state: MemoryState | None = None, on_step: Callable | None = None) -> pd.DataFrame:
-    """Run at each instant in memory; return every offer with the step (``as_of``) that made it."""
+def replay(workspace: Workspace, tables: Tables | None, times: list[pd.Timestamp], *, due: bool = False,
+           state: MemoryState | None = None, on_step: Callable | None = None,
+           decide: Callable | None = None) -> pd.DataFrame:
+    """Run at each instant in memory; return every offer with the step (``as_of``) that made it.
+
+    ``decide(ctx, campaigns, state) -> (evaluation, edge_state)`` evaluates a step somewhere
+    else (the dask engine); by default the step is evaluated here, on ``tables``."""
     state = state if state is not None else MemoryState()
     frames = []
     index = None
@@ -210,10 +223,13 @@ def replay(workspace: Workspace, tables: Tables, times: list[pd.Timestamp], *, d
             selected = due_in_memory(workspace, state, as_of)
             if not selected:
                 continue   # a real `run --due` with nothing due records no run at all
-        features = compute_features(tables, workspace.program, workspace.settings, as_of)
         ctx = state.context(workspace, as_of)
-        index = index if index is not None else customer_index(features)
-        evaluation, edge_state = evaluate_step(workspace, tables, features, ctx, selected, index=index)
+        if decide is not None:
+            evaluation, edge_state = decide(ctx, selected, state)
+        else:
+            features = compute_features(tables, workspace.program, workspace.settings, as_of)
+            index = index if index is not None else customer_index(features)
+            evaluation, edge_state = evaluate_step(workspace, tables, features, ctx, selected, index=index)
         state.record(evaluation, edge_state)
         if due:
             state.schedules.update(dict.fromkeys(selected, as_of.isoformat()))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import LoyaltyError
 from .model import Workspace
 from .replay import MemoryState, parse_every, replay, seed_from_state, step_times
 from .sources import Tables, load_tables
@@ -83,33 +84,80 @@ class Simulation:
 
 
 def simulate(root: Path | str, start, end, every: str = "1d", diff: Path | str | None = None, *,
-             due: bool = False, top: int = TOP_CUSTOMERS, fresh: bool = False) -> Simulation:
+             due: bool = False, top: int = TOP_CUSTOMERS, fresh: bool = False,
+             engine: str | None = None, scheduler: str | None = None,
+             partitions: int | None = None) -> Simulation:
     """Forecast the runs from ``start`` to ``end`` (every ``every``, at ``start``'s time of day).
 
     The simulation continues from the runs the state database recorded before ``start``
     (read from a copy, never written), or starts from scratch without one or with ``fresh``.
-    With ``diff``, the other workspace's rules are forecast from the same starting state."""
+    With ``diff``, the other workspace's rules are forecast from the same starting state.
+    ``engine``: ``local`` (the default: each step evaluates, here, only the customers who can
+    get an offer) or ``dask`` (each step is evaluated on a Dask cluster, started once for the
+    whole simulation, partition by partition, with ``partitions``); the forecast is the same."""
     from .workspace import load_workspace
     started = time.perf_counter()
     workspace = load_workspace(root)
-    tables = load_tables(workspace.settings, workspace.root)
+    engine = engine or workspace.settings.engine
     times = step_times(start, end, every, workspace.settings.timezone)
-    with seed_from_state(workspace, times[0], fresh) as seed:
-        result = _forecast(workspace, tables, times, due, top, start, end, every, seed.state(workspace))
-        if diff is not None:
-            other = load_workspace(diff)
-            other_tables = tables if dict(other.settings.data) == dict(workspace.settings.data) else \
-                load_tables(other.settings, other.root)
-            other_result = _forecast(other, other_tables, times, due, top, start, end, every, seed.state(other))
-            result.diff = compare(result, other_result)
-    result.earlier_runs = seed.runs
-    result.last_run = seed.last_run
+    if engine == "dask":
+        from .dask_engine import cluster
+        with cluster(scheduler or workspace.settings.scheduler) as client:
+            result = _simulate(workspace, times, diff, due, top, fresh, start, end, every,
+                               lambda ws: _on_dask(ws, client, partitions or ws.settings.partitions))
+    elif engine == "local":
+        if scheduler:
+            raise LoyaltyError("--scheduler needs the dask engine: add --engine dask")
+        result = _simulate(workspace, times, diff, due, top, fresh, start, end, every, None)
+    else:
+        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
 
-def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end, every,
-              state: MemoryState) -> Simulation:
+def _simulate(workspace, times, diff, due, top, fresh, start, end, every, decider) -> Simulation:
+    from .workspace import load_workspace
+    tables = load_tables(workspace.settings, workspace.root) if decider is None else None
+    with seed_from_state(workspace, times[0], fresh) as seed:
+        result = _forecast(workspace, tables, times, due, top, start, end, every,
+                           _start_state(seed, workspace, decider), decider and decider(workspace))
+        if diff is not None:
+            other = load_workspace(diff)
+            other_tables = None
+            if decider is None:
+                other_tables = tables if dict(other.settings.data) == dict(workspace.settings.data) else \
+                    load_tables(other.settings, other.root)
+            other_result = _forecast(other, other_tables, times, due, top, start, end, every,
+                                     _start_state(seed, other, decider), decider and decider(other))
+            result.diff = compare(result, other_result)
+    result.earlier_runs = seed.runs
+    result.last_run = seed.last_run
+    return result
+
+
+def _start_state(seed, workspace: Workspace, decider) -> MemoryState:
+    state = seed.state(workspace)
+    if decider is not None and seed.runs:
+        # a cluster's tasks cannot ask the state database: they are shipped the keys
+        state.recorded.update(seed.all_recorded_before())
+    return state
+
+
+def _on_dask(workspace: Workspace, client, partitions: int | None):
+    """A step evaluated on the cluster, with the simulation's in-memory history."""
+    from .dask_engine import evaluate_on_dask
+
+    def decide(ctx, campaigns, state: MemoryState):
+        decided = evaluate_on_dask(workspace, ctx, campaigns=campaigns, partitions=partitions,
+                                   client=client, recorded=state.recorded)
+        decide.customers = decided.customers
+        return decided.evaluation, decided.evaluation.edge_state
+    decide.customers = 0
+    return decide
+
+
+def _forecast(workspace: Workspace, tables: Tables | None, times, due, top, start, end, every,
+              state: MemoryState, decide=None) -> Simulation:
     binding: list[dict] = []
 
     def watch(as_of, evaluation):
@@ -119,7 +167,7 @@ def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end,
                                 "fired": funnel["arbitration"], "kept": funnel["budget"],
                                 "lost": funnel["arbitration"] - funnel["budget"]})
 
-    offers = replay(workspace, tables, times, due=due, state=state, on_step=watch)
+    offers = replay(workspace, tables, times, due=due, state=state, on_step=watch, decide=decide)
     point_value = workspace.settings.point_value
     week_of = {t: f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}" for t in times}
     offers = offers.assign(
@@ -155,7 +203,7 @@ def _forecast(workspace: Workspace, tables: Tables, times, due, top, start, end,
                  "campaigns": sorted(theirs[r.customer_id])} for r in counts.itertuples()]
     local = [t.isoformat() for t in times]
     return Simulation(str(workspace.root), local[0] if local else str(start), local[-1] if local else str(end),
-                      str(every), local, campaigns, weeks, binding, most, customers=len(tables.customers),
+                      str(every), local, campaigns, weeks, binding, most, customers=len(tables.customers) if tables is not None else decide.customers,
                       offers=offers.drop(columns=["week"]))
 
 

@@ -354,3 +354,29 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     expected = _apply_budgets(workspace, candidates, funnels)
     assert sorted(kept["firing_key"]) == sorted(expected["firing_key"])
     assert len(kept) < len(candidates)
+
+
+def _forecast(result) -> dict:
+    data = result.as_dict()
+    return {k: data[k] for k in ("steps", "campaigns", "weeks", "budget_binding", "top_customers",
+                                 "customers", "earlier_runs")}
+
+
+def test_simulate_on_dask_forecasts_what_the_local_simulation_forecasts(tight, tmp_path, cluster):
+    """A week of daily runs with binding budgets, from scratch and continuing after a real
+    run: every step evaluated on the cluster (one cluster for the whole simulation, the
+    in-memory history shipped to the tasks) gives the local forecast, step for step."""
+    from engine.simulation import simulate
+    root = Path(shutil.copytree(tight, tmp_path / "ws"))
+    start, end = DEMO_AS_OF, "2026-11-30"
+    address = cluster[0].scheduler_address
+    local = simulate(root, start, end, fresh=True)
+    remote = simulate(root, start, end, fresh=True, engine="dask", scheduler=address, partitions=3)
+    assert local.total_offers > 0 and any(c.budget_bound_runs for c in local.campaigns)
+    assert _forecast(remote) == _forecast(local)
+
+    assert api.run(root, DEMO_AS_OF, deliver=False).new_offers > 0
+    later = "2026-11-24T10:00:00+08:00"
+    local = simulate(root, later, end)
+    remote = simulate(root, later, end, engine="dask", scheduler=address, partitions=3)
+    assert local.earlier_runs == 1 and _forecast(remote) == _forecast(local)
