@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,7 +72,7 @@ def run_context(workspace: Workspace, as_of: pd.Timestamp, store=None,
                 true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
     return RunContext(as_of, previous_as_of, contacts, edge_state,
-                      recorded=lambda keys: _recorded_at(store, keys))
+                      recorded=store.recorded_at)
 
 
 def _utc_key(stamp: pd.Timestamp) -> str:
@@ -93,17 +92,6 @@ def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.Data
     frame = pd.DataFrame(rows)
     frame["contacted_at"] = pd.to_datetime(frame["contacted_at"], utc=True, format="ISO8601")
     return frame
-
-
-def _recorded_at(store, keys: list[str]) -> dict[str, str]:
-    """firing key -> as_of (UTC) of the run that recorded it, for the keys already recorded."""
-    found: dict[str, str] = {}
-    for start in range(0, len(keys), 50_000):
-        chunk = json.dumps(list(keys[start:start + 50_000]))
-        found.update((row["firing_key"], row["as_of_utc"]) for row in store.db.query(
-            "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
-            "WHERE o.firing_key IN (SELECT value FROM json_each(?))", [chunk]))
-    return found
 
 
 EVALUATED = "*"   # trigger-state row saying a `becomes` condition has been evaluated before

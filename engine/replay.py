@@ -117,23 +117,13 @@ class Seed:
 
     def all_recorded_before(self) -> dict[str, str]:
         """Every firing recorded before the first step (what a cluster's tasks are shipped)."""
-        if self.store is None:
-            return {}
-        before = self.before.tz_convert("UTC").isoformat(timespec="seconds")
-        return {row["firing_key"]: row["as_of_utc"] for row in self.store.db.query(
-            "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
-            "WHERE r.as_of_utc < ?", [before])}
+        return self.store.recorded_at(before=self._before_utc()) if self.store is not None else {}
 
     def _recorded_before(self, keys: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        before = self.before.tz_convert("UTC").isoformat(timespec="seconds")
-        for start in range(0, len(keys), 900):
-            chunk = keys[start:start + 900]
-            marks = ",".join("?" * len(chunk))
-            found.update((row["firing_key"], row["as_of_utc"]) for row in self.store.db.query(
-                "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id "
-                f"WHERE r.as_of_utc < ? AND o.firing_key IN ({marks})", [before, *chunk]))
-        return found
+        return self.store.recorded_at(keys, before=self._before_utc())
+
+    def _before_utc(self) -> str:
+        return self.before.tz_convert("UTC").isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager

@@ -413,6 +413,23 @@ class StateStore:
                 [json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 
+    def recorded_at(self, firing_keys: Iterable[str] | None = None, before: str | None = None) -> dict[str, str]:
+        """firing key -> as_of (UTC) of the run that recorded it: for the given keys (all
+        recorded firings with None), of runs at an as_of before ``before`` (UTC ISO) if given."""
+        sql = "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id WHERE 1"
+        params: list = []
+        if before is not None:
+            sql += " AND r.as_of_utc < ?"
+            params.append(before)
+        if firing_keys is None:
+            return dict(self.db.execute(sql, params).fetchall())
+        keys = list(firing_keys)
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), 50_000):
+            found.update(self.db.execute(sql + " AND o.firing_key IN (SELECT value FROM json_each(?))",
+                                         [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
+        return found
+
     def record_run(self, run_id: str, offers: list[dict],
                    trigger_state_rows: Iterable[dict] | pd.DataFrame = (),
                    points_rows: list[dict] | None = None,
@@ -674,7 +691,7 @@ class StateStore:
         for start in range(0, len(order), page):
             chunk = order[start:start + page]
             rows = {row.pop("rowid_"): row for row in self.db.query(
-                f"SELECT rowid AS rowid_, * FROM offers WHERE rowid IN (SELECT value FROM json_each(?))",
+                "SELECT rowid AS rowid_, * FROM offers WHERE rowid IN (SELECT value FROM json_each(?))",
                 [json.dumps(chunk)])}
             yield [_decode(rows[rowid], JSON_OFFER_COLUMNS) for rowid in chunk if rowid in rows]
 
