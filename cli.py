@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from engine import __version__
+from engine.csv_export import csv_safe
 from engine.errors import LoyaltyError, RuleError
 
 workspace_argument = click.argument("workspace", type=click.Path(file_okay=False, path_type=Path),
@@ -56,14 +57,6 @@ def handle_errors(command):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
     return wrapper
-
-
-def csv_safe(value) -> str:
-    """Neutralise spreadsheet formulas: prefix ' to cells starting with = + - @ tab or CR."""
-    text = "" if value is None else str(value)
-    if text and text[0] in "=+-@\t\r":
-        return "'" + text
-    return text
 
 
 def _github_escape(text: str, property_value: bool = False) -> str:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .csv_export import csv_safe_frame
 from .evaluation import Evaluation
 
 OUTCOMES = {"segment": "not in segment", "trigger": "did not fire", "holdout": "held out",
             "offers": "offer"}
 CUSTOMER_COLUMNS = ("city", "tier", "locale", "timezone")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def trace_frame(evaluation: Evaluation, features: pd.DataFrame) -> pd.DataFrame:
@@ -66,21 +66,6 @@ def trace_frame(evaluation: Evaluation, features: pd.DataFrame) -> pd.DataFrame:
     for name in ("stage", "variant", "firing_key", "cost"):
         result[name] = trace[name].to_numpy()
     return result
-
-
-def csv_safe_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Text cells starting with = + - @, tab or carriage return get a leading ' (no formulas)."""
-    safe = frame.copy()
-    for name in safe.columns:
-        if safe[name].dtype.kind in "fiub" or pd.api.types.is_datetime64_any_dtype(safe[name].dtype):
-            continue
-        text = safe[name].astype(object)
-        risky = text.map(lambda v: isinstance(v, str) and v.startswith(_FORMULA_START)).to_numpy(dtype=bool)
-        if risky.any():
-            text = text.copy()
-            text[risky] = "'" + text[risky].astype(str)
-            safe[name] = text
-    return safe
 
 
 def write_trace(evaluation: Evaluation, features: pd.DataFrame, path: Path | str) -> int:
