@@ -19,6 +19,7 @@ from .pipeline import (Prepared, build_messages, edge_state_rows, make_renderer,
 from .policy import reachable
 from .preview import Preview, SampledEvaluation, diff_offers, explain_customer, sample_rows, summarise
 from .rewards import generate_codes
+from .settings import chosen_engine
 from .sources import Tables, load_tables
 from .store import StateStore
 from .workspace import ValidationResult, load_workspace, rule_version, validate_workspace
@@ -105,16 +106,10 @@ def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, 
     ``sample``: only a preview of N messages per campaign is wanted; the dask engine then
     leaves the offers on its workers and returns a ``SampledEvaluation``."""
     settings = workspace.settings
-    engine = engine or settings.engine
     partitions = partitions or settings.partitions
-    if engine == "local":
-        if scheduler:
-            raise LoyaltyError("--scheduler needs the dask engine: add --engine dask, "
-                               "or set engine: {kind: dask} in loyalty.yaml")
+    if chosen_engine(settings, engine, scheduler) == "local":
         return prepare_and_evaluate(workspace, as_of, store, since, campaigns, partitions,
                                     trace=trace, stream=stream, progress=progress)
-    if engine != "dask":
-        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
     if trace:
         raise LoyaltyError("--trace and --customer explain every customer and need the local engine: "
                            "run that preview with --engine local (the result is the same)")
@@ -124,9 +119,7 @@ def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, 
                    partitions=partitions, progress=progress)
     decided = (evaluate_on_dask(workspace, context, **options) if sample is None else
                preview_on_dask(workspace, context, sample, **options))
-    tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
-                    orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
-                    warnings=tuple(decided.table_warnings))
+    tables = Tables.read_elsewhere(decided.table_warnings)
     return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 

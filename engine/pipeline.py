@@ -132,9 +132,7 @@ def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, 
     decided = evaluate_streamed(workspace, context, partitions, campaigns, progress) if stream and not trace \
         else None
     if decided is not None:
-        tables = Tables(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}),
-                        orders=pd.DataFrame(), events=pd.DataFrame(), redemptions=None,
-                        warnings=decided.warnings)
+        tables = Tables.read_elsewhere(decided.warnings)
     else:
         tables = load_tables(workspace.settings, workspace.root)
         decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace, progress)

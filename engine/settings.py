@@ -7,7 +7,7 @@ from pathlib import Path
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from .errors import Problem
+from .errors import LoyaltyError, Problem
 from .model import ChannelDef, ContactPolicy, Settings, SourceDef
 from .rulefiles import SourceMap
 from .schema import did_you_mean
@@ -31,6 +31,18 @@ def whole_days_problem(smap: SourceMap, path: tuple, text: str) -> Problem | Non
         return None
     return smap.problem(path, f"'{text}' is not a whole number of days",
                         "days are whole calendar days: write 1d, 7d, 2w (or 24h, 48h)")
+
+
+def chosen_engine(settings: Settings, engine: str | None, scheduler: str | None) -> str:
+    """The engine a command runs on: its --engine, else loyalty.yaml's engine.kind (local by
+    default); a scheduler address only makes sense with the dask engine."""
+    engine = engine or settings.engine
+    if engine not in ("local", "dask"):
+        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
+    if engine == "local" and scheduler:
+        raise LoyaltyError("--scheduler needs the dask engine: add --engine dask, "
+                           "or set engine: {kind: dask} in loyalty.yaml")
+    return engine
 
 
 def percentage(text: str) -> float:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import LoyaltyError
 from .model import Workspace
 from .replay import MemoryState, parse_every, replay, seed_from_state, step_times
+from .settings import chosen_engine
 from .sources import Tables, load_tables
 
 __all__ = ["CampaignForecast", "MemoryState", "Simulation", "compare", "format_text", "parse_every",
@@ -98,19 +98,14 @@ def simulate(root: Path | str, start, end, every: str = "1d", diff: Path | str |
     from .workspace import load_workspace
     started = time.perf_counter()
     workspace = load_workspace(root)
-    engine = engine or workspace.settings.engine
     times = step_times(start, end, every, workspace.settings.timezone)
-    if engine == "dask":
+    if chosen_engine(workspace.settings, engine, scheduler) == "dask":
         from .dask_engine import cluster
         with cluster(scheduler or workspace.settings.scheduler) as client:
             result = _simulate(workspace, times, diff, due, top, fresh, start, end, every,
                                lambda ws: _on_dask(ws, client, partitions or ws.settings.partitions))
-    elif engine == "local":
-        if scheduler:
-            raise LoyaltyError("--scheduler needs the dask engine: add --engine dask")
-        result = _simulate(workspace, times, diff, due, top, fresh, start, end, every, None)
     else:
-        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
+        result = _simulate(workspace, times, diff, due, top, fresh, start, end, every, None)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 

@@ -103,6 +103,13 @@ class Tables:
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     types: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # table -> column -> type
 
+    @classmethod
+    def read_elsewhere(cls, warnings) -> "Tables":
+        """No rows here: the data was read partition by partition (a streamed preview, the
+        workers of a cluster); only what its loaders warned about."""
+        return cls(customers=pd.DataFrame({"customer_id": pd.Series(dtype=str)}), orders=pd.DataFrame(),
+                   events=pd.DataFrame(), redemptions=None, warnings=tuple(warnings))
+
 
 def column_types(tables: Tables, table: str = "customers") -> dict[str, str]:
     """Column name -> type (number/string/bool/date/timestamp) of one loaded table."""
