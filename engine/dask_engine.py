@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import LoyaltyError
-from .evaluation import combine_partitions
+from .evaluation import budget_caps, combine_partitions
 from .model import Workspace
-from .partition_tasks import (Job, budget_caps, context_slices, cutoffs_of, decide_partition, merge_counts,
+from .partition_tasks import (Job, context_slices, cutoffs_of, decide_partition, merge_counts,
                               merge_ranked, preview_of, ranked_of, recorded_by_partition, rfm_counts, rows_at,
                               summary_of, thresholds_of)
 from .partitioned_data import ensure_partitioned, estimated_customers

@@ -354,29 +354,42 @@ def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) ->
     return frame
 
 
-def within_budgets(workspace: Workspace, arbitrated: pd.DataFrame) -> pd.DataFrame:
+BUDGET_KEY = ["rank", "tiebreak", "firing_key"]
+
+
+def budget_sorted(group: pd.DataFrame) -> pd.DataFrame:
+    """Candidates in the order a budget keeps them: rank_by (highest first, missing last),
+    then the stable hash of the customer, then the firing key."""
+    return group.sort_values(BUDGET_KEY, ascending=[False, True, True], na_position="last", kind="stable")
+
+
+def budget_caps(workspace: Workspace) -> dict[str, tuple[int | None, float | None]]:
+    """Campaign -> (max_offers, max_cost) of every campaign with a budget."""
+    return {c.id: (c.budget.max_offers, c.budget.max_cost) for c in workspace.program.campaigns.values()
+            if c.budget.max_offers is not None or c.budget.max_cost is not None}
+
+
+def within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
     """One partition's arbitrated candidates without those its campaign's budget cannot keep
     whatever the other partitions hold: beyond max_offers in the budget order, or past
-    max_cost in its running cost (costs are never negative, so what a budget keeps is a
-    prefix of the order). Applying the budgets to the pooled rest decides the same."""
-    if not len(arbitrated):
+    max_cost in its running cost (when costs are never negative, what a budget keeps is a
+    prefix of the order). Applying the budgets to the pooled rest decides the same.
+    ``caps``: ``budget_caps(workspace)``."""
+    if not len(arbitrated) or not caps:
         return arbitrated
     keep = np.ones(len(arbitrated), dtype=bool)
     campaign = arbitrated["campaign"].to_numpy()
-    for campaign_id in np.unique(campaign):
-        budget = workspace.program.campaigns[campaign_id].budget
-        if budget.max_offers is None and budget.max_cost is None:
-            continue
+    for campaign_id, (max_offers, max_cost) in caps.items():
         rows = np.flatnonzero(campaign == campaign_id)
-        group = arbitrated.iloc[rows].reset_index(drop=True)
-        ordered = rows[group.sort_values(["rank", "tiebreak", "firing_key"], ascending=[False, True, True],
-                                         na_position="last", kind="stable").index.to_numpy()]
+        if not len(rows):
+            continue
+        ordered = rows[budget_sorted(arbitrated.iloc[rows].reset_index(drop=True)).index.to_numpy()]
         cut = np.zeros(len(ordered), dtype=bool)
-        if budget.max_offers is not None:
-            cut |= np.arange(len(ordered)) >= budget.max_offers
+        if max_offers is not None:
+            cut |= np.arange(len(ordered)) >= max_offers
         costs = arbitrated["cost"].to_numpy(dtype=float)[ordered]
-        if budget.max_cost is not None and (costs >= 0).all():
-            cut |= np.cumsum(costs) > budget.max_cost + 1e-9
+        if max_cost is not None and (costs >= 0).all():
+            cut |= np.cumsum(costs) > max_cost + 1e-9
         keep[ordered[cut]] = False
     return arbitrated if keep.all() else arbitrated[keep]
 
@@ -388,8 +401,7 @@ def _apply_budgets(workspace: Workspace, offers: pd.DataFrame, funnels) -> pd.Da
     for campaign_id, group in offers.groupby("campaign", sort=True):
         budget = workspace.program.campaigns[campaign_id].budget
         if budget.max_offers is not None or budget.max_cost is not None:
-            group = group.sort_values(["rank", "tiebreak", "firing_key"], ascending=[False, True, True],
-                                      na_position="last", kind="stable")
+            group = budget_sorted(group)
             keep = np.ones(len(group), dtype=bool)
             if budget.max_offers is not None:
                 keep &= np.arange(len(group)) < budget.max_offers

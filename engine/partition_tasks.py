@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import LoyaltyError
-from .evaluation import PartitionDecision, evaluate_partition
+from .evaluation import BUDGET_KEY, PartitionDecision, budget_sorted, evaluate_partition, within_budgets
 from .features import finish_features, local_features, rfm_inputs
 from .model import Workspace
 from .partitioned_data import partition_folder, partition_settings, partitioned_folder
@@ -101,12 +101,6 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
                               edge_state=edge_state, recorded=Recorded(recorded[number])))
     return slices
-
-
-def budget_caps(workspace: Workspace) -> dict[str, tuple[int | None, float | None]]:
-    """Campaign -> (max_offers, max_cost) of every campaign with a budget."""
-    return {c.id: (c.budget.max_offers, c.budget.max_cost) for c in workspace.program.campaigns.values()
-            if c.budget.max_offers is not None or c.budget.max_cost is not None}
 
 
 # --------------------------------------------------------------------------- in a task
@@ -223,19 +217,10 @@ def decide_partition(job: Job, number: int, ctx: RunContext, thresholds: dict,
     return decision, rows, len(features), list(tables.warnings)
 
 
-RANK_KEY = ["rank", "tiebreak", "firing_key"]
-
-
-def _budget_order(group: pd.DataFrame) -> pd.Index:
-    """The budget order of ``evaluation._apply_budgets``: rank (highest first, missing last),
-    then the stable hash, then the firing key."""
-    return group.sort_values(RANK_KEY, ascending=[False, True, True], na_position="last", kind="stable").index
-
-
 def _budget_prefix(group: pd.DataFrame, max_offers: int | None, max_cost: float | None) -> pd.DataFrame | None:
     """``group`` (rank, tiebreak, firing_key, cost) in budget order, cut to the prefix the
     budget keeps; None when costs are not all >= 0 (the kept set is then no prefix)."""
-    ordered = group.loc[_budget_order(group)]
+    ordered = budget_sorted(group)
     costs = ordered["cost"].to_numpy(dtype=float)
     if not (costs >= 0).all():
         return None
@@ -243,26 +228,6 @@ def _budget_prefix(group: pd.DataFrame, max_offers: int | None, max_cost: float 
     if max_cost is not None:
         keep = min(keep, int(np.searchsorted(np.cumsum(costs) > max_cost + 1e-9, True)))
     return ordered.iloc[:keep]
-
-
-def within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
-    """Drop the candidates a campaign's budget cannot keep whatever the other partitions
-    hold: beyond max_offers in this partition's own budget order, or past max_cost in its
-    running cost (costs are never negative, so the kept set is a prefix of the order)."""
-    if not len(arbitrated) or not caps:
-        return arbitrated
-    arbitrated = arbitrated.reset_index(drop=True)
-    keep = np.ones(len(arbitrated), dtype=bool)
-    campaign = arbitrated["campaign"].to_numpy()
-    for campaign_id, (max_offers, max_cost) in caps.items():
-        rows = np.flatnonzero(campaign == campaign_id)
-        if not len(rows):
-            continue
-        kept = _budget_prefix(arbitrated.iloc[rows][[*RANK_KEY, "cost"]], max_offers, max_cost)
-        if kept is not None:
-            keep[rows] = False
-            keep[kept.index.to_numpy()] = True
-    return arbitrated[keep]
 
 
 def ranked_of(result: tuple, caps: dict) -> dict[str, pd.DataFrame]:
@@ -273,7 +238,7 @@ def ranked_of(result: tuple, caps: dict) -> dict[str, pd.DataFrame]:
         return {}
     arbitrated = decision.arbitrated
     campaign = arbitrated["campaign"].to_numpy()
-    return {campaign_id: arbitrated.loc[campaign == campaign_id, [*RANK_KEY, "cost"]].reset_index(drop=True)
+    return {campaign_id: arbitrated.loc[campaign == campaign_id, [*BUDGET_KEY, "cost"]].reset_index(drop=True)
             for campaign_id in caps if (campaign == campaign_id).any()}
 
 
@@ -295,7 +260,7 @@ def cutoffs_of(ranked: dict, caps: dict) -> dict[str, tuple | None]:
     for campaign_id, group in ranked.items():
         kept = _budget_prefix(group, *caps[campaign_id])
         if kept is not None:
-            cutoffs[campaign_id] = tuple(kept.iloc[-1][RANK_KEY]) if len(kept) else None
+            cutoffs[campaign_id] = tuple(kept.iloc[-1][BUDGET_KEY]) if len(kept) else None
     return cutoffs
 
 
@@ -312,9 +277,9 @@ def within_cutoffs(arbitrated: pd.DataFrame, cutoffs: dict) -> pd.DataFrame:
         keep[rows] = False
         if cutoff is None:
             continue
-        group = arbitrated.iloc[rows][RANK_KEY].reset_index(drop=True)
-        sentinel = pd.DataFrame([cutoff], columns=RANK_KEY, index=[len(group)]).astype(group.dtypes.to_dict())
-        order = _budget_order(pd.concat([group, sentinel])).to_numpy()
+        group = arbitrated.iloc[rows][BUDGET_KEY].reset_index(drop=True)
+        sentinel = pd.DataFrame([cutoff], columns=BUDGET_KEY, index=[len(group)]).astype(group.dtypes.to_dict())
+        order = budget_sorted(pd.concat([group, sentinel])).index.to_numpy()
         before = order[:int(np.flatnonzero(order == len(group))[0])]      # stable: the cut-off row itself too
         keep[rows[before]] = True
     return arbitrated[keep]

@@ -35,7 +35,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .evaluation import Evaluation, combine_partitions, evaluate, evaluate_partition, within_budgets
+from .evaluation import (Evaluation, budget_caps, combine_partitions, evaluate, evaluate_partition,
+                         within_budgets)
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
 from .partitioned_data import (ensure_partitioned, estimated_customers, is_current, partition_folder,
@@ -156,13 +157,14 @@ def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns
     scores = dict(zip(inputs, _global_rfm(list(inputs.values()))))
 
     decisions, kept, offset, customers = [], [], 0, 0
+    caps = budget_caps(workspace)
     for number in inputs:
         _say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
         features = finish_features(local, program, settings, ctx.as_of, scores[number])
         customers += len(features)
         decision = evaluate_partition(workspace, part, features, ctx, campaigns)
-        decision.arbitrated = within_budgets(workspace, decision.arbitrated)
+        decision.arbitrated = within_budgets(decision.arbitrated, caps)
         positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
         rows = features.iloc[positions].reset_index(drop=True)
         if spill is not None:

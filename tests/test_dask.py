@@ -327,9 +327,8 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     per-partition cut, the pairwise merges and the cut-offs keep exactly the candidates that
     the local engine's one budget step over all of them keeps."""
     import numpy as np
-    from engine.partition_tasks import (budget_caps, cutoffs_of, merge_ranked, ranked_of, within_budgets,
-                                        within_cutoffs)
-    from engine.evaluation import STAGES, PartitionDecision, _apply_budgets
+    from engine.partition_tasks import cutoffs_of, merge_ranked, ranked_of, within_cutoffs
+    from engine.evaluation import STAGES, PartitionDecision, _apply_budgets, budget_caps, within_budgets
     workspace = load_workspace(tight)
     caps = budget_caps(workspace)
     rng = np.random.default_rng(seed)
