@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import re
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 
 from .errors import DataError
 from .model import Settings, SourceDef
+
+ACTIVITY_TABLES = ("orders", "events")     # linked to the customers by customer_id
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "customers": ("customer_id",),
@@ -702,16 +705,26 @@ def _customer_codes(customer_ids: pd.Series, customer_raw: pd.Series, ids: pd.Se
     return np.asarray(found.fill_null(-1), dtype=np.int64)
 
 
-def _load_activity(source: SourceDef | None, table: str, root: Path, settings: Settings,
-                   customers: pd.DataFrame, customer_raw: pd.Series,
-                   warnings: list[str],
-                   as_source: bool = False) -> tuple[pd.DataFrame, dict[str, str], str | None]:
-    """Orders or events: validated, typed, unknown customers dropped, ``cust_code`` added."""
+@dataclass
+class _Activity:
+    """Orders or events read and validated, not yet linked to the customers."""
+
+    raw: _Raw | None
+    frame: pd.DataFrame
+    types: dict[str, str]
+    warnings: list[str]
+    raw_ids: pd.Series | None = None     # customer_id as read (integer ids link without text)
+
+
+def _read_activity(source: SourceDef | None, table: str, root: Path, settings: Settings,
+                   as_source: bool = False) -> _Activity:
+    """Orders or events read, validated and typed (needs nothing of the customers table)."""
     id_column = ID_COLUMNS[table]
     tz = settings.timezone
+    warnings: list[str] = []
     if source is None:
         frame = _empty_activity(table, tz)
-        return frame, {c: KNOWN_COLUMNS[table][c] for c in REQUIRED_COLUMNS[table]}, None
+        return _Activity(None, frame, {c: KNOWN_COLUMNS[table][c] for c in REQUIRED_COLUMNS[table]}, warnings)
     raw = _read(source, root, as_source)
     frame = _apply_mapping(raw, source)
     _check_required(frame, table, raw)
@@ -746,8 +759,17 @@ def _load_activity(source: SourceDef | None, table: str, root: Path, settings: S
     extra, extra_types = _typed_columns(raw, frame, source, table, tz)
     columns.update(extra)
     types.update(extra_types)
-    result = pd.DataFrame(columns)
-    codes = _customer_codes(customers["customer_id"], customer_raw, cust, frame["customer_id"])
+    return _Activity(raw, pd.DataFrame(columns), types, warnings, frame["customer_id"])
+
+
+def _link_activity(activity: _Activity, table: str, customers: pd.DataFrame, customer_raw: pd.Series,
+                   warnings: list[str]) -> tuple[pd.DataFrame, dict[str, str], str | None]:
+    """Each row's customer as ``cust_code``; rows of unknown customers dropped with a warning."""
+    raw, result, types = activity.raw, activity.frame, activity.types
+    if raw is None:
+        return result, types, None
+    cust = result["customer_id"]
+    codes = _customer_codes(customers["customer_id"], customer_raw, cust, activity.raw_ids)
     unknown = np.flatnonzero(codes < 0)
     if unknown.size:
         warnings.append(DataWarning((TABLE_ORDER[table], 2), f"{raw.label}: \0count\0 {table[:-1]}(s) for "
@@ -793,18 +815,31 @@ def load_tables(settings: Settings, root: Path, *, as_source: bool = False) -> T
     if "customers" not in data:
         raise DataError("loyalty.yaml", "no customers table under data:",
                         hint="e.g. data: {customers: {path: data/customers.csv}}")
-    warnings: list[str] = []
-    customers, customer_types, raw, customer_raw = _load_customers(data["customers"], root, settings,
-                                                                   as_source, warnings)
-    fingerprints = {"customers": raw.fingerprint}
-    types = {"customers": customer_types}
-    frames = {}
-    for table in ("orders", "events"):
-        frame, table_types, fingerprint = _load_activity(data.get(table), table, root, settings,
-                                                         customers, customer_raw, warnings, as_source)
-        frames[table], types[table] = frame, table_types
-        if fingerprint:
-            fingerprints[table] = fingerprint
+    # The three tables load side by side (reading, parsing and checking are mostly Arrow and
+    # numpy work, which runs outside the GIL); orders and events wait for the customers only
+    # to be linked to them. Errors and warnings come in table order, as from one at a time.
+    said: dict[str, list[str]] = {table: [] for table in ("customers", *ACTIVITY_TABLES)}
+    with ThreadPoolExecutor(max_workers=1 + len(ACTIVITY_TABLES), thread_name_prefix="loyalty-load") as pool:
+        loading = pool.submit(_load_customers, data["customers"], root, settings, as_source,
+                              said["customers"])
+
+        def activity(table: str):
+            read = _read_activity(data.get(table), table, root, settings, as_source)
+            said[table].extend(read.warnings)
+            customers, _, _, customer_raw = loading.result()
+            return _link_activity(read, table, customers, customer_raw, said[table])
+
+        linking = {table: pool.submit(activity, table) for table in ACTIVITY_TABLES}
+        customers, customer_types, raw, customer_raw = loading.result()
+        fingerprints = {"customers": raw.fingerprint}
+        types = {"customers": customer_types}
+        frames = {}
+        for table in ACTIVITY_TABLES:
+            frame, table_types, fingerprint = linking[table].result()
+            frames[table], types[table] = frame, table_types
+            if fingerprint:
+                fingerprints[table] = fingerprint
+    warnings = [warning for table in said for warning in said[table]]
     redemptions = None
     if data.get("redemptions") is not None:
         redemptions, types["redemptions"], fingerprints["redemptions"] = _load_redemptions(

@@ -48,14 +48,15 @@ def local_dates(features: pd.DataFrame, as_of: pd.Timestamp, default_tz: str) ->
     """``as_of``'s calendar date in each customer's timezone (datetime64[D])."""
     if "timezone" not in features:
         return np.full(len(features), np.datetime64(as_of.tz_convert(default_tz).date(), "D"))
-    zones = features["timezone"].astype("object").where(features["timezone"].notna(), default_tz)
-    dates = {}
-    for zone in pd.unique(zones):
+    codes, zones = pd.factorize(features["timezone"])     # a handful of zones, a code per customer
+    default = np.datetime64(as_of.tz_convert(default_tz).date(), "D")
+    dates = np.full(len(zones) + 1, default, dtype="datetime64[D]")    # code -1 (none): the programme's
+    for code, zone in enumerate(zones):
         try:
-            dates[zone] = np.datetime64(as_of.tz_convert(zone).date(), "D")
+            dates[code] = np.datetime64(as_of.tz_convert(str(zone)).date(), "D")
         except Exception:  # an invalid zone the loader did not catch: the programme's
-            dates[zone] = np.datetime64(as_of.tz_convert(default_tz).date(), "D")
-    return zones.map(dates).to_numpy(dtype="datetime64[D]")
+            pass
+    return dates[codes]
 
 
 def _window(features, ctx: RunContext, default_tz) -> tuple[np.ndarray, np.ndarray]:
