@@ -37,6 +37,12 @@ def engine_options(command):
                         help="Where to evaluate (default: engine.kind in loyalty.yaml, else local).")(command)
 
 
+workers_option = click.option(
+    "--workers", type=click.IntRange(1, 256), default=None,
+    help="Processes deciding for the customers at once with the local engine (default: engine.workers in "
+         "loyalty.yaml, else one per CPU core for large programmes; 1: one process).")
+
+
 def format_option(*choices: str):
     return click.option("--format", "fmt", type=click.Choice(choices), default=choices[0], show_default=True,
                         help="Output format.")
@@ -147,16 +153,17 @@ def validate(workspace: Path, fmt: str):
               help="Write every customer's outcome per campaign and the stage that stopped it "
                    "(.parquet, else CSV).")
 @engine_options
+@workers_option
 @format_option("table", "json", "csv")
 @handle_errors
 def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_path, engine, scheduler,
-            partitions, fmt):
+            partitions, workers, fmt):
     """Dry run: who would get what, and why. Writes nothing."""
     from engine.api import preview as run_preview, write_preview_trace
     from engine.report_text import print_preview
     result = run_preview(workspace, as_of, campaigns=list(campaigns) or None, customer=customer,
                          diff=diff, sample=sample, since=since, trace=trace_path is not None,
-                         partitions=partitions, engine=engine, scheduler=scheduler,
+                         partitions=partitions, engine=engine, scheduler=scheduler, workers=workers,
                          progress=_progress_echo if fmt == "table" else None)
     if trace_path is not None:
         rows = write_preview_trace(result, trace_path)
@@ -184,14 +191,15 @@ def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_pa
 @click.option("--no-deliver", is_flag=True, help="Record the offers without delivering them.")
 @click.option("--now", default=None, help="Delivery clock (default: the real time).")
 @engine_options
+@workers_option
 @format_option("text", "json")
 @handle_errors
-def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, partitions, fmt):
+def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, partitions, workers, fmt):
     """Evaluate, record the offers, and deliver them. Safe to rerun."""
     from engine.api import run as do_run
     result = do_run(workspace, as_of, campaigns=list(campaigns) or None, due=due,
                     deliver=not no_deliver, now=now, progress=fmt == "text",
-                    partitions=partitions, engine=engine, scheduler=scheduler)
+                    partitions=partitions, engine=engine, scheduler=scheduler, workers=workers)
     if fmt == "json":
         _echo_json(result.as_dict())
     else:

@@ -45,11 +45,12 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
             customer: str | None = None, diff: Path | str | None = None, sample: int = 3,
             since=None, trace: bool = False, partitions: int | None = None,
             engine: str | None = None, scheduler: str | None = None,
-            progress: Callable[[str], None] | None = None) -> Preview:
+            progress: Callable[[str], None] | None = None, workers: int | None = None) -> Preview:
     """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state.
 
     ``partitions``: evaluate that many partitions of customers one after the other
     (None: chosen from the data size and free memory); the result is the same.
+    ``workers``: how many processes decide at once with the local engine (``parallel``).
     ``engine``/``scheduler``: where to evaluate (see ``_decide``). ``trace``: keep every
     customer's stopping stage, for ``preview_trace``."""
     workspace = load_workspace(root)
@@ -59,15 +60,16 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     store = _open_store(workspace, create=False)
     try:     # open until the end: --diff evaluates the other rules against the same history
         return _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace,
-                        partitions, engine, scheduler, progress)
+                        partitions, engine, scheduler, progress, workers)
     finally:
         if store is not None:
             store.close()
 
 
 def _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace, partitions,
-             engine, scheduler, progress) -> Preview:
+             engine, scheduler, progress, workers) -> Preview:
     prepared, evaluation = _decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
+                                   workers=workers,
                                    engine=engine, scheduler=scheduler, progress=progress,
                                    trace=trace or customer is not None, stream=diff is None,
                                    sample=sample if diff is None else None)
@@ -100,7 +102,7 @@ def write_preview_trace(result: Preview, path: Path | str) -> int:
 
 
 def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, *, partitions=None,
-            engine=None, scheduler=None, progress=None, trace=False, stream=False, sample=None):
+            engine=None, scheduler=None, progress=None, trace=False, stream=False, sample=None, workers=None):
     """Evaluate on the chosen engine: ``local`` (in this process, a partition at a time) or
     ``dask`` (each partition a task on a cluster). Options override loyalty.yaml's ``engine:``.
     ``sample``: only a preview of N messages per campaign is wanted; the dask engine then
@@ -109,7 +111,8 @@ def _decide(workspace: Workspace, as_of: pd.Timestamp, store, since, campaigns, 
     partitions = partitions or settings.partitions
     if chosen_engine(settings, engine, scheduler) == "local":
         return prepare_and_evaluate(workspace, as_of, store, since, campaigns, partitions,
-                                    trace=trace, stream=stream, progress=progress)
+                                    trace=trace, stream=stream, progress=progress,
+                                    workers=workers or settings.workers)
     if trace:
         raise LoyaltyError("--trace and --customer explain every customer and need the local engine: "
                            "run that preview with --engine local (the result is the same)")
@@ -181,10 +184,11 @@ def due_campaigns(workspace: Workspace, store: StateStore, as_of: pd.Timestamp) 
 
 def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due: bool = False,
         deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: bool = False,
-        partitions: int | None = None, engine: str | None = None, scheduler: str | None = None) -> RunResult:
+        partitions: int | None = None, engine: str | None = None, scheduler: str | None = None,
+        workers: int | None = None) -> RunResult:
     """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due.
 
-    ``engine``/``scheduler``/``partitions`` choose where and in how many pieces the
+    ``engine``/``scheduler``/``partitions``/``workers`` choose where and in how many pieces the
     evaluation runs; recording and delivery are the same on every engine."""
     started = time.perf_counter()
     workspace = load_workspace(root)
@@ -203,6 +207,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             if selected is not None and not selected:
                 return result
             prepared, evaluation = _decide(workspace, as_of, store, None, selected, partitions=partitions,
+                                           workers=workers,
                                            engine=engine, scheduler=scheduler,
                                            progress=_say if progress else None)
             timings["evaluate"] = round(time.perf_counter() - started, 3)

@@ -72,6 +72,7 @@ def firing_keys(campaign: str, customer_ids: np.ndarray, suffixes: np.ndarray) -
 
 def offer_ids(keys) -> np.ndarray:
     """A stable offer id per firing key (the same firing always has the same id)."""
+    keys = pd.Series(keys, dtype=object).tolist()     # plain strings: iterating Arrow text is slow
     return np.array(["of_" + hashlib.sha256(k.encode()).hexdigest()[:20] for k in keys], dtype=object)
 
 
@@ -228,14 +229,14 @@ def combine_partitions(workspace: Workspace, as_of: pd.Timestamp, parts: list[Pa
     if len(offers):
         offers["offer_id"] = offer_ids(offers["firing_key"])
         offers["send_at"] = send_times(offers["timezone"].reset_index(drop=True), as_of,
-                                       settings.contact_policy, settings.timezone).to_numpy()
+                                       settings.contact_policy, settings.timezone).array
     else:   # the same columns when nobody gets an offer
         offers = offers.assign(offer_id=pd.Series(dtype=object),
                                send_at=pd.Series(dtype="datetime64[us, UTC]"))
     offers = offers.drop(columns=["timezone"], errors="ignore")
     same_run = set().union(*(p.same_run for p in parts))
-    offers["recorded"] = np.fromiter((key in same_run for key in offers["firing_key"]), dtype=bool,
-                                     count=len(offers))
+    offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if same_run \
+        else np.zeros(len(offers), dtype=bool)
     holdouts = [p.holdouts for p in parts if len(p.holdouts)]
     holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(columns=HOLDOUT_COLUMNS)
     edge_state: dict[str, frozenset] = {}

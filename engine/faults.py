@@ -1,7 +1,7 @@
 """Fault injection for crash-safety tests: a named checkpoint kills the process on request.
 
 Set ``LOYALTY_CRASH_AT`` to a checkpoint name (``after_evaluation``, ``mid_transaction``,
-``after_commit``, ``mid_delivery``) and the process is killed with SIGKILL there, as a power
+``after_commit``, ``mid_delivery``; ``in_worker``: a worker process of ``parallel``) and the process is killed with SIGKILL there, as a power
 cut or the OOM killer would. Unset, a checkpoint does nothing.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-CHECKPOINTS = ("after_evaluation", "mid_transaction", "after_commit", "mid_delivery")
+CHECKPOINTS = ("after_evaluation", "mid_transaction", "after_commit", "mid_delivery", "in_worker")
 
 
 def checkpoint(name: str) -> None:

@@ -9,6 +9,7 @@ wall-clock time N days before ``as_of`` (see docs/data.md).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -468,19 +469,26 @@ def local_features(tables: Tables, program: Program, settings: Settings,
     customers = tables.customers.reset_index(drop=True)
     n = len(customers)
     orders, events = _Activity.of(tables.orders), _Activity.of(tables.events)
-    built = _order_features(orders, n, as_of, timezone)
-    built.update(_customer_features(customers, as_of))
-    built.update(_event_features(events, n, as_of))
-    empty = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
-    built.update({name: empty for name in ("rfm_r", "rfm_f", "rfm_m", "rfm_score")})  # ranked later
-    built["tier"] = pd.array([None] * n, dtype="string")
-    columns = {name: built[name] for name in BUILTIN_FEATURES}
-    frame = pd.concat([customers, pd.DataFrame(columns, index=customers.index)], axis=1)
     activity = {"orders": orders, "events": events}
-    for name in feature_order(program.features, program.tiers):
-        feature = program.features.get(name)
-        if feature is not None and feature.expr is None:
-            frame[name] = _aggregate(feature, activity[feature.source], n, as_of)
+    aggregated = [name for name in feature_order(program.features, program.tiers)
+                  if name in program.features and program.features[name].expr is None]
+    # the groups of features are independent numpy work, which runs outside the GIL: two at a time
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loyalty-features") as pool:
+        groups = [pool.submit(_order_features, orders, n, as_of, timezone),
+                  pool.submit(_customer_features, customers, as_of),
+                  pool.submit(_event_features, events, n, as_of)]
+        custom = {name: pool.submit(_aggregate, program.features[name], activity[program.features[name].source],
+                                    n, as_of) for name in aggregated}
+        built = {}
+        for group in groups:
+            built.update(group.result())
+        empty = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
+        built.update({name: empty for name in ("rfm_r", "rfm_f", "rfm_m", "rfm_score")})  # ranked later
+        built["tier"] = pd.array([None] * n, dtype="string")
+        columns = {name: built[name] for name in BUILTIN_FEATURES}
+        frame = pd.concat([customers, pd.DataFrame(columns, index=customers.index)], axis=1)
+        for name, job in custom.items():      # in dependency order: the first error is the one raised
+            frame[name] = job.result()
     return frame
 
 

@@ -87,6 +87,7 @@ class Settings:
     engine: str = "local"            # local | dask
     scheduler: str | None = None     # a Dask scheduler address; None starts a local cluster
     partitions: int | None = None    # None: chosen from the data size and free memory
+    workers: int | None = None       # processes deciding at once (local engine); None: from the cores
 
 
 # --------------------------------------------------------------------------- rules

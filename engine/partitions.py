@@ -35,8 +35,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .evaluation import (Evaluation, budget_caps, combine_partitions, evaluate, evaluate_partition,
-                         within_budgets)
+from .evaluation import (Evaluation, PartitionDecision, budget_caps, combine_partitions, evaluate,
+                         evaluate_partition, within_budgets)
 from .features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from .model import Workspace
 from .partitioned_data import (ensure_partitioned, estimated_customers, is_current, partition_folder,
@@ -85,11 +85,11 @@ def partition_tables(tables: Tables, numbers: np.ndarray, number: int) -> Tables
     local = np.full(len(numbers), -1, dtype=np.int64)
     local[members] = np.arange(len(members))
     return replace(tables, customers=tables.customers.iloc[members].reset_index(drop=True),
-                   orders=_rows_of(tables.orders, local), events=_rows_of(tables.events, local),
+                   orders=rows_of(tables.orders, local), events=rows_of(tables.events, local),
                    redemptions=None)
 
 
-def _rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
+def rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
     codes = local[frame["cust_code"].to_numpy(dtype=np.int64)]
     keep = codes >= 0
     part = frame[keep].reset_index(drop=True)
@@ -115,15 +115,22 @@ SecondPass = Callable[[int], tuple[Tables, pd.DataFrame]]
 
 def evaluate_in_partitions(workspace: Workspace, tables: Tables, ctx: RunContext, count: int | None = None,
                            campaigns: list[str] | None = None, trace: bool = False,
-                           progress: Callable[[str], None] | None = None) -> Decided:
+                           progress: Callable[[str], None] | None = None, workers: int | None = None) -> Decided:
     """Features and evaluation in ``count`` partitions (automatic when None); identical
     offers, funnels and budgets whatever the count. A trace (``--customer``) needs every
-    customer's stops and runs as one partition."""
+    customer's stops and runs as one partition. With one partition, the decisions are
+    taken in ``workers`` processes at once (``parallel``; automatic when None)."""
     settings, program = workspace.settings, workspace.program
     customers = len(tables.customers)
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
         features = compute_features(tables, program, settings, ctx.as_of)
+        from .parallel import evaluate_in_workers, worker_count   # late: it builds on this module
+        workers = 1 if trace else worker_count(customers, workers)
+        if workers > 1:
+            decided = evaluate_in_workers(workspace, tables, features, ctx, workers, campaigns, progress)
+            decided.warnings = tables.warnings
+            return decided
         return Decided(evaluate(workspace, tables, features, ctx, campaigns, trace), features, customers, 1,
                        tables.warnings)
     numbers = partition_numbers(tables.customers["customer_id"], count)
@@ -156,28 +163,49 @@ def _evaluate_parts(workspace: Workspace, ctx: RunContext, count: int, campaigns
         raise DataError(str(settings.data["customers"].path or "customers"), "the customers table has no rows")
     scores = dict(zip(inputs, _global_rfm(list(inputs.values()))))
 
-    decisions, kept, offset, customers = [], [], 0, 0
+    decided, customers = [], 0
     caps = budget_caps(workspace)
     for number in inputs:
         _say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
         features = finish_features(local, program, settings, ctx.as_of, scores[number])
         customers += len(features)
-        decision = evaluate_partition(workspace, part, features, ctx, campaigns)
-        decision.arbitrated = within_budgets(decision.arbitrated, caps)
-        positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
-        rows = features.iloc[positions].reset_index(drop=True)
+        decision, rows = decide_part(workspace, part, features, ctx, campaigns, caps)
+        length = len(rows)
         if spill is not None:
             path = spill / f"rows-{number}.pickle"
             rows.to_pickle(path)
             rows = path
-        kept.append((offset, len(positions), rows))
-        decision.arbitrated = decision.arbitrated.assign(
-            pos=offset + np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
-        offset += len(positions)
-        decisions.append(decision)
+        decided.append((decision, rows, length))
         del features, part, local
     _say(progress, "budgets over every partition")
+    return combine_parts(workspace, ctx, decided, customers, count)
+
+
+def decide_part(workspace: Workspace, tables: Tables, features: pd.DataFrame, ctx: RunContext,
+                campaigns: list[str] | None, caps: dict) -> tuple[PartitionDecision, pd.DataFrame]:
+    """One partition's decision, cut to what the global budgets can keep, and the feature
+    rows of its candidates (``pos`` renumbered to index those rows)."""
+    decision = evaluate_partition(workspace, tables, features, ctx, campaigns)
+    decision.arbitrated = within_budgets(decision.arbitrated, caps)
+    positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
+    decision.arbitrated = decision.arbitrated.assign(
+        pos=np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
+    return decision, features.iloc[positions].reset_index(drop=True)
+
+
+Part = tuple[PartitionDecision, "pd.DataFrame | Path", int]    # a decide_part result, its row count
+
+
+def combine_parts(workspace: Workspace, ctx: RunContext, decided: list[Part], customers: int, count: int) -> Decided:
+    """The global steps over the partitions' ``decide_part`` results (their rows in memory,
+    or pickled in a file): budgets, funnels, and the offered customers' rows."""
+    decisions, kept, offset = [], [], 0
+    for decision, rows, length in decided:
+        decision.arbitrated = decision.arbitrated.assign(pos=offset + decision.arbitrated["pos"].to_numpy())
+        kept.append((offset, length, rows))
+        offset += length
+        decisions.append(decision)
     evaluation = combine_partitions(workspace, ctx.as_of, decisions)
     del decisions
     return Decided(evaluation, _offered_rows(evaluation, kept), customers, count)

@@ -119,14 +119,16 @@ def prepare(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None, t
 def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, since=None,
                          campaigns: list[str] | None = None, partitions: int | None = None,
                          trace: bool = False, stream: bool = False,
-                         progress: Callable[[str], None] | None = None) -> tuple[Prepared, Evaluation]:
+                         progress: Callable[[str], None] | None = None,
+                         workers: int | None = None) -> tuple[Prepared, Evaluation]:
     """Load the data and decide, a partition of customers at a time (see partitions.py).
 
     ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
     one partition, the offered customers' rows with several. With ``stream`` and more than
     one partition, each partition's rows are read on their own from the partitioned copy of
     the data (``partitioned_data``) and ``Prepared.tables`` is empty but for the warnings.
-    ``progress`` is told what is being done (conversion, partition by partition)."""
+    ``progress`` is told what is being done (conversion, partition by partition). ``workers``:
+    how many processes decide at once (``parallel``; automatic when None)."""
     from .partitions import evaluate_in_partitions, evaluate_streamed   # late: they build on evaluation
     context = run_context(workspace, as_of, store, since)
     decided = evaluate_streamed(workspace, context, partitions, campaigns, progress) if stream and not trace \
@@ -135,7 +137,8 @@ def prepare_and_evaluate(workspace: Workspace, as_of: pd.Timestamp, store=None, 
         tables = Tables.read_elsewhere(decided.warnings)
     else:
         tables = load_tables(workspace.settings, workspace.root)
-        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace, progress)
+        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace, progress,
+                                         workers)
     return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 

@@ -164,5 +164,6 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
         salt=data.get("salt", "loyalty"),
         point_value=costs.get("point_value", 0.01), shipping_cost=costs.get("shipping", 10.0),
         message_cost=costs.get("message", 0.0),
-        engine=engine.get("kind", "local"), scheduler=engine.get("scheduler"), partitions=engine.get("partitions"))
+        engine=engine.get("kind", "local"), scheduler=engine.get("scheduler"), partitions=engine.get("partitions"),
+        workers=engine.get("workers"))
     return settings, problems

@@ -445,11 +445,64 @@ def _ids(raw: _Raw, frame: pd.DataFrame, column: str) -> pd.Series:
     return ids
 
 
+_NUMBERED = re.compile(r"([^\d]*)(\d{1,18})")
+
+
+@dataclass(frozen=True)
+class _Numbered:
+    """Ids written as one prefix and a fixed number of digits ("C000123456", "100234"), as
+    most systems number customers and orders. Two ids of this shape are equal exactly when
+    their numbers are, so they are compared as integers: far cheaper than hashing text."""
+
+    prefix: str
+    width: int          # characters of the whole id
+
+    @classmethod
+    def of(cls, array: pa.Array) -> "_Numbered | None":
+        """The shape every id of ``array`` has, or None."""
+        if not len(array):
+            return None
+        first = array[0].as_py()
+        match = _NUMBERED.fullmatch(first)
+        if match is None or not match.group(1).isascii():
+            return None
+        shape = cls(match.group(1), len(first))
+        return shape if shape.numbers(array)[1] is None else None
+
+    def numbers(self, array: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each id's number (0 where the id has another shape) and which ids have this
+        shape (None: all of them)."""
+        fits = pc.equal(pc.utf8_length(array), self.width)
+        if self.prefix:
+            fits = pc.and_(fits, pc.starts_with(array, pattern=self.prefix))
+        digits = pc.utf8_slice_codeunits(array, start=len(self.prefix), stop=self.width)
+        fits = pc.and_(fits, pc.ascii_is_decimal(digits))
+        if pc.all(fits).as_py():
+            return pc.cast(digits, pa.int64()).to_numpy(), None
+        mask = fits.to_numpy(zero_copy_only=False)
+        numbers = np.zeros(len(array), dtype=np.int64)
+        numbers[mask] = pc.cast(pc.filter(digits, fits), pa.int64()).to_numpy()
+        return numbers, mask
+
+
+def _dense(numbers: np.ndarray) -> bool:
+    """Numbers close enough together for a table indexed by number."""
+    return len(numbers) > 0 and int(numbers.max()) - int(numbers.min()) <= 4 * len(numbers) + 1024
+
+
 def _has_duplicates(ids: pd.Series) -> bool:
-    """A sort and a look at neighbours: several times faster than hashing every id."""
+    """Numbered ids: counted by number; others: a sort and a look at neighbours (several
+    times faster than hashing every id)."""
     if len(ids) < 2:
         return False
     array = _arrow(ids)
+    shape = _Numbered.of(array)
+    if shape is not None:
+        numbers = shape.numbers(array)[0]
+        if _dense(numbers):
+            return bool(np.bincount(numbers - numbers.min()).max() > 1)
+        numbers = np.sort(numbers)
+        return bool((numbers[1:] == numbers[:-1]).any())
     ordered = array.take(pc.sort_indices(array))
     return bool(pc.any(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py())
 
@@ -701,8 +754,27 @@ def _customer_codes(customer_ids: pd.Series, customer_raw: pd.Series, ids: pd.Se
     """Position of each row's customer in the customers table (-1 when unknown)."""
     if pd.api.types.is_integer_dtype(customer_raw.dtype) and pd.api.types.is_integer_dtype(raw_ids.dtype):
         return pd.Index(customer_raw.to_numpy()).get_indexer(raw_ids.to_numpy()).astype(np.int64)
-    found = pc.index_in(pa.array(ids), value_set=pa.array(customer_ids))
-    return np.asarray(found.fill_null(-1), dtype=np.int64)
+    known, wanted = _arrow(customer_ids), _arrow(ids)
+    shape = _Numbered.of(known)
+    if shape is None:
+        found = pc.index_in(wanted, value_set=known)
+        return np.asarray(found.fill_null(-1), dtype=np.int64)
+    customer_numbers = shape.numbers(known)[0]
+    numbers, fits = shape.numbers(wanted)       # an id of another shape is no customer's
+    if _dense(customer_numbers):
+        low = int(customer_numbers.min())
+        table = np.full(int(customer_numbers.max()) - low + 2, -1, dtype=np.int64)   # last: not found
+        table[customer_numbers - low] = np.arange(len(customer_numbers))
+        slots = numbers - low
+        outside = (slots < 0) | (slots >= len(table) - 1)
+        if fits is not None:
+            outside |= ~fits
+        slots[outside] = len(table) - 1
+        return table[slots]
+    codes = pd.Index(customer_numbers).get_indexer(numbers).astype(np.int64)
+    if fits is not None:
+        codes[~fits] = -1
+    return codes
 
 
 @dataclass

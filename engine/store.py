@@ -255,6 +255,24 @@ def _gc_paused() -> Iterator[None]:
 # --------------------------------------------------------------------------- the store
 
 
+_HELD_LOCKS: set[int] = set()       # descriptors of the run locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the run locks' descriptors it inherited. An flock belongs to
+    the open file, so a worker process outliving a killed run would otherwise keep the
+    workspace locked; closing a copy leaves the parent's lock as it is."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class StateStore:
     """The one SQLite state file of a workspace (sqlite-utils, WAL mode).
 
@@ -264,6 +282,8 @@ class StateStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._pid = os.getpid()
+        self._forked_reader: tuple[int, sqlite3.Connection] | None = None
         self.label = f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name \
             else self.path.name
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +300,17 @@ class StateStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This process's connection for reads. A process forked from the one that opened the
+        store (``parallel``: evaluation in several processes) must not touch the parent's
+        connection (SQLite's rule for fork); it reads through its own, read-only one."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return self.db.conn
+        if self._forked_reader is None or self._forked_reader[0] != pid:
+            self._forked_reader = (pid, sqlite3.connect(f"file:{self.path}?mode=ro", uri=True))
+        return self._forked_reader[1]
 
     def __enter__(self) -> "StateStore":
         return self
@@ -349,11 +380,13 @@ class StateStore:
                             f"another run is in progress on this workspace ({self.label}); "
                             "try again when it finishes") from None
                     time.sleep(0.05)
+            _HELD_LOCKS.add(fd)
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
                 yield
             finally:
+                _HELD_LOCKS.discard(fd)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
@@ -421,12 +454,13 @@ class StateStore:
         if before is not None:
             sql += " AND r.as_of_utc < ?"
             params.append(before)
+        db = self._reader()
         if firing_keys is None:
-            return dict(self.db.execute(sql, params).fetchall())
+            return dict(db.execute(sql, params).fetchall())
         keys = list(firing_keys)
         found: dict[str, str] = {}
         for start in range(0, len(keys), 50_000):
-            found.update(self.db.execute(sql + " AND o.firing_key IN (SELECT value FROM json_each(?))",
+            found.update(db.execute(sql + " AND o.firing_key IN (SELECT value FROM json_each(?))",
                                          [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 

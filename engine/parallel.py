@@ -1,0 +1,107 @@
+"""Deciding for the customers in several processes at once, on this machine.
+
+Once the data is loaded and the features are computed, deciding for each customer
+(segments, triggers, contact policy, holdouts, arbitration) is most of a preview's time,
+and it is Python and pandas work that one process runs on one core. With ``workers`` > 1
+the customers are split into that many runs of neighbouring rows; every slice
+but the first is decided in a process forked from this one (so it sees the loaded data and
+features without copying them), the first here meanwhile. The global steps (budgets over
+every slice, funnels summed) then run once, as for partitions (``partitions.combine_parts``):
+the offers are exactly those of one process.
+
+A slice that fails in its process (an error, a killed worker) is decided again here, so an
+error is raised just as in one process. Worker processes need ``fork`` (Linux); elsewhere,
+and for small programmes, everything stays in this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .evaluation import budget_caps
+from .faults import checkpoint
+from .model import Workspace
+from .partitions import Decided, combine_parts, decide_part
+from .sources import Tables
+from .triggers import RunContext
+
+__all__ = ["MIN_CUSTOMERS_PER_WORKER", "can_fork", "evaluate_in_workers", "worker_count"]
+
+MIN_CUSTOMERS_PER_WORKER = 50_000     # below this, starting a process costs more than it saves
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def worker_count(customers: int, configured: int | None = None) -> int:
+    """How many processes decide: ``configured`` (``--workers``, ``engine.workers``), else
+    one per core with at least MIN_CUSTOMERS_PER_WORKER customers each; 1 without fork."""
+    if not can_fork():
+        return 1
+    if configured is not None:
+        return max(1, int(configured))
+    return max(1, min(cores(), customers // MIN_CUSTOMERS_PER_WORKER))
+
+
+# What the forked workers see: set by evaluate_in_workers just before it forks them.
+_SHARED: tuple | None = None
+
+
+def _decide_slice(number: int):
+    """Slice ``number``'s decision and the feature rows of its candidates."""
+    workspace, tables, features, ctx, campaigns, bounds, caps, parent = _SHARED
+    if os.getpid() != parent:
+        checkpoint("in_worker")
+    start, stop = int(bounds[number]), int(bounds[number + 1])
+    events = tables.events
+    codes = events["cust_code"].to_numpy(dtype=np.int64)
+    mine = (codes >= start) & (codes < stop)
+    events = events[mine].reset_index(drop=True).assign(cust_code=codes[mine] - start)
+    # deciding reads the customers' features and, for event triggers, their events
+    part = replace(tables, customers=tables.customers.iloc[start:stop].reset_index(drop=True),
+                   orders=tables.orders.iloc[0:0], events=events, redemptions=None)
+    return decide_part(workspace, part, features.iloc[start:stop].reset_index(drop=True), ctx, campaigns, caps)
+
+
+def evaluate_in_workers(workspace: Workspace, tables: Tables, features: pd.DataFrame, ctx: RunContext,
+                        workers: int, campaigns: list[str] | None = None,
+                        progress: Callable[[str], None] | None = None) -> Decided:
+    """The decision over every customer of ``features`` (all customers, global RFM included),
+    taken in ``workers`` processes; identical to ``evaluation.evaluate``'s. The features of
+    the result are the offered customers' rows (as with several partitions)."""
+    global _SHARED
+    # any split decides the same (as partitions do); runs of neighbouring customers are cheapest to cut
+    bounds = np.linspace(0, len(features), workers + 1).astype(np.int64)
+    if progress is not None:
+        progress(f"deciding in {workers} processes")
+    _SHARED = (workspace, tables, features, ctx, campaigns, bounds, budget_caps(workspace), os.getpid())
+    try:
+        with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+            others = {number: pool.submit(_decide_slice, number) for number in range(1, workers)}
+            results = [_decide_slice(0)]
+            for number, future in others.items():
+                try:
+                    results.append(future.result())
+                except Exception:  # noqa: BLE001 - decided again here: an error is raised as in one process
+                    results.append(_decide_slice(number))
+    finally:
+        _SHARED = None
+    return combine_parts(workspace, ctx, [(decision, rows, len(rows)) for decision, rows in results],
+                         len(features), 1)
