@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-CHECKPOINTS = ("after_evaluation", "mid_transaction", "after_commit", "mid_delivery", "in_worker")
+CHECKPOINTS = ("after_evaluation", "mid_transaction", "after_commit", "mid_delivery")   # of a run
 
 
 def checkpoint(name: str) -> None:
