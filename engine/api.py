@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 from croniter import croniter
 
@@ -21,7 +22,7 @@ from .preview import Preview, SampledEvaluation, diff_offers, explain_customer, 
 from .rewards import generate_codes
 from .settings import chosen_engine
 from .sources import Tables, load_tables
-from .store import StateStore
+from .store import StateStore, new_run_id
 from .workspace import ValidationResult, load_workspace, rule_version, validate_workspace
 
 __all__ = ["validate", "load_workspace", "preview", "write_preview_trace", "run", "deliver", "history", "runs",
@@ -220,15 +221,21 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
                                                            settings.coupon_length)))
             renderer = make_renderer(workspace)
-            records, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes)
+            version, run_id = rule_version(workspace), new_run_id(as_of)
+
+            def to_rows(records: list[dict]) -> list:   # where the messages were rendered
+                for record in records:
+                    record["rule_version"] = version
+                return StateStore.prepare_offers(records, run_id)
+
+            rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes,
+                                          workers=workers or settings.workers, finish=to_rows)
             timings["render"] = round(time.perf_counter() - started, 3)
-            version = rule_version(workspace)
-            for record in records:
-                record["rule_version"] = version
-            run_id = store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes),
-                                     dict(prepared.tables.fingerprints), result.campaigns)
+            store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
+                            result.campaigns, run_id=run_id)
             state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
-            recorded = store.record_run(run_id, records, state_rows, holdouts=_holdout_rows(evaluation, run_id))
+            recorded = store.record_run(run_id, trigger_state_rows=state_rows,
+                                        holdouts=_holdout_rows(evaluation, run_id), prepared=rows)
             if due:
                 for campaign in result.campaigns:
                     store.set_schedule_last_run(campaign, as_of.isoformat())
@@ -273,17 +280,19 @@ def _holdout_rows(evaluation, run_id) -> list[dict]:
     frame = evaluation.holdouts
     if frame.empty:
         return []
-    frame = frame.assign(run_id=run_id, as_of=evaluation.as_of.isoformat())
-    return frame.to_dict("records")
+    as_of = evaluation.as_of.isoformat()
+    names = list(frame.columns)
+    return [dict(zip(names, values), run_id=run_id, as_of=as_of)          # a column at a time: quick
+            for values in zip(*(frame[name].tolist() for name in names))]
 
 
 def _consent_lookup(workspace: Workspace, tables):
     """(customer_id, channel) -> consent now, from the current customer data."""
     customers = tables.customers
+    ids = customers["customer_id"].astype(str).to_numpy(dtype=object)   # plain strings: sets of them are quick
     allowed = {}
     for name, channel in workspace.settings.channels.items():
-        ok = reachable(customers, channel)
-        allowed[name] = set(customers["customer_id"].astype(str)[ok])
+        allowed[name] = set(ids[np.asarray(reachable(customers, channel), dtype=bool)])
     return lambda customer_id, channel: str(customer_id) in allowed.get(channel, set())
 
 

@@ -11,7 +11,6 @@ webhook sends ``Idempotency-Key: <offer_id>``, mail carries ``Message-ID:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import orjson
 import pandas as pd
 
 from .faults import checkpoint
@@ -152,7 +152,7 @@ class FileSender(Sender):
                     data = data[:keep]
             for line in data.splitlines():
                 try:
-                    self._written.add(json.loads(line)["offer_id"])
+                    self._written.add(orjson.loads(line)["offer_id"])
                 except (ValueError, KeyError, TypeError):
                     continue
         self._file = open(self.path, "a", encoding="utf-8")
@@ -162,7 +162,7 @@ class FileSender(Sender):
             self._open()
         if offer["offer_id"] in self._written:
             return
-        line = json.dumps(offer_payload(offer), ensure_ascii=False, default=str)
+        line = orjson.dumps(offer_payload(offer), default=str).decode()
         try:
             self._file.write(line + "\n")
         except OSError as exc:
@@ -201,7 +201,7 @@ class WebhookSender(Sender):
         self.headers = {str(k): str(v) for k, v in self.option("headers", dict, {}).items()}
 
     def send(self, offer: dict) -> None:
-        body = json.dumps(offer_payload(offer), ensure_ascii=False, default=str).encode()
+        body = orjson.dumps(offer_payload(offer), default=str)
         headers = {"Content-Type": "application/json", "User-Agent": "loyalty",
                    **self.headers, "Idempotency-Key": offer["offer_id"]}
         problem = "not sent"

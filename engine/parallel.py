@@ -21,7 +21,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,12 @@ from .partitions import Decided, combine_parts, decide_part
 from .sources import Tables
 from .triggers import RunContext
 
-__all__ = ["MIN_CUSTOMERS_PER_WORKER", "can_fork", "evaluate_in_workers", "worker_count"]
+__all__ = ["MIN_CUSTOMERS_PER_WORKER", "MIN_OFFERS_PER_WORKER", "can_fork", "evaluate_in_workers", "in_workers",
+           "worker_count"]
 
-MIN_CUSTOMERS_PER_WORKER = 50_000     # below this, starting a process costs more than it saves
+MIN_CUSTOMERS_PER_WORKER = 50_000     # below these, starting a process costs more than it saves
+MIN_OFFERS_PER_WORKER = 20_000        # messages rendered
+T = TypeVar("T")
 
 
 def cores() -> int:
@@ -50,34 +53,49 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-def worker_count(customers: int, configured: int | None = None) -> int:
-    """How many processes decide: ``configured`` (``--workers``, ``engine.workers``), else
-    one per core with at least MIN_CUSTOMERS_PER_WORKER customers each; 1 without fork."""
+def worker_count(items: int, configured: int | None = None, per_worker: int = MIN_CUSTOMERS_PER_WORKER) -> int:
+    """How many processes work on ``items`` (customers, messages): ``configured``
+    (``--workers``, ``engine.workers``), else one per core with at least ``per_worker``
+    items each; 1 without fork."""
     if not can_fork():
         return 1
     if configured is not None:
         return max(1, int(configured))
-    return max(1, min(cores(), customers // MIN_CUSTOMERS_PER_WORKER))
+    return max(1, min(cores(), items // per_worker))
 
 
-# What the forked workers see: set by evaluate_in_workers just before it forks them.
-_SHARED: tuple | None = None
+# The task the forked workers run: set by in_workers just before it forks them.
+_TASK: tuple[Callable[[int], object], int] | None = None
 
 
-def _decide_slice(number: int):
-    """Slice ``number``'s decision and the feature rows of its candidates."""
-    workspace, tables, features, ctx, campaigns, bounds, caps, parent = _SHARED
+def _run_task(number: int):
+    task, parent = _TASK
     if os.getpid() != parent:
         checkpoint("in_worker")
-    start, stop = int(bounds[number]), int(bounds[number + 1])
-    events = tables.events
-    codes = events["cust_code"].to_numpy(dtype=np.int64)
-    mine = (codes >= start) & (codes < stop)
-    events = events[mine].reset_index(drop=True).assign(cust_code=codes[mine] - start)
-    # deciding reads the customers' features and, for event triggers, their events
-    part = replace(tables, customers=tables.customers.iloc[start:stop].reset_index(drop=True),
-                   orders=tables.orders.iloc[0:0], events=events, redemptions=None)
-    return decide_part(workspace, part, features.iloc[start:stop].reset_index(drop=True), ctx, campaigns, caps)
+    return task(number)
+
+
+def in_workers(task: Callable[[int], T], count: int) -> list[T]:
+    """``[task(0), ..., task(count - 1)]``: task 0 in this process while the others run in
+    processes forked from it (they see everything this process has, without copies, and
+    send back their results). A task that fails in its process (an error, a killed worker)
+    runs again here, so an error is raised as it would be in one process."""
+    global _TASK
+    if count <= 1:
+        return [task(number) for number in range(count)]
+    _TASK = (task, os.getpid())
+    try:
+        with ProcessPoolExecutor(count - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+            others = {number: pool.submit(_run_task, number) for number in range(1, count)}
+            results = [task(0)]
+            for number, future in others.items():
+                try:
+                    results.append(future.result())
+                except Exception:  # noqa: BLE001 - run again here: an error is raised as in one process
+                    results.append(task(number))
+    finally:
+        _TASK = None
+    return results
 
 
 def evaluate_in_workers(workspace: Workspace, tables: Tables, features: pd.DataFrame, ctx: RunContext,
@@ -86,22 +104,23 @@ def evaluate_in_workers(workspace: Workspace, tables: Tables, features: pd.DataF
     """The decision over every customer of ``features`` (all customers, global RFM included),
     taken in ``workers`` processes; identical to ``evaluation.evaluate``'s. The features of
     the result are the offered customers' rows (as with several partitions)."""
-    global _SHARED
     # any split decides the same (as partitions do); runs of neighbouring customers are cheapest to cut
     bounds = np.linspace(0, len(features), workers + 1).astype(np.int64)
+    caps = budget_caps(workspace)
+    codes = tables.events["cust_code"].to_numpy(dtype=np.int64)
+
+    def decide_slice(number: int):
+        start, stop = int(bounds[number]), int(bounds[number + 1])
+        mine = (codes >= start) & (codes < stop)
+        events = tables.events[mine].reset_index(drop=True).assign(cust_code=codes[mine] - start)
+        # deciding reads the customers' features and, for event triggers, their events
+        part = replace(tables, customers=tables.customers.iloc[start:stop].reset_index(drop=True),
+                       orders=tables.orders.iloc[0:0], events=events, redemptions=None)
+        return decide_part(workspace, part, features.iloc[start:stop].reset_index(drop=True), ctx, campaigns,
+                           caps)
+
     if progress is not None:
         progress(f"deciding in {workers} processes")
-    _SHARED = (workspace, tables, features, ctx, campaigns, bounds, budget_caps(workspace), os.getpid())
-    try:
-        with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
-            others = {number: pool.submit(_decide_slice, number) for number in range(1, workers)}
-            results = [_decide_slice(0)]
-            for number, future in others.items():
-                try:
-                    results.append(future.result())
-                except Exception:  # noqa: BLE001 - decided again here: an error is raised as in one process
-                    results.append(_decide_slice(number))
-    finally:
-        _SHARED = None
+    results = in_workers(decide_slice, workers)
     return combine_parts(workspace, ctx, [(decision, rows, len(rows)) for decision, rows in results],
                          len(features), 1)

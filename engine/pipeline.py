@@ -183,25 +183,42 @@ def _plain_column(column: pd.Series) -> list:
 
 def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.DataFrame,
                    renderer: Renderer, rows: pd.DataFrame | None = None,
-                   codes: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+                   codes: dict[str, str] | None = None, workers: int | None = 1,
+                   finish: Callable[[list[dict]], list] | None = None) -> tuple[list, list[dict]]:
     """Offer records with rewards and rendered messages; and the render errors.
 
     One bad template never stops the others: a failed render is reported per offer.
+    ``workers``: processes rendering at once (``parallel``; None: automatic from the
+    number of messages); the records come in the same order. ``finish``: what to make of
+    each share of records where it was rendered (e.g. the state store's rows); its
+    results, concatenated, are returned instead of the records.
     """
+    from .parallel import MIN_OFFERS_PER_WORKER, in_workers, worker_count   # late: it builds on partitions
     settings = workspace.settings
     rows = evaluation.offers if rows is None else rows
-    customers = customer_records(features, rows["pos"])
-    records: list[dict] = []
-    errors: list[dict] = []
     send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
+    workers = 1 if workers == 1 else worker_count(len(rows), workers, MIN_OFFERS_PER_WORKER)
+    # the first share is rendered here, which then also unpickles the others' messages: a bigger share
+    shares = np.array([1.2] + [1.0] * (workers - 1))
+    bounds = np.round(np.concatenate([[0], np.cumsum(shares)]) / shares.sum() * len(rows)).astype(np.int64)
+
+    def render(number: int) -> tuple[list[dict], list[dict]]:
+        start, stop = int(bounds[number]), int(bounds[number + 1])
+        part = rows.iloc[start:stop]
+        customers = customer_records(features, part["pos"])
+        records: list[dict] = []
+        errors: list[dict] = []
+        _render_all(workspace, evaluation, renderer, part, customers, send_at[start:stop], codes, records, errors)
+        return (records if finish is None else finish(records)), errors
+
     collecting = gc.isenabled()
     gc.disable()      # 200k records of small dicts would make the cyclic GC rescan them over and over
     try:
-        _render_all(workspace, evaluation, renderer, rows, customers, send_at, codes, records, errors)
+        parts = in_workers(render, workers)
+        return [r for records, _ in parts for r in records], [e for _, errors in parts for e in errors]
     finally:
         if collecting:
             gc.enable()
-    return records, errors
 
 
 def _render_all(workspace: Workspace, evaluation: Evaluation, renderer: Renderer, rows: pd.DataFrame,

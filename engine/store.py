@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
+import orjson
 import pandas as pd
 import sqlite_utils
 
@@ -164,8 +165,13 @@ def _dumps(value: Any) -> str | None:
 def _decode(row: dict, columns: Iterable[str]) -> dict:
     for name in columns:
         if row.get(name) is not None:
-            row[name] = json.loads(row[name])
+            row[name] = orjson.loads(row[name])
     return row
+
+
+def new_run_id(as_of: Any) -> str:
+    """A run's id: its ``as_of`` in UTC and a random suffix."""
+    return f"{_as_datetime(as_of).astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def make_offer_id(firing_key: str) -> str:
@@ -394,10 +400,12 @@ class StateStore:
     # ----------------------------------------------------------------- runs
 
     def begin_run(self, as_of: Any, rule_hashes: Mapping[str, str],
-                  fingerprints: Mapping[str, str], campaigns: Iterable[str] = ()) -> str:
-        """Start a run at ``as_of`` (status ``running``); returns its run id."""
+                  fingerprints: Mapping[str, str], campaigns: Iterable[str] = (),
+                  run_id: str | None = None) -> str:
+        """Start a run at ``as_of`` (status ``running``); returns its run id (``run_id``,
+        from ``new_run_id``, when the offers were prepared before the run began)."""
         as_of_dt = _as_datetime(as_of)
-        run_id = f"{as_of_dt.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+        run_id = run_id or new_run_id(as_of_dt)
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO runs (run_id, as_of, as_of_utc, started_at, status, rule_hashes, "
@@ -464,10 +472,20 @@ class StateStore:
                                          [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 
-    def record_run(self, run_id: str, offers: list[dict],
+    @staticmethod
+    def prepare_offers(offers: Iterable[Mapping[str, Any]], run_id: str) -> list[tuple[dict, dict]]:
+        """The offers-table rows ``record_run`` writes for these offer dicts, with their
+        rewards: the per-offer work of recording (JSON, payload hashes), which a caller may
+        do ahead, e.g. in the processes that rendered the messages."""
+        created = _now()
+        with _gc_paused():
+            return [StateStore._offer_row(offer, run_id, created) for offer in offers]
+
+    def record_run(self, run_id: str, offers: list[dict] = (),
                    trigger_state_rows: Iterable[dict] | pd.DataFrame = (),
                    points_rows: list[dict] | None = None,
-                   holdouts: Iterable[dict] = ()) -> RecordResult:
+                   holdouts: Iterable[dict] = (),
+                   prepared: list[tuple[dict, dict]] | None = None) -> RecordResult:
         """Record a run's offers and state in ONE transaction; set the run ``recorded``.
 
         Offers are unique by ``firing_key``: an already-recorded key with the same
@@ -478,11 +496,12 @@ class StateStore:
         offer (``reward.points``). ``trigger_state_rows`` (dicts or a frame with
         campaign, customer_id, key, value) are upserted. ``holdouts`` (campaign,
         customer_id, firing_key, group, as_of) log firings held out for uplift
-        reports, once per firing key.
+        reports, once per firing key. ``prepared``: the offers as ``prepare_offers`` gave them,
+        instead of ``offers``.
         """
         created = _now()
-        with _gc_paused():
-            prepared = [self._offer_row(offer, run_id, created) for offer in offers]
+        if prepared is None:
+            prepared = self.prepare_offers(offers, run_id)
         with self._transaction() as conn:
             recorded = self.existing_offers(row["firing_key"] for row, _ in prepared)
             new_rows: list[tuple[dict, dict]] = []
@@ -716,18 +735,20 @@ class StateStore:
     def due_pages(self, now: Any, page: int = 20_000, limit: int | None = None,
                   max_attempts: int = MAX_ATTEMPTS) -> Iterator[list[dict]]:
         """``pending`` a page at a time (in the same order), so that a big delivery holds
-        one page of offers in memory. The order is read once: an offer marked while paging
-        (failed, to be retried by a later delivery) is not read again."""
+        one page of offers in memory; without the ``explanation`` (never sent). The order
+        is read once: an offer marked while paging (failed, to be retried by a later
+        delivery) is not read again."""
         params: list = [max_attempts, iso_utc(now)]
         order = [row[0] for row in self.db.execute(
             f"SELECT rowid FROM offers WHERE {self._DUE} ORDER BY due_at, rowid"
             + (" LIMIT ?" if limit is not None else ""), params + ([limit] if limit is not None else []))]
+        columns = [c.name for c in self.db["offers"].columns if c.name != "explanation"]
+        select = (f"SELECT rowid, {', '.join(columns)} FROM offers "
+                  "WHERE rowid IN (SELECT value FROM json_each(?))")
         for start in range(0, len(order), page):
             chunk = order[start:start + page]
-            rows = {row.pop("rowid_"): row for row in self.db.query(
-                "SELECT rowid AS rowid_, * FROM offers WHERE rowid IN (SELECT value FROM json_each(?))",
-                [json.dumps(chunk)])}
-            yield [_decode(rows[rowid], JSON_OFFER_COLUMNS) for rowid in chunk if rowid in rows]
+            rows = {row[0]: dict(zip(columns, row[1:])) for row in self.db.execute(select, [json.dumps(chunk)])}
+            yield [_decode(rows[rowid], ("reward",)) for rowid in chunk if rowid in rows]
 
     def due_summary(self, now: Any, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
         """channel -> how many offers are due for delivery (what ``pending`` would return)."""

@@ -178,7 +178,8 @@ def test_due_pages_read_the_outbox_in_order_a_page_at_a_time(store):
     everything = store.pending(now)
     pages = list(store.due_pages(now, page=3))
     assert [len(p) for p in pages] == [3, 3, 1]
-    assert [o for page in pages for o in page] == everything          # same rows, order, decoding
+    without_explanation = [{k: v for k, v in o.items() if k != "explanation"} for o in everything]
+    assert [o for page in pages for o in page] == without_explanation  # same rows, order, decoding
     assert [len(p) for p in store.due_pages(now, page=3, limit=5)] == [3, 2]
     assert store.due_summary(now) == {everything[0]["channel"]: 7}
     seen = []
