@@ -211,6 +211,11 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                                            workers=workers,
                                            engine=engine, scheduler=scheduler,
                                            progress=_say if progress else None)
+            # from here on only the customers are needed (consent at delivery): let the
+            # orders and events go before the messages are rendered
+            tables = prepared.tables
+            prepared.tables = replace(tables, orders=_no_rows(tables.orders), events=_no_rows(tables.events))
+            del tables
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
             # offers recorded by an earlier attempt at this as_of go to record_run again: it
@@ -262,6 +267,12 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             return result
     finally:
         store.close()
+
+
+def _no_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The same columns and types without rows, holding on to none of ``frame``'s memory
+    (an empty slice would keep its buffers alive)."""
+    return pd.DataFrame({name: pd.Series([], dtype=frame[name].dtype) for name in frame.columns})
 
 
 def _say(message: str) -> None:

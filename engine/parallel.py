@@ -1,15 +1,19 @@
-"""Deciding for the customers in several processes at once, on this machine.
+"""Work on this machine's other CPU cores: processes forked from this one.
 
 Once the data is loaded and the features are computed, deciding for each customer
-(segments, triggers, contact policy, holdouts, arbitration) is most of a preview's time,
-and it is Python and pandas work that one process runs on one core. With ``workers`` > 1
-the customers are split into that many runs of neighbouring rows; every slice
-but the first is decided in a process forked from this one (so it sees the loaded data and
-features without copying them), the first here meanwhile. The global steps (budgets over
-every slice, funnels summed) then run once, as for partitions (``partitions.combine_parts``):
-the offers are exactly those of one process.
+(segments, triggers, contact policy, holdouts, arbitration) and rendering a run's messages
+are most of the time left, and both are Python work that one process does on one core.
+``in_workers`` runs a task's shares in several processes at once: the first share in this
+process, the others in processes forked from it, which see everything it has loaded
+without copies and send back their results.
 
-A slice that fails in its process (an error, a killed worker) is decided again here, so an
+* ``evaluate_in_workers``: the customers split into runs of neighbouring rows, each decided
+  alone; the global steps (budgets over every slice, funnels summed) then run once, as for
+  partitions (``partitions.combine_parts``), so the offers are exactly one process's.
+* ``pipeline.build_messages(workers=...)``: the offers split likewise, each share rendered
+  (and, in a run, made into the state store's rows) where it is.
+
+A share that fails in its process (an error, a killed worker) is done again here, so an
 error is raised just as in one process. Worker processes need ``fork`` (Linux); elsewhere,
 and for small programmes, everything stays in this process.
 """
