@@ -85,11 +85,11 @@ def partition_tables(tables: Tables, numbers: np.ndarray, number: int) -> Tables
     local = np.full(len(numbers), -1, dtype=np.int64)
     local[members] = np.arange(len(members))
     return replace(tables, customers=tables.customers.iloc[members].reset_index(drop=True),
-                   orders=rows_of(tables.orders, local), events=rows_of(tables.events, local),
+                   orders=_rows_of(tables.orders, local), events=_rows_of(tables.events, local),
                    redemptions=None)
 
 
-def rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
+def _rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
     codes = local[frame["cust_code"].to_numpy(dtype=np.int64)]
     keep = codes >= 0
     part = frame[keep].reset_index(drop=True)

@@ -197,7 +197,7 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
     settings = workspace.settings
     rows = evaluation.offers if rows is None else rows
     send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
-    workers = 1 if workers == 1 else worker_count(len(rows), workers, MIN_OFFERS_PER_WORKER)
+    workers = worker_count(len(rows), workers, MIN_OFFERS_PER_WORKER)
     # the first share is rendered here, which then also unpickles the others' messages: a bigger share
     shares = np.array([1.2] + [1.0] * (workers - 1))
     bounds = np.round(np.concatenate([[0], np.cumsum(shares)]) / shares.sum() * len(rows)).astype(np.int64)

@@ -458,8 +458,8 @@ class _Numbered:
     width: int          # characters of the whole id
 
     @classmethod
-    def of(cls, array: pa.Array) -> "_Numbered | None":
-        """The shape every id of ``array`` has, or None."""
+    def of(cls, array: pa.Array) -> "tuple[_Numbered, np.ndarray] | None":
+        """The shape every id of ``array`` has and each id's number, or None."""
         if not len(array):
             return None
         first = array[0].as_py()
@@ -467,7 +467,8 @@ class _Numbered:
         if match is None or not match.group(1).isascii():
             return None
         shape = cls(match.group(1), len(first))
-        return shape if shape.numbers(array)[1] is None else None
+        numbers, fits = shape.numbers(array)
+        return (shape, numbers) if fits is None else None
 
     def numbers(self, array: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
         """Each id's number (0 where the id has another shape) and which ids have this
@@ -496,9 +497,9 @@ def _has_duplicates(ids: pd.Series) -> bool:
     if len(ids) < 2:
         return False
     array = _arrow(ids)
-    shape = _Numbered.of(array)
-    if shape is not None:
-        numbers = shape.numbers(array)[0]
+    numbered = _Numbered.of(array)
+    if numbered is not None:
+        numbers = numbered[1]
         if _dense(numbers):
             return bool(np.bincount(numbers - numbers.min()).max() > 1)
         numbers = np.sort(numbers)
@@ -755,11 +756,11 @@ def _customer_codes(customer_ids: pd.Series, customer_raw: pd.Series, ids: pd.Se
     if pd.api.types.is_integer_dtype(customer_raw.dtype) and pd.api.types.is_integer_dtype(raw_ids.dtype):
         return pd.Index(customer_raw.to_numpy()).get_indexer(raw_ids.to_numpy()).astype(np.int64)
     known, wanted = _arrow(customer_ids), _arrow(ids)
-    shape = _Numbered.of(known)
-    if shape is None:
+    numbered = _Numbered.of(known)
+    if numbered is None:
         found = pc.index_in(wanted, value_set=known)
         return np.asarray(found.fill_null(-1), dtype=np.int64)
-    customer_numbers = shape.numbers(known)[0]
+    shape, customer_numbers = numbered
     numbers, fits = shape.numbers(wanted)       # an id of another shape is no customer's
     if _dense(customer_numbers):
         low = int(customer_numbers.min())
