@@ -391,7 +391,8 @@ def deliver(store: StateStore, settings: Settings, now: Any, consent: Consent = 
             senders[name] = make_sender(settings.channels[name], Path(root or "."))
         with _progress_bar(total, progress) as advance:
             # a page of due offers at a time, each channel's in batches of its sender's size
-            for page in store.due_pages(now, limit=limit, max_attempts=max_attempts):
+            for page in store.due_pages(now, limit=limit, max_attempts=max_attempts,
+                                          columns=OFFER_FIELDS):
                 for name, sender in senders.items():
                     offers = [offer for offer in page if offer["channel"] == name]
                     for start in range(0, len(offers), sender.batch_size):

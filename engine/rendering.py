@@ -295,10 +295,6 @@ class RenderedMessage:
     sms_encoding: str | None = None
 
 
-class _TooLong(Exception):
-    pass
-
-
 def _no_output(context):
     return iter(())
 
@@ -320,6 +316,7 @@ class Renderer:
         self._prefix = self.templates_dir.name or "templates"
         self._found: dict[tuple[str, str, str | None], tuple[str, str]] = {}
         self._loaded: dict[tuple[str, bool], jinja2.Template] = {}
+        self._globals: dict[jinja2.Template, dict] = {}     # each template's globals, copied once
 
     # -- finding and loading
 
@@ -412,7 +409,12 @@ class Renderer:
         The body pass runs top-level ``{% set %}``/``{% import %}`` and ``{% extends %}`` so
         that blocks see them and inherit parent blocks; its output is discarded unless wanted.
         """
-        ctx = tmpl.new_context(variables)
+        # what Template.new_context(variables) makes, without copying the template's globals
+        # (a ChainMap) key by key for every message
+        globals_ = self._globals.get(tmpl)
+        if globals_ is None:
+            globals_ = self._globals[tmpl] = dict(tmpl.globals)
+        ctx = tmpl.new_context({**globals_, **variables}, shared=True)
         for name in blocks:
             ctx.blocks[name] = [_no_output] + ctx.blocks.get(name, [])
         body = self._collect(tmpl, tmpl.root_render_func, ctx, file, customer_id)
@@ -425,24 +427,20 @@ class Renderer:
         return (body if want_body else ""), parts, set(ctx.blocks)
 
     def _collect(self, tmpl, render_func, ctx, file: str, customer_id) -> str:
-        out: list[str] = []
-        size, limit = 0, self.max_output_chars
         try:
-            for chunk in render_func(ctx):
-                size += len(chunk)
-                if size > limit:
-                    raise _TooLong
-                out.append(chunk)
+            # all at once: the sandbox's budget (MAX_WORK_CHARS, MAX_STEPS) bounds what a
+            # template can produce, and the whole message is checked against the limit below
+            text = "".join(render_func(ctx))
             check_time()
-        except _TooLong:
-            raise TemplateError(f"{self._prefix}/{file}", f"the message is longer than "
-                                f"{limit:,} characters", customer_id=customer_id) from None
         except Exception:  # noqa: BLE001 - rewrite the traceback to template lines, then convert
             try:
                 tmpl.environment.handle_exception()
             except Exception as exc:  # noqa: BLE001
                 raise self._error(exc, file, customer_id) from exc
-        return "".join(out)
+        if len(text) > self.max_output_chars:
+            raise TemplateError(f"{self._prefix}/{file}", f"the message is longer than "
+                                f"{self.max_output_chars:,} characters", customer_id=customer_id)
+        return text
 
     def _error(self, exc: BaseException, file: str, customer_id) -> TemplateError:
         """A TemplateError at the innermost template line of the traceback."""

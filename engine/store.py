@@ -20,9 +20,11 @@ import fcntl
 import gc
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ import pandas as pd
 import sqlite_utils
 
 from .faults import checkpoint
+
+log = logging.getLogger(__name__)
 from .errors import StateError
 
 SCHEMA_VERSION = 1
@@ -153,13 +157,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)   # payload hashes
+_ORJSON = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 def _dumps(value: Any) -> str | None:
+    """A stored JSON column (rewards, explanations, run details)."""
     if value is None:
         return None
-    return _JSON.encode(value)
+    return orjson.dumps(value, option=_ORJSON, default=str).decode()
 
 
 def _decode(row: dict, columns: Iterable[str]) -> dict:
@@ -276,7 +282,36 @@ def _drop_inherited_locks() -> None:
     _HELD_LOCKS.clear()
 
 
-os.register_at_fork(after_in_child=_drop_inherited_locks)
+# Checkpoints copy committed pages from the write-ahead log into the database file. SQLite
+# does it inside the COMMIT that makes the log pass 1,000 pages, so a run's big commit would
+# wait for its ~400 MB to be copied; here a thread with its own connection does it alongside.
+WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024       # SQLite's own threshold: 1,000 pages of 4 KB
+_CHECKPOINTERS: set[threading.Thread] = set()
+
+
+def _checkpoint(path: Path) -> None:
+    try:
+        conn = sqlite3.connect(path, timeout=0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:      # harmless: the pages stay in the log for the next one
+        log.debug("checkpoint of %s not done: %s", path, exc)
+    finally:
+        _CHECKPOINTERS.discard(threading.current_thread())
+
+
+def _finish_checkpoints() -> None:
+    """Before a fork: no checkpoint thread may be inside SQLite (a child would inherit its
+    locks without the thread that releases them)."""
+    for thread in list(_CHECKPOINTERS):
+        if thread.is_alive():
+            thread.join()
+        _CHECKPOINTERS.discard(thread)
+
+
+os.register_at_fork(before=_finish_checkpoints, after_in_child=_drop_inherited_locks)
 
 
 class StateStore:
@@ -290,6 +325,7 @@ class StateStore:
         self.path = Path(path)
         self._pid = os.getpid()
         self._forked_reader: tuple[int, sqlite3.Connection] | None = None
+        self._checkpointer: threading.Thread | None = None
         self.label = f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name \
             else self.path.name
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +334,9 @@ class StateStore:
             self.db.enable_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA cache_size = -131072")   # 128 MB: big runs stay in memory
+            self.db.execute("PRAGMA wal_autocheckpoint = 0")  # done alongside: _checkpoint_behind
+            # a log copied in full starts again from the top, cut back to this size
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.label}: cannot open the state database: {exc}") from exc
@@ -305,6 +344,9 @@ class StateStore:
     # ----------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
+        """Close the file; the last connection to close copies the rest of the log into it."""
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         self.db.close()
 
     def _reader(self) -> sqlite3.Connection:
@@ -335,6 +377,23 @@ class StateStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._checkpoint_behind()
+
+    def _checkpoint_behind(self) -> None:
+        """Once the log holds over WAL_CHECKPOINT_BYTES, copy it into the database file in a
+        thread (PASSIVE: readers and writers go on meanwhile). Pages committed while one is
+        under way wait for the next commit's, or for ``close``."""
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            return
+        try:
+            if os.path.getsize(f"{self.path}-wal") <= WAL_CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+        self._checkpointer = threading.Thread(target=_checkpoint, args=(self.path,),
+                                              name="loyalty-checkpoint", daemon=True)
+        self._checkpointer.start()
+        _CHECKPOINTERS.add(self._checkpointer)
 
     def schema_version(self) -> int:
         """The schema version recorded in ``meta`` (0 for an empty file)."""
@@ -733,22 +792,27 @@ class StateStore:
     _DUE = ("(status = 'pending' OR (status = 'failed' AND attempts < ?)) AND due_at <= ?")
 
     def due_pages(self, now: Any, page: int = 20_000, limit: int | None = None,
-                  max_attempts: int = MAX_ATTEMPTS) -> Iterator[list[dict]]:
+                  max_attempts: int = MAX_ATTEMPTS,
+                  columns: Iterable[str] | None = None) -> Iterator[list[dict]]:
         """``pending`` a page at a time (in the same order), so that a big delivery holds
-        one page of offers in memory; without the ``explanation`` (never sent). The order
-        is read once: an offer marked while paging (failed, to be retried by a later
-        delivery) is not read again."""
+        one page of offers in memory; ``columns``: the ones wanted (default: all but the
+        ``explanation``, which is never sent). The order is read once: an offer marked while
+        paging (failed, to be retried by a later delivery) is not read again."""
         params: list = [max_attempts, iso_utc(now)]
         order = [row[0] for row in self.db.execute(
             f"SELECT rowid FROM offers WHERE {self._DUE} ORDER BY due_at, rowid"
             + (" LIMIT ?" if limit is not None else ""), params + ([limit] if limit is not None else []))]
-        columns = [c.name for c in self.db["offers"].columns if c.name != "explanation"]
+        known = [c.name for c in self.db["offers"].columns]
+        columns = [c for c in known if c != "explanation"] if columns is None else list(columns)
+        if unknown := set(columns) - set(known):
+            raise ValueError(f"offers have no column(s) {sorted(unknown)}")
         select = (f"SELECT rowid, {', '.join(columns)} FROM offers "
                   "WHERE rowid IN (SELECT value FROM json_each(?))")
+        decoded = [c for c in JSON_OFFER_COLUMNS if c in columns]
         for start in range(0, len(order), page):
             chunk = order[start:start + page]
             rows = {row[0]: dict(zip(columns, row[1:])) for row in self.db.execute(select, [json.dumps(chunk)])}
-            yield [_decode(rows[rowid], ("reward",)) for rowid in chunk if rowid in rows]
+            yield [_decode(rows[rowid], decoded) for rowid in chunk if rowid in rows]
 
     def due_summary(self, now: Any, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
         """channel -> how many offers are due for delivery (what ``pending`` would return)."""

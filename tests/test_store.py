@@ -180,6 +180,11 @@ def test_due_pages_read_the_outbox_in_order_a_page_at_a_time(store):
     assert [len(p) for p in pages] == [3, 3, 1]
     without_explanation = [{k: v for k, v in o.items() if k != "explanation"} for o in everything]
     assert [o for page in pages for o in page] == without_explanation  # same rows, order, decoding
+    sending = ("offer_id", "reward", "subject")                        # only what a sender needs
+    assert [o for page in store.due_pages(now, page=3, columns=sending) for o in page] == \
+        [{k: o[k] for k in sending} for o in everything]
+    with pytest.raises(ValueError, match="no column"):
+        next(store.due_pages(now, columns=("offer_id", "subjet")))
     assert [len(p) for p in store.due_pages(now, page=3, limit=5)] == [3, 2]
     assert store.due_summary(now) == {everything[0]["channel"]: 7}
     seen = []
@@ -311,3 +316,35 @@ def test_recording_200k_offers(store, capsys):
     assert result.new == 200_000
     with capsys.disabled():
         print(f"\nrecorded 200,000 offers in {elapsed:.2f} s")
+
+
+def test_a_big_commit_is_copied_into_the_database_file_and_the_log_cut_back(tmp_path, monkeypatch):
+    """A run's big commit does not wait for its pages to be copied out of the write-ahead log
+    (a thread does it); afterwards the log is cut back to its limit, and once the store is
+    closed the state file alone, as a backup would copy it, holds every offer."""
+    limit = 64 * 1024
+    monkeypatch.setattr(store_module, "WAL_CHECKPOINT_BYTES", limit)
+    path = tmp_path / "state" / "loyalty.db"
+    wal = path.with_name("loyalty.db-wal")
+    store = StateStore(path)
+    store.record_run(new_run(store), [make_offer(i) for i in range(2_000)])
+    assert wal.stat().st_size > limit                  # the commit wrote well past the limit
+    assert store.offers_frame().shape[0] == 2_000      # and reads go on meanwhile
+    store.close()
+    assert not wal.exists()
+    backup = tmp_path / "backup" / "loyalty.db"
+    backup.parent.mkdir()
+    backup.write_bytes(path.read_bytes())              # the file alone, without its log
+    with sqlite3.connect(backup) as conn:
+        assert conn.execute("SELECT count(*) FROM offers").fetchone()[0] == 2_000
+
+    store = StateStore(path)                           # then a delivery's small commits:
+    store.record_run(new_run(store, "2024-05-02T10:00:00+08:00"),
+                     [make_offer(i, campaign="birthday") for i in range(2_000)])
+    assert wal.stat().st_size > limit
+    ids = iter(o["offer_id"] for o in store.pending(pd.Timestamp("2024-06-01", tz="UTC")))
+    deadline = time.monotonic() + 30
+    while wal.stat().st_size > limit:                  # the log is copied out, starts again
+        assert time.monotonic() < deadline, "the log was never cut back"   # from the top, cut
+        store.mark_sent(next(ids))                     # back to its limit: it never piles up
+    store.close()
