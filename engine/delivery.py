@@ -155,16 +155,16 @@ class FileSender(Sender):
                     self._written.add(orjson.loads(line)["offer_id"])
                 except (ValueError, KeyError, TypeError):
                     continue
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")          # UTF-8 lines, as orjson writes them
 
     def send(self, offer: dict) -> None:
         if self._file is None:
             self._open()
         if offer["offer_id"] in self._written:
             return
-        line = orjson.dumps(offer_payload(offer), default=str).decode()
+        line = orjson.dumps(offer_payload(offer), default=str)
         try:
-            self._file.write(line + "\n")
+            self._file.write(line + b"\n")
         except OSError as exc:
             raise SendError(f"cannot write {self.path.name}: {exc.strerror}") from exc
         self._written.add(offer["offer_id"])

@@ -703,9 +703,9 @@ def _fallback_column(raw: _Raw, customers: pd.Series, values: pd.Series, column:
                      check, default: str, warnings: list[str]) -> pd.Series:
     """Validate a per-customer setting; invalid or empty values fall back to the programme's."""
     text = values.astype("str")
-    distinct = text.dropna().unique()
-    verdicts = {v: check(v) for v in distinct}
-    fixed = text.map(verdicts).astype("str")
+    codes, distinct = pd.factorize(text)            # a few distinct values among many rows
+    verdicts = np.array([check(v) for v in distinct] + [None], dtype=object)   # code -1 (NA): None
+    fixed = pd.Series(verdicts[codes], index=text.index, dtype="str")
     bad = (text.notna() & fixed.isna()).to_numpy()
     if bad.any():
         positions = np.flatnonzero(bad)
