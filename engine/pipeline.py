@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from .model import Workspace
 from .rendering import Renderer
 from .rewards import reward_payload
 from .sources import Tables, load_tables
+from .store import gc_paused
 from .triggers import RunContext
 
 
@@ -211,14 +211,9 @@ def build_messages(workspace: Workspace, evaluation: Evaluation, features: pd.Da
         _render_all(workspace, evaluation, renderer, part, customers, send_at[start:stop], codes, records, errors)
         return (records if finish is None else finish(records)), errors
 
-    collecting = gc.isenabled()
-    gc.disable()      # 200k records of small dicts would make the cyclic GC rescan them over and over
-    try:
+    with gc_paused():
         parts = in_workers(render, workers)
         return [r for records, _ in parts for r in records], [e for _, errors in parts for e in errors]
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _render_all(workspace: Workspace, evaluation: Evaluation, renderer: Renderer, rows: pd.DataFrame,
