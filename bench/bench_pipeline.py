@@ -513,7 +513,7 @@ with ~10 orders, take at most an eighth of the free memory, and at most 2M custo
 current copy is reused while its partitions are at most twice that size) or set with
 `--partitions N` on preview and run.
 
-## Where the time goes (profiled with cProfile at 1M customers)
+## Where the time goes (profiled with cProfile and py-spy at 1M customers)
 
 - Preview: `load_tables` ~3 s with the files in the page cache (customers, orders and events
   read, typed and checked side by side in threads; ids shaped like a prefix and digits,
@@ -524,23 +524,28 @@ current copy is reused while its partitions are at most twice that size) or set 
   Parquet files in the page cache included: a first read after a pause comes from disk and
   adds up to ~3 s to `load_tables`.
 - Run, besides the same evaluation (plus the look-up of every firing in the state file):
-  rendering ~7 s in two processes (sandboxed Jinja, ~45 µs for an e-mail with an HTML part;
-  each process also builds its share of the state file's rows; ~1 s goes to sending one
-  process's 90,000 rendered messages to the other); recording ~5 s (one transaction: the
-  inserts with their five indexes and the commit's fsync); delivery to files ~7-9 s
-  (reading 180,000 offers back from the outbox, ~2.4 s; writing JSON Lines, ~1.1 s;
-  marking them sent, ~2.5 s, because each update rewrites the offer's row with its
-  message text).
+  rendering ~6.5 s in two processes (sandboxed Jinja, ~40 µs for an e-mail with an HTML
+  part; each process also builds its share of the state file's rows; ~1 s goes to sending
+  one process's 90,000 rendered messages to the other); recording ~4 s (one transaction:
+  ~2.5 s of inserts, ~0.5 s of commit; copying the ~400 MB log into the state file is done
+  by a thread alongside delivery, not inside the commit); delivery to files ~5-6 s (reading
+  180,000 offers back from the outbox ~1.2 s, writing JSON Lines ~0.6 s, marking them sent
+  ~2 s).
+- What made the run fit: the cyclic garbage collector paused while a delivery's pages of
+  offers are read (it rescanned them over and over: ~1 s), SQLite's checkpoint taken out
+  of the run's commit (~1.4 s), templates given their globals without copying a ChainMap
+  for every message (~0.6 s), delivery reading only the columns it sends.
+- Tried and dropped: keeping the message texts in a table of their own so that marking
+  offers sent rewrites small rows; the marks got ~0.5 s quicker, but reading the texts back
+  through the join and writing two tables cost as much.
 - The 10M streamed preview's memory follows its result, not its data: 1.9M offers and the
   feature rows of their customers are gathered at the end; one partition's tables stay
   under ~3 GB.
 
 ## Known limits
 
-- Not met: a run at 1M with 200k offers takes 31-33 s for the 30 s target (from 47 s):
-  what is left is spread over loading, deciding, rendering, recording and delivering. The
-  next step would be keeping the message texts out of the offers table's rows, so that
-  marking 180,000 offers sent stops rewriting their texts.
+- The run at 1M is within its 30 s target by a few seconds only; a cold page cache (above)
+  takes up to ~3 s of that margin.
 - `run` loads the tables whole (the consent re-check at delivery needs the customers);
   only `preview` streams.
 - Streamed, duplicate order or event ids are found within a partition only: two orders with
