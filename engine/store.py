@@ -39,9 +39,9 @@ import pandas as pd
 import sqlite_utils
 
 from .faults import checkpoint
-
-log = logging.getLogger(__name__)
 from .errors import StateError
+
+log = logging.getLogger("loyalty.store")
 
 SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 5          # delivery attempts before a failed offer is left alone
@@ -287,7 +287,7 @@ def _drop_inherited_locks() -> None:
 # does it inside the COMMIT that makes the log pass 1,000 pages, so a run's big commit would
 # wait for its ~400 MB to be copied; here a thread with its own connection does it alongside.
 WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024       # SQLite's own threshold: 1,000 pages of 4 KB
-_CHECKPOINTERS: set[threading.Thread] = set()
+_CHECKPOINT_THREAD = "loyalty-checkpoint"
 
 
 def _checkpoint(path: Path) -> None:
@@ -299,17 +299,14 @@ def _checkpoint(path: Path) -> None:
             conn.close()
     except sqlite3.Error as exc:      # harmless: the pages stay in the log for the next one
         log.debug("checkpoint of %s not done: %s", path, exc)
-    finally:
-        _CHECKPOINTERS.discard(threading.current_thread())
 
 
 def _finish_checkpoints() -> None:
     """Before a fork: no checkpoint thread may be inside SQLite (a child would inherit its
     locks without the thread that releases them)."""
-    for thread in list(_CHECKPOINTERS):
-        if thread.is_alive():
+    for thread in threading.enumerate():
+        if thread.name == _CHECKPOINT_THREAD:
             thread.join()
-        _CHECKPOINTERS.discard(thread)
 
 
 os.register_at_fork(before=_finish_checkpoints, after_in_child=_drop_inherited_locks)
@@ -392,9 +389,8 @@ class StateStore:
         except OSError:
             return
         self._checkpointer = threading.Thread(target=_checkpoint, args=(self.path,),
-                                              name="loyalty-checkpoint", daemon=True)
+                                              name=_CHECKPOINT_THREAD, daemon=True)
         self._checkpointer.start()
-        _CHECKPOINTERS.add(self._checkpointer)
 
     def schema_version(self) -> int:
         """The schema version recorded in ``meta`` (0 for an empty file)."""
