@@ -1,4 +1,4 @@
-"""The `loyalty` command line: a thin layer over engine.api.
+"""The `loyalty` command line: a thin layer over the front door, ``engine.Workspace``.
 
 Exit codes: 0 ok, 1 the rules or data are wrong, 2 bad usage, 3 an outside failure
 (delivery, a locked state database).
@@ -11,13 +11,18 @@ import functools
 import io
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 import click
 
-from engine import __version__
-from engine.csv_export import csv_safe
-from engine.errors import LoyaltyError, RuleError
+from engine import LoyaltyError, RuleError, Workspace, __version__, init_example, init_workspace, run_demo
+from engine.app.csv_export import csv_safe
+from engine.app.report_text import print_preview, print_run
+from engine.app.reporting import print_report
+from engine.app.simulation import format_text
+from engine.decide.evaluation import STAGES
+from engine.state.delivery import failure_summary
 
 workspace_argument = click.argument("workspace", type=click.Path(file_okay=False, path_type=Path),
                                     default=".", required=False)
@@ -29,7 +34,7 @@ def engine_options(command):
     """--engine, --scheduler and --partitions: where and in how many pieces evaluation runs."""
     command = click.option("--partitions", type=click.IntRange(1, 100_000), default=None,
                            help="Evaluate customers in this many partitions (default: from data size "
-                                "and free memory, or engine.partitions in loyalty.yaml).")(command)
+                                "and free memory, or engine.execution.partitions in loyalty.yaml).")(command)
     command = click.option("--scheduler", default=None, metavar="ADDRESS",
                            help="With --engine dask: a running scheduler, e.g. tcp://host:8786 "
                                 "(default: a cluster started on this machine).")(command)
@@ -75,7 +80,6 @@ def _github_escape(text: str, property_value: bool = False) -> str:
 
 def _display_width(text: str) -> int:
     """Terminal columns taken by ``text``: Chinese and other wide characters take two."""
-    import unicodedata
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
@@ -101,7 +105,6 @@ def main():
 @handle_errors
 def init(directory: Path, example: bool, customers: int):
     """Create a small working workspace in DIRECTORY."""
-    from engine.scaffold import init_example, init_workspace
     created = init_example(directory, customers) if example else init_workspace(directory)
     click.echo(f"Created a workspace in {directory}:")
     for path in created:
@@ -115,8 +118,7 @@ def init(directory: Path, example: bool, customers: int):
 @handle_errors
 def validate(workspace: Path, fmt: str):
     """Check every rule file, loyalty.yaml and template; exit 1 on errors."""
-    from engine.api import validate as run_validate
-    result = run_validate(workspace)
+    result = Workspace(workspace).validate()
     if fmt == "json":
         _echo_json([p.as_dict() for p in result.problems])
     elif fmt == "github":
@@ -159,21 +161,19 @@ def validate(workspace: Path, fmt: str):
 def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_path, engine, scheduler,
             partitions, workers, fmt):
     """Dry run: who would get what, and why. Writes nothing."""
-    from engine.api import preview as run_preview, write_preview_trace
-    from engine.report_text import print_preview
-    result = run_preview(workspace, as_of, campaigns=list(campaigns) or None, customer=customer,
-                         diff=diff, sample=sample, since=since, trace=trace_path is not None,
-                         partitions=partitions, engine=engine, scheduler=scheduler, workers=workers,
-                         progress=_progress_echo if fmt == "table" else None)
+    programme = Workspace(workspace)
+    result = programme.preview(as_of, campaigns=list(campaigns) or None, customer=customer,
+                               diff=diff, sample=sample, since=since, trace=trace_path is not None,
+                               partitions=partitions, engine=engine, scheduler=scheduler, workers=workers,
+                               progress=_progress_echo if fmt == "table" else None)
     if trace_path is not None:
-        rows = write_preview_trace(result, trace_path)
+        rows = programme.write_trace(result, trace_path)
         click.echo(f"decision trace: {rows} rows written to {trace_path}", err=True)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
-        from engine.evaluation import STAGES
         writer.writerow(["campaign", "name", "channel", *STAGES, "cost"])
         for c in result.campaigns:
             writer.writerow([csv_safe(c.id), csv_safe(c.name), csv_safe(c.channel),
@@ -196,14 +196,13 @@ def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_pa
 @handle_errors
 def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, partitions, workers, fmt):
     """Evaluate, record the offers, and deliver them. Safe to rerun."""
-    from engine.api import run as do_run
-    result = do_run(workspace, as_of, campaigns=list(campaigns) or None, due=due,
-                    deliver=not no_deliver, now=now, progress=fmt == "text",
-                    partitions=partitions, engine=engine, scheduler=scheduler, workers=workers)
+    result = Workspace(workspace).run(as_of, campaigns=list(campaigns) or None, due=due,
+                                      deliver=not no_deliver, now=now,
+                                      progress=_progress_echo if fmt == "text" else None,
+                                      partitions=partitions, engine=engine, scheduler=scheduler, workers=workers)
     if fmt == "json":
         _echo_json(result.as_dict())
     else:
-        from engine.report_text import print_run
         print_run(result)
     if result.render_errors or result.conflicts:
         sys.exit(1)
@@ -217,11 +216,9 @@ def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, pa
 @handle_errors
 def deliver(workspace, now):
     """Send what is recorded and due; retry failures."""
-    from engine.api import deliver as do_deliver
-    result = do_deliver(workspace, now)
+    result = Workspace(workspace).deliver(now)
     click.echo(f"sent {result.sent}, failed {result.failed}, skipped {result.skipped}, "
                f"not yet due {result.not_due}")
-    from engine.delivery import failure_summary
     for line in failure_summary(result.errors):
         click.echo(f"delivery failed: {line}", err=True)
     sys.exit(3 if result.failed else 0)
@@ -234,8 +231,7 @@ def deliver(workspace, now):
 @handle_errors
 def history(workspace, customer, fmt):
     """Every offer a customer got, and why."""
-    from engine.api import history as get_history
-    rows = get_history(workspace, customer)
+    rows = Workspace(workspace).history(customer)
     if fmt == "json":
         _echo_json(rows)
         return
@@ -259,8 +255,7 @@ def history(workspace, customer, fmt):
 @handle_errors
 def list_runs(workspace, limit, fmt):
     """List recent runs."""
-    from engine.api import runs as get_runs
-    rows = get_runs(workspace, limit)
+    rows = Workspace(workspace).runs(limit)
     if fmt == "json":
         _echo_json(rows)
         return
@@ -278,8 +273,16 @@ def list_runs(workspace, limit, fmt):
 @handle_errors
 def report(workspace, start, end, fmt, html_path):
     """Campaign results, uplift over holdout and programme KPIs for a period."""
-    from engine.reporting import report_command
-    report_command(workspace, start, end, fmt, html_path, click.echo)
+    programme = Workspace(workspace)
+    result = programme.report(start, end)
+    if html_path is not None:
+        programme.write_html_report(html_path, report=result)
+    if fmt == "json":
+        click.echo(json.dumps(result, ensure_ascii=False, indent=2))
+    else:
+        print_report(result)
+        if html_path is not None:
+            click.echo(f"HTML report written to {html_path}")
 
 
 @main.command("import-redemptions")
@@ -288,8 +291,7 @@ def report(workspace, start, end, fmt, html_path):
 @handle_errors
 def import_redemptions_command(workspace, file):
     """Import coupon redemptions from a CSV or Parquet file (code, order_id[, customer_id, amount, redeemed_at])."""
-    from engine.redemptions import import_redemptions
-    result = import_redemptions(workspace, file)
+    result = Workspace(workspace).import_redemptions(file)
     click.echo(f"{result.rows} rows read: {result.added} redemptions added, "
                f"{result.duplicates} already recorded, {len(result.bad_rows)} refused.")
     for bad in result.bad_rows[:20]:
@@ -305,8 +307,7 @@ def import_redemptions_command(workspace, file):
 @handle_errors
 def golden_test(workspace, paths, fmt):
     """Run the workspace's golden tests (tests/*.yaml, or PATHS); exit 1 when one fails."""
-    from engine.golden import run_golden_tests
-    result = run_golden_tests(workspace, list(paths) or None)
+    result = Workspace(workspace).test(list(paths) or None)
     if fmt == "json":
         _echo_json(result.as_dict())
     else:
@@ -335,9 +336,8 @@ def golden_test(workspace, paths, fmt):
 @handle_errors
 def simulate(workspace, start, end, every, due, diff, fresh, engine, scheduler, partitions, fmt):
     """Forecast offers and reward cost over a date range, in memory. Writes nothing."""
-    from engine.simulation import format_text, simulate as run_simulation
-    result = run_simulation(workspace, start, end, every, diff, due=due, fresh=fresh,
-                            engine=engine, scheduler=scheduler, partitions=partitions)
+    result = Workspace(workspace).simulate(start, end, every, diff, due=due, fresh=fresh,
+                                           engine=engine, scheduler=scheduler, partitions=partitions)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":
@@ -360,13 +360,12 @@ def data():
 @data.command("convert")
 @workspace_argument
 @click.option("--partitions", type=click.IntRange(1, 100_000), default=None,
-              help="How many partitions (default: engine.partitions in loyalty.yaml, else from the data size).")
+              help="How many partitions (default: engine.execution.partitions in loyalty.yaml, else from the data size).")
 @handle_errors
 def data_convert(workspace, partitions):
     """Split the customers, orders and events into partitioned Parquet files (for --engine dask
     and for streamed previews); reruns only when the data changed."""
-    from engine.api import convert_data
-    folder, count = convert_data(workspace, partitions, progress=_progress_echo)
+    folder, count = Workspace(workspace).convert_data(partitions, progress=_progress_echo)
     click.echo(f"{count} partitions written to {folder}")
 
 
@@ -377,7 +376,6 @@ def data_convert(workspace, partitions):
 @handle_errors
 def demo(directory, customers):
     """Sample data + the example programme, end to end."""
-    from engine.demo import run_demo
     run_demo(directory, customers, echo=click.echo)
 
 

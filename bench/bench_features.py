@@ -1,4 +1,4 @@
-"""Benchmark: built-in features with engine.features versus the equivalent DuckDB SQL.
+"""Benchmark: built-in features with engine.data.features versus the equivalent DuckDB SQL.
 
 Generates a deterministic, skewed data set as Parquet (default 1M customers, 10M orders,
 2M events), then times in the same run:
@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.features import BUILTIN_FEATURES, compute_features, days_before, local_as_of  # noqa: E402
-from engine.model import ContactPolicy, Program, Settings, SourceDef  # noqa: E402
-from engine.sources import load_tables  # noqa: E402
+from engine.config.model import ContactPolicy, Program, Settings, SourceDef  # noqa: E402
+from engine.data.features import BUILTIN_FEATURES, compute_features, days_before, local_as_of  # noqa: E402
+from engine.data.sources import load_tables  # noqa: E402
 
 TIMEZONE = "Asia/Shanghai"
 AS_OF = pd.Timestamp("2025-06-30 12:00", tz=TIMEZONE)

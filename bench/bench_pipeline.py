@@ -8,12 +8,12 @@ measures, in one run and side by side:
              the same Parquet files (bench_features.duckdb_sql; DuckDB uses every core);
 * rules:     every segment/where/exclude condition of the programme over all customers,
              in ns per customer-rule;
-* preview:   ``api.preview`` end to end (rules loaded and checked, data, features, evaluation,
+* preview:   ``Workspace.preview`` end to end (rules loaded and checked, data, features, evaluation,
              sample messages) with one partition, the tables loaded whole;
 * streamed:  the conversion of the data into partitioned Parquet (``partitioned_data``, done
-             once while the data is unchanged), then ``api.preview`` streaming the partitions
+             once while the data is unchanged), then ``Workspace.preview`` streaming the partitions
              one at a time from that copy (bounded memory; ``--partitions``, default automatic);
-* run:       ``api.run`` end to end with every channel delivering to files (~0.2 offers a
+* run:       ``Workspace.run`` end to end with every channel delivering to files (~0.2 offers a
              customer: offers rendered, recorded in SQLite and appended to JSON Lines);
 * memory:    peak memory of each step's fresh process and the worker processes it forks
              (the machine's memory in use during the step over what was in use before, or
@@ -192,10 +192,11 @@ def _peak_bytes() -> int:
 def step_features(folder: Path) -> dict:
     import duckdb
     from bench_features import duckdb_sql
-    from engine.features import compute_features
-    from engine.pipeline import parse_as_of
-    from engine.sources import load_tables
-    from engine.workspace import load_workspace
+
+    from engine.app.validation import load_workspace
+    from engine.data.features import compute_features
+    from engine.data.sources import load_tables
+    from engine.execution.pipeline import parse_as_of
     workspace = load_workspace(folder)
     as_of = parse_as_of(AS_OF, workspace.settings.timezone)
     start = time.perf_counter()
@@ -217,10 +218,10 @@ def step_features(folder: Path) -> dict:
 
 
 def step_rules(folder: Path) -> dict:
-    from engine.features import compute_features
-    from engine.pipeline import parse_as_of
-    from engine.sources import load_tables
-    from engine.workspace import load_workspace
+    from engine.app.validation import load_workspace
+    from engine.data.features import compute_features
+    from engine.data.sources import load_tables
+    from engine.execution.pipeline import parse_as_of
     workspace = load_workspace(folder)
     program = workspace.program
     as_of = parse_as_of(AS_OF, workspace.settings.timezone)
@@ -241,21 +242,21 @@ def step_rules(folder: Path) -> dict:
 
 
 def step_preview(folder: Path, partitions: int | None) -> dict:
-    from engine import api
-    from engine.partitions import streamed_count
-    from engine.workspace import load_workspace
+    from engine import Workspace
+    from engine.app.validation import load_workspace
+    from engine.execution.partitions import streamed_count
     count = streamed_count(load_workspace(folder), partitions)     # what the preview will use
     start = time.perf_counter()
-    result = api.preview(folder, AS_OF, sample=3, partitions=partitions)
+    result = Workspace(folder).preview(AS_OF, sample=3, partitions=partitions)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "offers": result.total_offers, "partitions": count,
             "campaigns": len(result.campaigns), "peak": _peak_bytes()}
 
 
 def step_convert(folder: Path, partitions: int | None) -> dict:
-    from engine.partitioned_data import convert
-    from engine.partitions import streamed_count
-    from engine.workspace import load_workspace
+    from engine.app.validation import load_workspace
+    from engine.execution.partitioned_data import convert
+    from engine.execution.partitions import streamed_count
     workspace = load_workspace(folder)
     count = streamed_count(workspace, partitions)
     start = time.perf_counter()
@@ -264,9 +265,9 @@ def step_convert(folder: Path, partitions: int | None) -> dict:
 
 
 def step_run(folder: Path, partitions: int | None) -> dict:
-    from engine import api
+    from engine import Workspace
     start = time.perf_counter()
-    result = api.run(folder, AS_OF, now=NOW, partitions=partitions)
+    result = Workspace(folder).run(AS_OF, now=NOW, partitions=partitions)
     seconds = time.perf_counter() - start
     delivered = sum(1 for path in (folder / "outbox").glob("*.jsonl") for _ in path.open(encoding="utf-8"))
     return {"seconds": seconds, "offers": result.new_offers, "delivered": delivered,
@@ -289,7 +290,7 @@ def _memory_in_use() -> int:
 def _in_subprocess(step: str, folder: Path, partitions: int | None = None) -> dict:
     """A step in a fresh process. Its peak memory is the larger of the process's own peak
     (VmHWM) and the most memory in use on the machine while it ran over what was in use
-    before: the latter counts the worker processes it forks (engine/parallel.py) too."""
+    before: the latter counts the worker processes it forks (engine/execution/parallel.py) too."""
     command = [sys.executable, __file__, "--step", step, "--dir", str(folder)]
     if partitions is not None:
         command += ["--partitions", str(partitions)]
@@ -487,12 +488,12 @@ and messages; record: one SQLite transaction; deliver: JSON Lines files, consent
 
 Customers are split into partitions by a stable hash of the customer id. A partition goes
 through features and evaluation alone, and the global steps are reconciled
-(`engine/partitions.py`): RFM quintiles are ranked over every partition's small R/F/M
+(`engine/execution/partitions.py`): RFM quintiles are ranked over every partition's small R/F/M
 inputs, budgets are applied over the pooled arbitrated candidates, funnel counts are
 summed. The result is identical to one evaluation over everybody, budgets binding
 included (tests/test_partitions.py, 1, 3 and 7 partitions, in memory and streamed).
 
-The partitioned copy of the data (`engine/partitioned_data.py`) is the one storage of both
+The partitioned copy of the data (`engine/execution/partitioned_data.py`) is the one storage of both
 the streamed local preview and the Dask engine: customers, orders and events rewritten as
 Parquet, one folder per partition under `.loyalty/partitioned/`, each source (CSV,
 Parquet, SQLite, a SQL database) read in batches of a million rows, so the conversion's
@@ -519,7 +520,7 @@ current copy is reused while its partitions are at most twice that size) or set 
   read, typed and checked side by side in threads; ids shaped like a prefix and digits,
   "C000123456", are linked and checked for duplicates as integers, ~0.3 s instead of ~2 s
   of hashing text); features ~0.7 s (two threads); decisions ~3.5 s, in two processes (each
-  deciding half of the customers; `engine/parallel.py`); budgets, offer ids and send times
+  deciding half of the customers; `engine/execution/parallel.py`); budgets, offer ids and send times
   over all of them ~0.65 s. This machine pages out memory not touched for a minute (DAMON),
   Parquet files in the page cache included: a first read after a pause comes from disk and
   adds up to ~3 s to `load_tables`.

@@ -4,7 +4,7 @@
 
 Builds (or reuses) the workspace of bench/bench_pipeline.py (the example programme's rules
 and templates on generated Parquet data: ~10 orders and ~3 events a customer, skewed),
-without its extra newsletter campaign, then times ``engine.simulation.simulate`` for each
+without its extra newsletter campaign, then times ``engine.app.simulation.simulate`` for each
 ``--days`` from START, loading included, in a fresh process each. ``--check N`` first
 replays N steps twice, once with the simulation's candidate pre-filter and once evaluating
 every customer, and fails if the offers differ.
@@ -40,12 +40,12 @@ def build(directory: Path, customers: int) -> None:
 
 def check_exact(directory: Path, steps: int) -> None:
     """The pre-filtered evaluation gives exactly the offers of evaluating everyone."""
-    from engine.evaluation import evaluate
-    from engine.features import compute_features
-    from engine.replay import MemoryState, step_times
-    from engine.step_candidates import evaluate_step
-    from engine.sources import load_tables
-    from engine.workspace import load_workspace
+    from engine.app.replay import MemoryState, step_times
+    from engine.app.validation import load_workspace
+    from engine.data.features import compute_features
+    from engine.data.sources import load_tables
+    from engine.decide.evaluation import evaluate
+    from engine.decide.step_candidates import evaluate_step
     workspace = load_workspace(directory)
     tables = load_tables(workspace.settings, workspace.root)
     state = MemoryState()
@@ -65,7 +65,7 @@ def check_exact(directory: Path, steps: int) -> None:
 
 def measure(directory: Path, days: int) -> dict:
     """One simulation in this process: wall and CPU seconds, peak memory."""
-    from engine.simulation import simulate
+    from engine.app.simulation import simulate
     end = (pd.Timestamp(START) + pd.Timedelta(days=days - 1)).isoformat()
     started, cpu = time.perf_counter(), time.process_time()
     result = simulate(directory, START, end, "1d", fresh=True)

@@ -109,3 +109,18 @@ class StateError(LoyaltyError):
     """The state database is locked, newer than this version, or inconsistent."""
 
     exit_code = 3
+
+
+class SendError(DeliveryError):
+    """One offer could not be delivered; recorded on the offer, never raised to the user."""
+
+
+class ClusterError(LoyaltyError):
+    """The dask engine cannot run: Dask is not installed, the scheduler cannot be reached,
+    a worker cannot see the workspace, or the cluster failed mid-evaluation."""
+
+    exit_code = 3
+
+
+class WorkerSetupError(ClusterError):
+    """A worker cannot evaluate: it does not see the workspace, or sees other rules."""

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.assignment import assign_variants, in_holdout, stable_fraction
+from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = pd.Series([f"C{i:05d}" for i in range(2000)] + ["王芳", "", "12345", "c00001"])
@@ -28,7 +29,7 @@ def test_fraction_is_in_unit_interval_and_spread():
 
 
 def test_same_in_another_process():
-    code = ("import json, sys; import pandas as pd; from engine.assignment import stable_fraction, assign_variants;"
+    code = ("import json, sys; import pandas as pd; from engine.decide.assignment import stable_fraction, assign_variants;"
             "ids = pd.Series(json.loads(sys.stdin.read()));"
             "print(json.dumps([stable_fraction(ids, 'salt', 'holdout:c').tolist(),"
             " assign_variants(ids, 'salt', 'c', ['A', 'B', 'C'], [1, 2, 3]).tolist()]))")

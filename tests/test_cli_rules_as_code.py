@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from engine.sampledata import copy_example_programme, write_sample_workspace
+from engine.data.sampledata import copy_example_programme, write_sample_workspace
 
 AS_OF = "2026-11-23T10:00:00+08:00"
 

@@ -25,17 +25,18 @@ from click.testing import CliRunner
 distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
 
-from cli import main  # noqa: E402
-from engine import api  # noqa: E402
-from engine.dask_engine import evaluate_on_dask  # noqa: E402
-from engine.demo import DEMO_AS_OF, build_demo_workspace  # noqa: E402
-from engine.partitioned_data import convert, is_current, partitioned_folder  # noqa: E402
-from engine.partitions import evaluate_in_partitions  # noqa: E402
-from engine.pipeline import parse_as_of, run_context  # noqa: E402
-from engine.sources import load_tables  # noqa: E402
-from engine.store import StateStore  # noqa: E402
-from engine.workspace import load_workspace  # noqa: E402
 from test_partitions import _random_orders, _tighten  # noqa: E402
+
+from cli import main  # noqa: E402
+from engine import Workspace  # noqa: E402
+from engine.app.demo import DEMO_AS_OF, build_demo_workspace  # noqa: E402
+from engine.app.validation import load_workspace  # noqa: E402
+from engine.data.sources import load_tables  # noqa: E402
+from engine.execution.dask_engine import evaluate_on_dask  # noqa: E402
+from engine.execution.partitioned_data import convert, is_current, partitioned_folder  # noqa: E402
+from engine.execution.partitions import evaluate_in_partitions  # noqa: E402
+from engine.execution.pipeline import parse_as_of, run_context  # noqa: E402
+from engine.state.store import StateStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMERS = 1500
@@ -119,7 +120,7 @@ def test_random_data_with_binding_budgets_decides_the_same(tight, cluster):
 
 def test_after_a_recorded_run_both_engines_see_the_same_history(tight, tmp_path, cluster):
     root = Path(shutil.copytree(tight, tmp_path / "ws"))
-    first = api.run(root, DEMO_AS_OF, deliver=False)
+    first = Workspace(root).run(DEMO_AS_OF, deliver=False)
     assert first.new_offers > 0
     for as_of in (DEMO_AS_OF, LATER):      # a rerun (keys recorded at this as_of), and a later run
         local, remote = _both(root, as_of, cluster, store=True)
@@ -167,12 +168,12 @@ def test_a_worker_killed_mid_run_changes_nothing_and_a_rerun_sends_nothing_twice
     there = Path(shutil.copytree(tight, tmp_path / "dask"))
     for root in (here, there):
         _file_channels(root)
-    expected = api.run(here, DEMO_AS_OF, now=NOW)
+    expected = Workspace(here).run(DEMO_AS_OF, now=NOW)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = tmp_path / "killed"
     client.run(_set_worker_env, "LOYALTY_DASK_CRASH_ONCE", str(marker))
     try:
-        first = api.run(there, DEMO_AS_OF, now=NOW, engine="dask", scheduler=local_cluster.scheduler_address)
+        first = Workspace(there).run(DEMO_AS_OF, now=NOW, engine="dask", scheduler=local_cluster.scheduler_address)
     finally:
         client.run(_set_worker_env, "LOYALTY_DASK_CRASH_ONCE", None)
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -180,7 +181,7 @@ def test_a_worker_killed_mid_run_changes_nothing_and_a_rerun_sends_nothing_twice
     assert first.new_offers == expected.new_offers > 0
     assert first.funnels == expected.funnels
     pd.testing.assert_frame_equal(_recorded(there), _recorded(here))
-    again = api.run(there, DEMO_AS_OF, now=NOW, engine="dask", scheduler=local_cluster.scheduler_address)
+    again = Workspace(there).run(DEMO_AS_OF, now=NOW, engine="dask", scheduler=local_cluster.scheduler_address)
     assert (again.new_offers, again.already_recorded) == (0, first.new_offers)
     sent = _sent(there)
     assert len(sent) == len(set(sent)) > 0 and sorted(sent) == sorted(_sent(here))
@@ -213,9 +214,9 @@ def test_cli_preview_is_the_same_on_both_engines(demo, cluster, sample):
 def test_a_preview_keeps_the_offers_on_the_workers_and_shows_the_same(tight, cluster, sample):
     """Binding budgets on random data: the dask preview brings back only each campaign's
     first offers and per-campaign totals, and shows what the local preview shows."""
-    from engine.preview import SampledEvaluation
-    local = api.preview(tight, DEMO_AS_OF, sample=sample)
-    remote = api.preview(tight, DEMO_AS_OF, sample=sample, engine="dask", scheduler=cluster[0].scheduler_address,
+    from engine.decide.totals import SampledEvaluation
+    local = Workspace(tight).preview(DEMO_AS_OF, sample=sample)
+    remote = Workspace(tight).preview(DEMO_AS_OF, sample=sample, engine="dask", scheduler=cluster[0].scheduler_address,
                          partitions=5)
     assert remote.as_dict() == local.as_dict()
     assert isinstance(remote._evaluation, SampledEvaluation)
@@ -309,7 +310,7 @@ def _unknown(root: Path) -> set[str]:
 
 
 def test_more_partitions_than_needed_leave_some_empty_and_agree(cluster, tmp_path):
-    from engine.scaffold import init_workspace
+    from engine.app.scaffold import init_workspace
     root = tmp_path / "small"
     init_workspace(root)
     workspace = load_workspace(root)
@@ -327,8 +328,9 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     per-partition cut, the pairwise merges and the cut-offs keep exactly the candidates that
     the local engine's one budget step over all of them keeps."""
     import numpy as np
-    from engine.partition_tasks import cutoffs_of, merge_ranked, ranked_of, within_cutoffs
-    from engine.evaluation import STAGES, PartitionDecision, _apply_budgets, budget_caps, within_budgets
+
+    from engine.decide.evaluation import STAGES, PartitionDecision, _apply_budgets, budget_caps, within_budgets
+    from engine.execution.partition_tasks import cutoffs_of, merge_ranked, ranked_of, within_cutoffs
     workspace = load_workspace(tight)
     caps = budget_caps(workspace)
     rng = np.random.default_rng(seed)
@@ -365,7 +367,7 @@ def test_simulate_on_dask_forecasts_what_the_local_simulation_forecasts(tight, t
     """A week of daily runs with binding budgets, from scratch and continuing after a real
     run: every step evaluated on the cluster (one cluster for the whole simulation, the
     in-memory history shipped to the tasks) gives the local forecast, step for step."""
-    from engine.simulation import simulate
+    from engine.app.simulation import simulate
     root = Path(shutil.copytree(tight, tmp_path / "ws"))
     start, end = DEMO_AS_OF, "2026-11-30"
     address = cluster[0].scheduler_address
@@ -374,7 +376,7 @@ def test_simulate_on_dask_forecasts_what_the_local_simulation_forecasts(tight, t
     assert local.total_offers > 0 and any(c.budget_bound_runs for c in local.campaigns)
     assert _forecast(remote) == _forecast(local)
 
-    assert api.run(root, DEMO_AS_OF, deliver=False).new_offers > 0
+    assert Workspace(root).run(DEMO_AS_OF, deliver=False).new_offers > 0
     later = "2026-11-24T10:00:00+08:00"
     local = simulate(root, later, end)
     remote = simulate(root, later, end, engine="dask", scheduler=address, partitions=3)

@@ -16,10 +16,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from engine.delivery import SENDERS, FileSender, deliver
+from engine.config.model import ChannelDef, ContactPolicy, Settings
 from engine.errors import DeliveryError
-from engine.model import ChannelDef, ContactPolicy, Settings
-from engine.store import StateStore, make_offer_id
+from engine.state.delivery import SENDERS, FileSender, deliver
+from engine.state.store import StateStore, make_offer_id
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
 NOW = AS_OF + pd.Timedelta(minutes=5)

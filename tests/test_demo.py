@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import mailbox
+import re
 
 from click.testing import CliRunner
 
@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end(tmp_path):
     received = mailbox.Maildir(str(target / "outbox" / "smtp-received"), create=False)
     assert len(received) > 0
     # the report lists variants only for the A/B-tested campaign, once per campaign
-    from engine.reporting import build_report
+    from engine.app.reporting import build_report
     campaigns = build_report(target, end="2026-12-23")["campaigns"]
     assert len({c["id"] for c in campaigns}) == len(campaigns)
     with_variants = {c["id"] for c in campaigns if c["variants"]}

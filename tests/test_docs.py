@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.expressions import compile_expression
-from engine.features import BUILTIN_FEATURES
-from engine.program import EVENT_COLUMNS, ORDER_COLUMNS
-from engine.rulefiles import load_yaml
-from engine.schema import validate_document
-from engine.sources import CUSTOMER_COLUMNS
+from engine.config.catalogue import BUILTIN_FEATURES, CUSTOMER_COLUMNS, EVENT_COLUMNS, ORDER_COLUMNS, expression_type
+from engine.config.expressions import compile_expression
+from engine.config.rulefiles import load_yaml
+from engine.config.schema import validate_document
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -71,13 +69,13 @@ def test_snippet_is_valid(tmp_path, doc, line, text):
         event_names = {f"event.{c}": "number" for c in ("score", "amount")}
         for table in (ORDER_COLUMNS, EVENT_COLUMNS):   # columns usable in custom features' where:
             for column, kind in table.items():
-                event_names.setdefault(column, kind)
-        event_names.update({f"order.{c}": t for c, t in ORDER_COLUMNS.items()})
-        event_names.update({f"event.{c}": t for c, t in EVENT_COLUMNS.items() if c != "score"})
+                event_names.setdefault(column, expression_type(kind))
+        event_names.update({f"order.{c}": expression_type(t) for c, t in ORDER_COLUMNS.items()})
+        event_names.update({f"event.{c}": expression_type(t) for c, t in EVENT_COLUMNS.items() if c != "score"})
         for path, condition in _conditions(data):
             compile_expression(condition, {**names, **event_names})
     elif "customers" in data and "as_of" in data:       # a golden test file (docs/testing.md)
-        from engine.golden import validate_golden_document
+        from engine.app.golden import validate_golden_document
         assert validate_golden_document(data, smap) == []
     else:
         problems = [p for p in validate_document("loyalty", data, smap) if "missing required" not in p.message]

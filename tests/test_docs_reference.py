@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.docgen import reference
+from engine.app.docgen import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = sorted((ROOT / "schemas").glob("*.json"))
@@ -15,7 +15,7 @@ SCHEMAS = sorted((ROOT / "schemas").glob("*.json"))
 
 def test_reference_is_up_to_date():
     written = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
-    assert written == reference(), "regenerate it: python -m engine.docgen > docs/reference.md"
+    assert written == reference(), "regenerate it: python -m engine.app.docgen > docs/reference.md"
 
 
 def _resolve(schema: dict, root: dict) -> dict:

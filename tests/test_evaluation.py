@@ -8,15 +8,16 @@ from types import MappingProxyType
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from engine.assignment import in_holdout
-from engine.evaluation import STAGES, evaluate
-from engine.expressions import compile_expression
-from engine.model import BudgetDef
-from engine.pipeline import empty_contacts, parse_as_of
-from engine.triggers import RunContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_triggers import TZ, customer, fired, make_workspace, run
+
+from engine.config.expressions import compile_expression
+from engine.config.model import BudgetDef
+from engine.decide.assignment import in_holdout
+from engine.decide.evaluation import STAGES, evaluate
+from engine.decide.triggers import RunContext
+from engine.execution.pipeline import empty_contacts, parse_as_of
 
 AS_OF = parse_as_of("2026-06-10T10:00", TZ)
 CAMPAIGNS = ("a", "b", "c", "d", "e")
@@ -313,7 +314,7 @@ def test_trace_names_the_stage_that_stopped_each_customer(tmp_path):
     history = pd.DataFrame({"customer_id": ["C0003"], "campaign": ["c"], "channel": ["sms"],
                             "contacted_at": pd.to_datetime(["2026-06-08T00:00Z"], utc=True)})
     at = parse_as_of("2026-06-10T10:00", TZ)
-    from engine.pipeline import prepare
+    from engine.execution.pipeline import prepare
     prepared = prepare(ws, at)
     ev = evaluate(ws, prepared.tables, prepared.features, RunContext(at, None, history, {}), trace=True)
     assert fired(ev) == {"C0006": "c:C0006:2026-06-10"}
@@ -333,7 +334,7 @@ def test_warning_when_consent_column_is_missing(tmp_path):
           template: t
         """, customer("C0001"))
     at = parse_as_of("2026-06-10T10:00", TZ)
-    from engine.pipeline import prepare
+    from engine.execution.pipeline import prepare
     prepared = prepare(ws, at)
     ev = evaluate(ws, prepared.tables, prepared.features.drop(columns=["sms_opt_in"]),
                   RunContext(at, None, empty_contacts(), {}))
@@ -354,7 +355,7 @@ def test_rank_by_a_date_with_missing_values(tmp_path):
     assert sorted(fired(run(ws, "2026-06-10T10:00"))) == ["C0003", "C0004"]
     ws3 = with_rules(ws, budgets={"c": replace(ws.program.campaigns["c"].budget, max_offers=4)})
     at = parse_as_of("2026-06-10T10:00", TZ)
-    from engine.pipeline import prepare
+    from engine.execution.pipeline import prepare
     prepared = prepare(ws3, at)
     ev = evaluate(ws3, prepared.tables, prepared.features, RunContext(at, None, empty_contacts(), {}))
     assert len(ev.offers) == 4

@@ -1,4 +1,4 @@
-"""Tests for engine/expressions.py: grammar, types, null logic, explain, and a reference evaluator."""
+"""Tests for engine/config/expressions.py: grammar, types, null logic, explain, and a reference evaluator."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.config.expressions import FUNCTIONS, OPERATORS, Expression, all_of, any_of, compile_expression
 from engine.errors import DataError, ExpressionError
-from engine.expressions import (FUNCTIONS, OPERATORS, Expression, all_of, any_of,
-                                compile_expression)
 
 AS_OF = pd.Timestamp("2024-12-25 10:00", tz="Asia/Shanghai")
 NAMES = {

@@ -1,4 +1,4 @@
-"""engine.features: every built-in and custom feature against a slow per-row reference."""
+"""engine.data.features: every built-in and custom feature against a slow per-row reference."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from engine.config.expressions import compile_expression
+from engine.config.model import ContactPolicy, FeatureDef, Location, Program, Settings, SourceDef, TierDef
+from engine.data.features import BUILTIN_FEATURES, compute_features, days_before, feature_order, rfm_scores
+from engine.data.sources import load_tables
 from engine.errors import RuleError
-from engine.expressions import compile_expression
-from engine.features import (BUILTIN_FEATURES, compute_features, days_before, feature_order,
-                             rfm_scores)
-from engine.model import ContactPolicy, FeatureDef, Location, Program, Settings, SourceDef, TierDef
-from engine.sources import load_tables
 
 UTC = dt.timezone.utc
 ORDER_NAMES = {"order_id": "string", "customer_id": "string", "timestamp": "date", "amount": "number",

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.golden import run_golden_tests
-from engine.sampledata import copy_example_programme, write_sample_workspace
+from engine.app.golden import run_golden_tests
+from engine.data.sampledata import copy_example_programme, write_sample_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

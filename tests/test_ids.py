@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from engine.config.model import ContactPolicy, Settings, SourceDef
+from engine.data.sources import load_tables
 from engine.errors import DataError
-from engine.model import ContactPolicy, Settings, SourceDef
-from engine.sources import load_tables
 
 PREFIXES = ["", "C", "VIP-", "会员"]
 

@@ -7,9 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.app.kpis import (
+    Period,
+    compare_means,
+    compare_proportions,
+    kpi_trend,
+    make_period,
+    members_at,
+    nps,
+    period_kpis,
+    t_quantile,
+    uplift,
+    window_outcomes,
+)
 from engine.errors import LoyaltyError
-from engine.kpis import (Period, compare_means, compare_proportions, kpi_trend, make_period, members_at, nps,
-                         period_kpis, t_quantile, uplift, window_outcomes)
 
 TZ = "Asia/Shanghai"
 JAN = Period(date(2026, 1, 1), date(2026, 1, 31), TZ)

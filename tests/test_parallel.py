@@ -1,4 +1,4 @@
-"""Deciding in several processes (engine/parallel.py) gives exactly one process's decisions.
+"""Deciding in several processes (engine/execution/parallel.py) gives exactly one process's decisions.
 
 The example programme on sample data with budgets small enough to bind, decided by 1, 2 and
 3 processes: the offers, funnels, holdouts, `becomes` state and the offered customers'
@@ -18,13 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import api, parallel, store as store_module
-from engine.demo import DEMO_AS_OF, build_demo_workspace
-from engine.partitions import evaluate_in_partitions
-from engine.pipeline import parse_as_of, run_context
-from engine.sources import load_tables
-from engine.store import StateStore
-from engine.workspace import load_workspace
+from engine import Workspace
+from engine.app.demo import DEMO_AS_OF, build_demo_workspace
+from engine.app.validation import load_workspace
+from engine.data.sources import load_tables
+from engine.execution import parallel
+from engine.execution.partitions import evaluate_in_partitions
+from engine.execution.pipeline import parse_as_of, run_context
+from engine.state import store as store_module
+from engine.state.store import StateStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_partitions import _offers, _tighten  # noqa: E402
@@ -74,8 +76,8 @@ def test_with_the_history_of_earlier_runs_workers_decide_as_one_process(workspac
     for workers in (1, 2):
         root = tmp_path / f"ws{workers}"
         shutil.copytree(workspace, root)
-        first = api.run(root, DEMO_AS_OF, deliver=False, workers=workers)
-        again = api.run(root, DEMO_AS_OF, deliver=False, workers=workers)    # a rerun records nothing new
+        first = Workspace(root).run(DEMO_AS_OF, deliver=False, workers=workers)
+        again = Workspace(root).run(DEMO_AS_OF, deliver=False, workers=workers)    # a rerun records nothing new
         assert first.new_offers > 100 and again.new_offers == 0
         assert again.already_recorded == first.new_offers
         copies[workers] = root
@@ -90,7 +92,7 @@ def test_with_the_history_of_earlier_runs_workers_decide_as_one_process(workspac
         many = _decide(copies[1], 3, LATER, store)
         assert set(one.evaluation.offers["firing_key"]) & set(recorded[0]) == set()
         _same_decisions(one, many)
-    previews = [api.preview(copies[1], LATER, sample=2, workers=w).as_dict() for w in (1, 2)]
+    previews = [Workspace(copies[1]).preview(LATER, sample=2, workers=w).as_dict() for w in (1, 2)]
     assert previews[0] == previews[1]
 
 

@@ -16,14 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import api
-from engine.demo import DEMO_AS_OF, build_demo_workspace
-from engine.partitioned_data import is_current
-from engine.partitions import (auto_partitions, evaluate_in_partitions, evaluate_streamed, partition_numbers,
-                               split_tables)
-from engine.pipeline import parse_as_of, run_context
-from engine.sources import load_tables
-from engine.workspace import load_workspace
+from engine import Workspace
+from engine.app.demo import DEMO_AS_OF, build_demo_workspace
+from engine.app.validation import load_workspace
+from engine.data.sources import load_tables
+from engine.execution.partitioned_data import is_current
+from engine.execution.partitions import (
+    auto_partitions,
+    evaluate_in_partitions,
+    evaluate_streamed,
+    partition_numbers,
+    split_tables,
+)
+from engine.execution.pipeline import parse_as_of, run_context
 
 CUSTOMERS = 1500
 PARTITIONS = (1, 3, 7)
@@ -123,8 +128,8 @@ def test_partitions_decide_exactly_as_one_evaluation(workspace):
 
 
 def test_preview_with_partitions_gives_the_same_figures(workspace):
-    one = api.preview(workspace, DEMO_AS_OF, partitions=1, sample=2)
-    seven = api.preview(workspace, DEMO_AS_OF, partitions=7, sample=2)
+    one = Workspace(workspace).preview(DEMO_AS_OF, partitions=1, sample=2)
+    seven = Workspace(workspace).preview(DEMO_AS_OF, partitions=7, sample=2)
     assert one.as_dict() == seven.as_dict()
 
 
@@ -199,7 +204,7 @@ def test_the_partitioned_copy_is_rebuilt_when_the_data_changes(workspace, tmp_pa
 def test_automatic_count_keeps_a_current_copy_with_small_enough_partitions(workspace, tmp_path, monkeypatch):
     import shutil
 
-    from engine import partitions
+    from engine.execution import partitions
     root = Path(shutil.copytree(workspace, tmp_path / "ws"))
     pd.read_csv(root / "data" / "customers.csv", dtype=str).to_parquet(root / "data" / "customers.parquet")
     settings_file = root / "loyalty.yaml"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from engine.model import ChannelDef, ContactPolicy
-from engine.pipeline import parse_as_of
-from engine.policy import cap_remaining, cooling_down, messages_in_window, reachable, send_times
 from test_triggers import TZ, customer, fired, make_workspace, run
+
+from engine.config.model import ChannelDef, ContactPolicy
+from engine.decide.policy import cap_remaining, cooling_down, messages_in_window, reachable, send_times
+from engine.execution.pipeline import parse_as_of
 
 
 def contacts(*rows) -> pd.DataFrame:

@@ -3,13 +3,26 @@
 import pandas as pd
 import pytest
 
+from engine import Workspace
+from engine.app.scaffold import init_workspace
+from engine.data.sources import load_tables
 from engine.errors import DataError
-from engine.redemptions import (all_redemptions, campaign_results, import_redemptions, match_order_redemptions,
-                                offer_outcomes, sync_order_redemptions)
-from engine.scaffold import init_workspace
-from engine.store import StateStore
+from engine.state.redemptions import (
+    all_redemptions,
+    campaign_results,
+    match_order_redemptions,
+    offer_outcomes,
+    sync_order_redemptions,
+)
+from engine.state.store import StateStore
 
 TZ = "Asia/Shanghai"
+
+
+def settings_and_orders(root):
+    """What ``sync_order_redemptions`` reads: the programme's settings and its orders."""
+    settings = Workspace(root).load().settings
+    return settings, load_tables(settings, root).orders
 SEND = "2026-01-10T10:00:00+08:00"
 
 
@@ -125,12 +138,12 @@ def test_import_csv_reports_bad_rows_and_ignores_duplicates(workspace, tmp_path)
                     "WB-CCC,P3,ten,2026-01-14\n"              # row 6: amount not a number
                     "WB-CCC,P4,10,yesterday\n"                # row 7: bad time
                     "wb-ccc,P5,,\n", encoding="utf-8")        # row 8: good, amount and time optional
-    result = import_redemptions(workspace, file)
+    result = Workspace(workspace).import_redemptions(file)
     assert (result.rows, result.added, result.duplicates) == (7, 2, 1)
     assert [(b["row"], b["message"].split(" ")[0]) for b in result.bad_rows] == [
         (4, "code"), (5, "empty"), (6, "amount"), (7, "redeemed_at")]
     assert "was not issued" in result.bad_rows[0]["message"]
-    again = import_redemptions(workspace, file)                # importing twice adds nothing
+    again = Workspace(workspace).import_redemptions(file)                # importing twice adds nothing
     assert again.added == 0 and again.duplicates == 3
     store = StateStore(workspace / "state" / "loyalty.db")
     stored = store.redemptions().sort_values("order_id")
@@ -144,7 +157,7 @@ def test_import_parquet_row_numbers_start_at_one(workspace, tmp_path):
     file = tmp_path / "pos.parquet"
     pd.DataFrame({"code": ["NOPE", "WB-AAA"], "order_id": ["P9", "P10"], "customer_id": ["C9", "C001"]}) \
         .to_parquet(file)
-    result = import_redemptions(workspace, file)
+    result = Workspace(workspace).import_redemptions(file)
     assert result.added == 1 and [b["row"] for b in result.bad_rows] == [1]
 
 
@@ -152,11 +165,11 @@ def test_import_missing_column_is_a_data_error(workspace, tmp_path):
     file = tmp_path / "pos.csv"
     file.write_text("code,amount\nWB-AAA,10\n", encoding="utf-8")
     with pytest.raises(DataError, match="missing required column 'order_id'"):
-        import_redemptions(workspace, file)
+        Workspace(workspace).import_redemptions(file)
     with pytest.raises(DataError, match="no such file"):
-        import_redemptions(workspace, tmp_path / "absent.csv")
+        Workspace(workspace).import_redemptions(tmp_path / "absent.csv")
 
 
 def test_sync_records_order_redemptions_once(workspace):
-    assert sync_order_redemptions(workspace) == 1          # O1 used wb-aaa (case-insensitive)
-    assert sync_order_redemptions(workspace) == 0
+    assert sync_order_redemptions(*settings_and_orders(workspace)) == 1          # O1 used wb-aaa (case-insensitive)
+    assert sync_order_redemptions(*settings_and_orders(workspace)) == 0

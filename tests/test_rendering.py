@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import rendering
 from engine.errors import TemplateError
-from engine.rendering import (
+from engine.messages import rendering, sandbox
+from engine.messages.rendering import (
     GSM7_BASIC,
     RenderedMessage,
     Renderer,
@@ -368,9 +368,9 @@ def test_environment_factory_settings(tmp_path):
 
 def test_old_jinja_is_refused():
     with pytest.raises(TemplateError, match=">= 3.1.6"):
-        rendering._require_jinja("3.1.5")
-    rendering._require_jinja("3.1.6")
-    rendering._require_jinja("3.2.0")
+        sandbox._require_jinja("3.1.5")
+    sandbox._require_jinja("3.1.6")
+    sandbox._require_jinja("3.2.0")
 
 
 # --------------------------------------------------------------------------- SMS length

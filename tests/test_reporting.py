@@ -8,11 +8,13 @@ import shutil
 import subprocess
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
-from engine.reporting import build_report, print_report, render_html, report_command, write_html_report
-from engine.scaffold import init_workspace
-from engine.store import StateStore
+from cli import main
+from engine.app.reporting import build_report, print_report, render_html, write_html_report
+from engine.app.scaffold import init_workspace
+from engine.state.store import StateStore
 
 SEND = "2026-01-10T10:00:00+08:00"
 TREATED = [f"T{i:02d}" for i in range(40)]
@@ -108,9 +110,10 @@ def test_terminal_and_json_output(workspace, report):
     print_report(report, Console(file=buffer, width=200))
     text = buffer.getvalue()
     assert "winback" in text and "+25.0 pp" in text and "复购率 / Repurchase rate" in text
-    lines = []
-    data = report_command(workspace, "2026-01-01", "2026-01-31", "json", None, lines.append)
-    assert json.loads(lines[0])["campaigns"][0]["redeemed"] == 1 == data["campaigns"][0]["redeemed"]
+    printed = CliRunner().invoke(main, ["report", str(workspace), "--from", "2026-01-01", "--to", "2026-01-31",
+                                        "--format", "json"])
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.output)["campaigns"][0]["redeemed"] == 1 == report["campaigns"][0]["redeemed"]
 
 
 def test_html_is_self_contained_and_carries_the_numbers(report):

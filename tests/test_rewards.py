@@ -10,12 +10,11 @@ from types import MappingProxyType
 import numpy as np
 import pandas as pd
 import pytest
-
-from engine.expressions import compile_expression
-from engine.model import ContactPolicy, RewardDef, Settings
-from engine.rewards import (CODE_ALPHABET, describe, estimate_cost, generate_codes, points_for,
-                            reward_payload)
 from test_triggers import customer, make_workspace, run
+
+from engine.config.expressions import compile_expression
+from engine.config.model import ContactPolicy, RewardDef, Settings
+from engine.decide.rewards import CODE_ALPHABET, describe, estimate_cost, generate_codes, points_for, reward_payload
 
 SETTINGS = Settings(name="T", timezone="Asia/Shanghai", currency="CNY", default_locale="zh-CN",
                     data=MappingProxyType({}), state_path=Path("state.db"), contact_policy=ContactPolicy(),

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from engine import rulefiles
-from engine.rulefiles import MAX_DEPTH, load_yaml, yaml11_hint
+from engine.config import rulefiles
+from engine.config.rulefiles import MAX_DEPTH, load_yaml, yaml11_hint
 
 
 def load(tmp_path, text: str | bytes, name: str = "rules/x.yaml"):

@@ -27,11 +27,11 @@ import pandas as pd
 import pytest
 from aiosmtpd.controller import Controller
 
-from engine import api
-from engine.demo import build_demo_workspace
+from engine import Workspace
+from engine.app.demo import build_demo_workspace
+from engine.app.scaffold import init_workspace
 from engine.faults import CHECKPOINTS
-from engine.scaffold import init_workspace
-from engine.store import StateStore
+from engine.state.store import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 AS_OF = "2026-11-23T10:00:00+08:00"      # the demo data's instant
@@ -119,7 +119,7 @@ def copy_of(template: Path, target: Path) -> Path:
 def reference(demo_template, tmp_path_factory) -> dict[str, tuple[str, str]]:
     """What an uncrashed run records: firing key -> (offer_id, status)."""
     workspace = copy_of(demo_template, tmp_path_factory.mktemp("reference") / "ws")
-    result = api.run(workspace, AS_OF, now=NOW)
+    result = Workspace(workspace).run(AS_OF, now=NOW)
     offers = recorded_offers(workspace)
     assert result.new_offers == len(offers) >= 30, "the workspace should make several offers"
     assert result.delivery.sent == len(offers) and result.delivery.not_due == 0
@@ -201,7 +201,7 @@ def test_a_third_run_after_a_crash_changes_nothing(crashes):
     workspace = crashes["mid_delivery"]["workspace"]
     before = query(workspace, "SELECT offer_id, status, attempts FROM offers ORDER BY offer_id")
     lines = outbox_lines(workspace)
-    result = api.run(workspace, AS_OF, now=NOW)
+    result = Workspace(workspace).run(AS_OF, now=NOW)
     assert (result.new_offers, result.delivery.sent) == (0, 0)
     assert query(workspace, "SELECT offer_id, status, attempts FROM offers ORDER BY offer_id") == before
     assert outbox_lines(workspace) == lines
@@ -232,7 +232,7 @@ def test_a_second_run_waits_for_the_lock_then_refuses_with_exit_3(small_workspac
     assert not (small_workspace / "outbox").exists() or not outbox_lines(small_workspace)
 
     # once the lock is free, the same run works
-    done = api.run(small_workspace, "2026-12-25T10:00:00+08:00", now="2026-12-26T12:00:00+08:00")
+    done = Workspace(small_workspace).run("2026-12-25T10:00:00+08:00", now="2026-12-26T12:00:00+08:00")
     assert done.new_offers == 3 and done.delivery.sent == 3
 
 
@@ -267,13 +267,13 @@ def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(
 def test_a_changed_reward_never_records_or_sends_a_second_offer(small_workspace):
     """Through the library too: the recorded offers stand and nothing more is sent."""
     as_of, now = "2026-12-25T10:00:00+08:00", "2026-12-26T12:00:00+08:00"
-    assert api.run(small_workspace, as_of, now=now).new_offers == 3
+    assert Workspace(small_workspace).run(as_of, now=now).new_offers == 3
     before = query(small_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers")
     outbox_before = outbox_lines(small_workspace)
     rules = small_workspace / "rules" / "programme.yaml"
     rules.write_text(rules.read_text(encoding="utf-8").replace("percent_off: 20", "percent_off: 25"),
                      encoding="utf-8")
-    second = api.run(small_workspace, as_of, now=now)
+    second = Workspace(small_workspace).run(as_of, now=now)
     assert second.new_offers == 0 and second.delivery.sent == 0
     assert query(small_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers") == before
     assert outbox_lines(small_workspace) == outbox_before
@@ -373,13 +373,13 @@ def test_webhook_and_smtp_deliver_every_offer_exactly_once_through_failures(demo
 """)
     smtp.start()
     try:
-        first = api.run(workspace, AS_OF, now=NOW)
+        first = Workspace(workspace).run(AS_OF, now=NOW)
         assert first.delivery.failed > 0, "the servers' failures are visible in the run"
-        retried = api.deliver(workspace, now=NOW, progress=False)
+        retried = Workspace(workspace).deliver(now=NOW, progress=False)
         assert retried.failed == 0 and retried.sent == first.delivery.failed
-        again = api.deliver(workspace, now=NOW, progress=False)
+        again = Workspace(workspace).deliver(now=NOW, progress=False)
         assert (again.sent, again.failed) == (0, 0)
-        rerun = api.run(workspace, AS_OF, now=NOW)
+        rerun = Workspace(workspace).run(AS_OF, now=NOW)
         assert rerun.new_offers == 0 and rerun.delivery.sent == 0
     finally:
         smtp.stop()
@@ -492,7 +492,7 @@ def quarter_workspace(tmp_path) -> Path:
     orders = [{"order_id": f"O{i}", "customer_id": f"Q{i:02d}", "timestamp": "2026-06-01 12:00:00",
                "amount": 100 + i} for i in range(0, CUSTOMERS, 2)]
     pd.DataFrame(orders).to_csv(workspace / "data" / "orders.csv", index=False)
-    assert api.validate(workspace).ok
+    assert Workspace(workspace).validate().ok
     return workspace
 
 
@@ -531,7 +531,7 @@ def ledger(workspace: Path) -> pd.DataFrame:
 def test_sixty_daily_runs_respect_the_frequency_cap_and_cooldowns_exactly(quarter_workspace):
     days = [QUARTER_START + pd.Timedelta(days=d) for d in range(DAYS)]
     for as_of in days:
-        result = api.run(quarter_workspace, as_of, deliver=False)
+        result = Workspace(quarter_workspace).run(as_of, deliver=False)
         assert result.conflicts == [] and result.render_errors == []
 
     contacts = ledger(quarter_workspace)
@@ -556,16 +556,16 @@ def test_sixty_daily_runs_respect_the_frequency_cap_and_cooldowns_exactly(quarte
     # reruns of random days add nothing
     before = query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1")
     for as_of in random.Random(5).sample(days, 6):
-        rerun = api.run(quarter_workspace, as_of, deliver=False)
+        rerun = Workspace(quarter_workspace).run(as_of, deliver=False)
         assert rerun.new_offers == 0, as_of
     assert query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1") == before
 
 
 def test_a_rerun_of_an_earlier_day_after_a_later_run_adds_nothing(quarter_workspace):
     first, later = QUARTER_START, QUARTER_START + pd.Timedelta(days=40)
-    assert api.run(quarter_workspace, first, deliver=False).new_offers > 0
-    assert api.run(quarter_workspace, later, deliver=False).new_offers > 0
+    assert Workspace(quarter_workspace).run(first, deliver=False).new_offers > 0
+    assert Workspace(quarter_workspace).run(later, deliver=False).new_offers > 0
     before = query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1")
-    rerun = api.run(quarter_workspace, first, deliver=False)
+    rerun = Workspace(quarter_workspace).run(first, deliver=False)
     assert rerun.new_offers == 0
     assert query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1") == before

@@ -15,9 +15,8 @@ import yaml
 from jinja2 import nodes
 from jsonschema import Draft202012Validator
 
-from engine.rulefiles import load_yaml
-from engine.sampledata import (INVALID_LOCALE, INVALID_TIMEZONE, copy_example_programme,
-                               write_sample_workspace)
+from engine.config.rulefiles import load_yaml
+from engine.data.sampledata import INVALID_LOCALE, INVALID_TIMEZONE, copy_example_programme, write_sample_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE_FILES = sorted((ROOT / "rules").glob("*.yaml"))
@@ -285,7 +284,7 @@ USES = list(_template_uses())
 
 @pytest.fixture(scope="module")
 def renderer():
-    from engine.rendering import Renderer
+    from engine.messages.rendering import Renderer
     return Renderer(ROOT / "templates", "zh-CN", {"name": "星享会员", "currency": "CNY", "timezone": "Asia/Shanghai"})
 
 

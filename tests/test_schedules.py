@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import api
+from engine import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = "Asia/Shanghai"
@@ -86,7 +86,7 @@ def workspace(tmp_path) -> Path:
     orders = pd.DataFrame([{"order_id": f"O{i}", "customer_id": f"S{i}", "timestamp": "2026-01-10 12:00:00",
                             "amount": 50} for i in range(1, 6, 2)])
     orders.to_csv(root / "data" / "orders.csv", index=False)
-    assert api.validate(root).ok
+    assert Workspace(root).validate().ok
     return root
 
 
@@ -96,7 +96,7 @@ def local(text: str) -> pd.Timestamp:
 
 def due_run(workspace: Path, as_of) -> set[str]:
     """Run ``--due`` at ``as_of``; the campaigns it evaluated."""
-    result = api.run(workspace, as_of, due=True, deliver=False)
+    result = Workspace(workspace).run(as_of, due=True, deliver=False)
     return set(result.funnels)
 
 
@@ -149,16 +149,16 @@ def test_a_missed_window_is_caught_up_once_not_once_per_missed_tick(workspace):
 
 
 def test_due_with_a_campaign_filter_and_nothing_due_records_nothing(workspace):
-    first = api.run(workspace, local("2026-03-02 10:07"), due=True, campaigns=["daily_deal"], deliver=False)
+    first = Workspace(workspace).run(local("2026-03-02 10:07"), due=True, campaigns=["daily_deal"], deliver=False)
     assert set(first.funnels) == {"daily_deal"} and first.new_offers == 3
-    idle = api.run(workspace, local("2026-03-02 11:00"), due=True, campaigns=["daily_deal"], deliver=False)
+    idle = Workspace(workspace).run(local("2026-03-02 11:00"), due=True, campaigns=["daily_deal"], deliver=False)
     assert idle.new_offers == 0 and idle.funnels == {}
     # the filter did not mark the other scheduled campaign as run
     assert "monday_digest" in due_run(workspace, local("2026-03-02 11:00"))
 
 
 def test_run_without_due_runs_every_campaign_and_leaves_the_schedule_alone(workspace):
-    result = api.run(workspace, local("2026-03-02 10:07"), deliver=False)
+    result = Workspace(workspace).run(local("2026-03-02 10:07"), deliver=False)
     assert set(result.funnels) == {"daily_deal", "monday_digest", "always_on"}
     # a plain run is not a scheduled run: --due still runs the scheduled campaigns
     assert due_run(workspace, local("2026-03-02 10:30")) == {"daily_deal", "monday_digest", "always_on"}

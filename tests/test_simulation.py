@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import api
-from engine.sampledata import copy_example_programme, write_sample_workspace
-from engine.simulation import parse_every, simulate, step_times
+from engine import Workspace
+from engine.app.simulation import parse_every, simulate, step_times
+from engine.data.sampledata import copy_example_programme, write_sample_workspace
 from engine.errors import LoyaltyError
 
 START = "2026-09-20T10:00:00+08:00"
@@ -50,7 +50,7 @@ def real_runs(workspace, tmp_path_factory) -> pd.DataFrame:
     copy = tmp_path_factory.mktemp("real") / "copy"
     shutil.copytree(workspace, copy)
     for as_of in step_times(START, END, "1d", "Asia/Shanghai"):
-        api.run(copy, as_of.isoformat(), deliver=False)
+        Workspace(copy).run(as_of.isoformat(), deliver=False)
     real = _recorded_offers(copy)
     real["day"] = pd.to_datetime(real["as_of"]).map(lambda t: t.date().isoformat())
     return real
@@ -85,7 +85,7 @@ def test_a_simulation_continues_from_the_recorded_runs_without_changing_them(wor
     shutil.copytree(workspace, copy)
     times = step_times(START, END, "1d", "Asia/Shanghai")
     for as_of in times[:10]:
-        api.run(copy, as_of.isoformat(), deliver=False)
+        Workspace(copy).run(as_of.isoformat(), deliver=False)
     state = copy / "state"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.iterdir()}
     result = simulate(copy, times[10].isoformat(), END, "1d")

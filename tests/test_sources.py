@@ -1,4 +1,4 @@
-"""engine.sources: reading CSV/Parquet/SQLite/SQL, mapping columns, validating data."""
+"""engine.data.sources: reading CSV/Parquet/SQLite/SQL, mapping columns, validating data."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engine.config.catalogue import CUSTOMER_COLUMNS
+from engine.config.model import ContactPolicy, Program, Settings, SourceDef
+from engine.data.features import compute_features
+from engine.data.sources import column_types, load_tables
 from engine.errors import DataError
-from engine.features import compute_features
-from engine.model import ContactPolicy, Program, Settings, SourceDef
-from engine.sources import CUSTOMER_COLUMNS, column_types, load_tables
 
 CUSTOMERS = """cust_no,name,email,birthday,signup_date,timezone,locale,sms_opt_in,email_opt_in,vip_level,city
 C1,Ann,ann@example.com,1990-02-28,2020-01-01,Europe/Berlin,zh_cn,是,yes,3,上海

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import store as store_module
 from engine.errors import StateError
-from engine.store import StateStore, generate_coupon_codes, make_offer_id
+from engine.state import store as store_module
+from engine.state.store import StateStore, generate_coupon_codes, make_offer_id
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_coupon_codes_are_unique_unambiguous_and_avoid_existing():
 HOLDER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from engine.store import StateStore
+    from engine.state.store import StateStore
     store = StateStore({path!r})
     with store.lock():
         print("locked", flush=True)

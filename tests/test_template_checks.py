@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.scaffold import init_workspace
-from engine.template_checks import sample_customer
-from engine.workspace import load_workspace, validate_workspace
+from engine.app.scaffold import init_workspace
+from engine.app.validation import load_workspace, validate_workspace
+from engine.messages.template_checks import sample_customer
 
 WINBACK_ZH = "templates/winback.sms.zh-CN.j2"
 WINBACK_EN = "templates/winback.sms.en-US.j2"

@@ -6,10 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import api
-from engine.evaluation import STAGES
-from engine.sampledata import copy_example_programme, write_sample_workspace
-from engine.trace import trace_frame, write_trace
+from engine import Workspace
+from engine.app.preview import write_preview_trace
+from engine.app.trace import trace_frame, write_trace
+from engine.data.sampledata import copy_example_programme, write_sample_workspace
+from engine.decide.evaluation import STAGES
 
 AS_OF = "2026-11-23T10:00:00+08:00"
 
@@ -31,12 +32,12 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def preview(workspace):
-    return api.preview(workspace, AS_OF, trace=True)
+    return Workspace(workspace).preview(AS_OF, trace=True)
 
 
 def test_why_was_nobody_in_shanghai_targeted(preview, tmp_path):
     path = tmp_path / "trace.parquet"
-    rows = api.write_preview_trace(preview, path)
+    rows = write_preview_trace(preview, path)
     trace = pd.read_parquet(path)
     assert len(trace) == rows == 300 * len(preview.campaigns)
     winback = trace[trace["campaign"] == "winback_at_risk"]
@@ -86,6 +87,6 @@ def test_csv_trace_is_spreadsheet_safe(preview, tmp_path):
 
 
 def test_a_preview_without_trace_cannot_be_exported(workspace):
-    plain = api.preview(workspace, AS_OF)
+    plain = Workspace(workspace).preview(AS_OF)
     with pytest.raises(ValueError, match="trace=True"):
         trace_frame(plain._evaluation, plain._features)

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.evaluation import evaluate
-from engine.pipeline import empty_contacts, parse_as_of, prepare
-from engine.scaffold import init_workspace
-from engine.triggers import RunContext, local_dates
-from engine.workspace import load_workspace
+from engine.app.scaffold import init_workspace
+from engine.app.validation import load_workspace
+from engine.decide.evaluation import evaluate
+from engine.decide.triggers import RunContext, local_dates
+from engine.execution.pipeline import empty_contacts, parse_as_of, prepare
 
 TZ = "Asia/Shanghai"
 CUSTOMER_HEADER = "customer_id,name,email,phone,birthday,signup_date,locale,timezone,email_opt_in,sms_opt_in\n"

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from engine.app.scaffold import init_workspace
+from engine.app.validation import load_workspace, validate_workspace
 from engine.errors import RuleError
-from engine.scaffold import init_workspace
-from engine.workspace import load_workspace, validate_workspace
 
 RULES = "rules/programme.yaml"
 SETTINGS = "loyalty.yaml"

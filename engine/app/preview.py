@@ -1,0 +1,227 @@
+"""Dry-run previews: who would be targeted, how many, why, what they would read, at what cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.app.trace import write_trace
+from engine.app.validation import check_campaigns, load_workspace
+from engine.config.model import LoadedWorkspace
+from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
+from engine.decide.totals import CampaignTotals, SampledEvaluation, campaign_totals, sample_rows
+from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
+from engine.messages.offers import make_renderer, plain_value
+from engine.progress import Progress
+from engine.state.store import StateStore, open_store
+
+
+@dataclass
+class CampaignPreview:
+    id: str
+    name: str
+    channel: str
+    funnel: dict[str, int]
+    offers: int
+    cost: float
+    variants: dict[str, int] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    sms_too_long: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Preview:
+    as_of: str
+    customers: int
+    campaigns: list[CampaignPreview]
+    warnings: list[str] = field(default_factory=list)
+    explanation: dict | None = None
+    diff: list[dict] | None = None
+
+    @property
+    def total_offers(self) -> int:
+        return sum(c.offers for c in self.campaigns)
+
+    @property
+    def total_cost(self) -> float:
+        return round(sum(c.cost for c in self.campaigns), 2)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["total_offers"] = self.total_offers
+        data["total_cost"] = self.total_cost
+        return data
+
+
+def summarise(workspace: LoadedWorkspace, evaluation: Evaluation, customers: int,
+              samples: list[dict], render_errors: list[dict], warnings: list[str],
+              totals: dict[str, CampaignTotals] | None = None) -> Preview:
+    """The preview of an evaluation. ``totals``: the campaigns' offer counts, costs and
+    variants when ``evaluation.offers`` does not hold every offer (None: counted from it)."""
+    if totals is None:
+        totals = campaign_totals(evaluation.offers, list(evaluation.funnels))
+    campaigns = []
+    for campaign_id, funnel in evaluation.funnels.items():
+        campaign = workspace.program.campaigns[campaign_id]
+        mine = totals.get(campaign_id) or CampaignTotals()
+        variants = mine.variants if campaign.variants else {}
+        own_samples = [s for s in samples if s["campaign"] == campaign_id]
+        campaigns.append(CampaignPreview(
+            id=campaign_id, name=campaign.name, channel=campaign.channel,
+            funnel={stage: int(funnel[stage]) for stage in STAGES}, offers=int(funnel["offers"]),
+            cost=round(mine.cost, 2),
+            variants={k: int(v) for k, v in sorted(variants.items())},
+            samples=[_sample(s) for s in own_samples],
+            sms_too_long=sum(1 for s in own_samples if s.get("too_long")),
+            errors=[e["error"] for e in render_errors if e["campaign"] == campaign_id][:3]))
+    return Preview(evaluation.as_of.isoformat(), customers, campaigns, warnings)
+
+
+def _sample(record: dict) -> dict:
+    keys = ("customer_id", "variant", "locale", "send_at", "subject", "body", "sms_segments", "too_long")
+    sample = {k: record.get(k) for k in keys}
+    sample["reward"] = record["reward"].get("description")
+    sample["why"] = record.get("explanation", {})
+    return sample
+
+
+def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, features: pd.DataFrame,
+                     customer_id: str) -> dict:
+    """Every stage and every condition's value for one customer, per campaign."""
+    ids = features["customer_id"].astype(str)
+    matches = np.flatnonzero(ids.to_numpy() == str(customer_id))
+    if len(matches) == 0:
+        return {"customer_id": customer_id, "found": False, "campaigns": []}
+    position = int(matches[0])
+    as_of = evaluation.as_of
+    program = workspace.program
+    stops = evaluation.stopped_at(position)
+    got = evaluation.offers[evaluation.offers["pos"] == position] if len(evaluation.offers) else evaluation.offers
+    result = []
+    for campaign_id in evaluation.funnels:
+        campaign = program.campaigns[campaign_id]
+        conditions = []
+        if campaign.segment:
+            conditions += _explain(program.segments[campaign.segment].where, features, position, as_of,
+                                   f"segment {campaign.segment}")
+        for name in campaign.exclude:
+            conditions += _explain(program.segments[name].where, features, position, as_of,
+                                   f"exclude {name}")
+        if campaign.where is not None:
+            conditions += _explain(campaign.where, features, position, as_of, "where")
+        if campaign.trigger.expr is not None:
+            conditions += _explain(campaign.trigger.expr, features, position, as_of, "becomes")
+        in_segment = bool(segment_mask(workspace, campaign, features.iloc[[position]].reset_index(drop=True),
+                                       as_of)[0])
+        mine = got[got["campaign"] == campaign_id] if len(got) else got
+        if len(mine):
+            outcome, stage = "offer", "offers"
+        elif not in_segment:
+            outcome, stage = "not in segment", "segment"
+        else:
+            stage = stops.get(campaign_id, "trigger")
+            outcome = f"stopped at {stage}"
+        result.append({"campaign": campaign_id, "name": campaign.name, "outcome": outcome,
+                       "stage": stage, "trigger": campaign.trigger.kind, "conditions": conditions,
+                       "variant": str(mine["variant"].iloc[0]) if len(mine) else None})
+    row = features.iloc[position]
+    interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
+                   "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
+    return {"customer_id": customer_id, "found": True,
+            "features": {k: _plain(row[k]) for k in interesting if k in row.index},
+            "campaigns": result}
+
+
+def _plain(value):
+    value = plain_value(value)
+    return value.isoformat() if isinstance(value, pd.Timestamp) else value
+
+
+def _explain(expression, features, position, as_of, label) -> list[dict]:
+    return [{"where": label, "expression": text, "value": _plain(value)}
+            for text, value in expression.explain(features, position, as_of)]
+
+
+def diff_offers(mine: Evaluation, other: Evaluation, examples: int = 5) -> list[dict]:
+    """Per campaign: customers the other version of the rules adds and removes."""
+    out = []
+    campaigns = sorted(set(mine.funnels) | set(other.funnels))
+    for campaign in campaigns:
+        a = set(mine.offers.loc[mine.offers["campaign"] == campaign, "customer_id"]) if len(mine.offers) else set()
+        b = set(other.offers.loc[other.offers["campaign"] == campaign, "customer_id"]) if len(other.offers) else set()
+        added, removed = sorted(b - a), sorted(a - b)
+        out.append({"campaign": campaign, "before": len(a), "after": len(b),
+                    "added": len(added), "removed": len(removed),
+                    "added_examples": added[:examples], "removed_examples": removed[:examples],
+                    "only_in": "before" if campaign not in other.funnels else
+                               ("after" if campaign not in mine.funnels else None)})
+    return out
+
+
+# --------------------------------------------------------------------------- the preview command
+
+
+def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
+            customer: str | None = None, diff: Path | str | None = None, sample: int = 3,
+            since=None, trace: bool = False, partitions: int | None = None,
+            engine: str | None = None, scheduler: str | None = None,
+            progress: Progress | None = None, workers: int | None = None) -> Preview:
+    """A dry run at ``as_of``: funnels, offers, cost, sample messages. Never writes state.
+
+    ``partitions``: evaluate that many partitions of customers one after the other
+    (None: chosen from the data size and free memory); the result is the same.
+    ``workers``: how many processes decide at once with the local engine (``parallel``).
+    ``engine``/``scheduler``: where to evaluate (``pipeline.decide``). ``trace``: keep every
+    customer's stopping stage, for ``write_preview_trace``."""
+    workspace = load_workspace(root)
+    as_of = parse_as_of(as_of, workspace.settings.timezone)
+    since_ts = parse_as_of(since, workspace.settings.timezone) if since is not None else None
+    check_campaigns(workspace, campaigns)
+    store = open_store(workspace.settings.state_path, create=False)
+    try:     # open until the end: --diff evaluates the other rules against the same history
+        return _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace,
+                        partitions, engine, scheduler, progress, workers)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore | None, since_ts, campaigns,
+             customer, diff, sample, trace, partitions, engine, scheduler, progress, workers) -> Preview:
+    prepared, evaluation = decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
+                                  workers=workers, engine=engine, scheduler=scheduler, progress=progress,
+                                  trace=trace or customer is not None, stream=diff is None,
+                                  sample=sample if diff is None else None)
+    renderer = make_renderer(workspace)
+    rows = sample_rows(evaluation.offers, sample)
+    records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
+    warnings = list(prepared.tables.warnings) + evaluation.warnings
+    totals = evaluation.totals if isinstance(evaluation, SampledEvaluation) else None
+    result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings, totals)
+    if customer is not None:
+        result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
+    if diff is not None:
+        other = load_workspace(diff)
+        other_prepared = prepare(other, as_of, None, since_ts or prepared.context.previous_as_of,
+                                 tables=prepared.tables if _same_data(workspace, other) else None)
+        other_prepared.context = prepared.context
+        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context,
+                              campaigns)
+        result.diff = diff_offers(evaluation, other_eval)
+    result._evaluation = evaluation  # for --trace export and tests
+    result._features = prepared.features
+    return result
+
+
+def _same_data(a: LoadedWorkspace, b: LoadedWorkspace) -> bool:
+    return dict(a.settings.data) == dict(b.settings.data)
+
+
+def write_preview_trace(result: Preview, path: Path | str) -> int:
+    """Write the decision trace of a preview made with ``trace=True`` (Parquet or CSV by the
+    file's extension); return the number of rows."""
+    return write_trace(result._evaluation, result._features, path)

@@ -1,0 +1,223 @@
+"""Replaying scheduled runs in memory: what a state database would remember between runs,
+kept in a ``MemoryState``, and the loop that runs each step as ``loyalty run`` would decide it.
+
+Each step is a run at ``as_of`` = ``start + k * every``: features at that instant, then the
+same evaluation as ``loyalty run``, with what earlier steps did kept in memory instead of
+the state database: contact history (offers become contacts at their ``send_at``), firing
+keys already acted on, ``becomes:`` edge state, the previous step's instant (for event and
+date triggers) and, with ``due``, each campaign's last scheduled run.
+
+A replay may start from what a state database remembers of the runs before its first step
+(``seed_from_state``): read from a private copy of the file, which is never opened itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+
+from engine.config.model import LoadedWorkspace
+from engine.data.features import compute_features
+from engine.data.sources import Tables
+from engine.decide.evaluation import Evaluation
+from engine.decide.schedule import due_campaigns
+from engine.decide.step_candidates import customer_index, evaluate_step, no_offers
+from engine.decide.triggers import RunContext
+from engine.errors import LoyaltyError
+from engine.execution.pipeline import empty_contacts, parse_as_of, run_context
+from engine.state.store import StateStore
+
+_EVERY = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+# the columns of each simulated offer (with the step's ``as_of``)
+OFFER_COLUMNS = ["campaign", "customer_id", "firing_key", "variant", "reward_kind", "cost", "points", "send_at"]
+
+
+# --------------------------------------------------------------------------- in-memory state
+
+
+@dataclass
+class MemoryState:
+    """What the state database would remember between runs, kept in memory."""
+
+    contacts: pd.DataFrame = field(default_factory=empty_contacts)   # customer_id, campaign, channel, contacted_at
+    recorded: dict[str, str] = field(default_factory=dict)           # firing key -> as_of (UTC ISO)
+    edge_state: dict[str, frozenset] = field(default_factory=dict)   # becomes: campaign -> ids true
+    previous_as_of: pd.Timestamp | None = None
+    schedules: dict[str, str] = field(default_factory=dict)          # campaign -> last scheduled run
+    earlier: Callable[[list[str]], dict] | None = None               # firings recorded before the start
+
+    def context(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> RunContext:
+        """The run context a real run at ``as_of`` would read from the database."""
+        longest = max([workspace.settings.contact_policy.per_days] +
+                      [c.cooldown_days or 0 for c in workspace.program.campaigns.values()])
+        since = as_of - pd.Timedelta(days=longest + 1)
+        contacts = self.contacts[self.contacts["contacted_at"] > since]
+        self.contacts = contacts.reset_index(drop=True)   # older contacts can never matter again
+        return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
+                          recorded=self._recorded)
+
+    def _recorded(self, keys: list[str]) -> dict[str, str]:
+        found = {k: self.recorded[k] for k in keys if k in self.recorded}
+        rest = [k for k in keys if k not in found]
+        if self.earlier is not None and rest:
+            found.update(self.earlier(rest))
+        return found
+
+    def record(self, evaluation: Evaluation, edge_state: dict[str, frozenset]) -> None:
+        """Remember a run: its offers as contacts and recorded firings, its edge state."""
+        offers = evaluation.offers
+        as_of_key = evaluation.as_of.tz_convert("UTC").isoformat(timespec="seconds")
+        if len(offers):
+            new = pd.DataFrame({
+                "customer_id": pd.Series(offers["customer_id"].astype(str).to_numpy(dtype=object), dtype=object),
+                "campaign": pd.Series(offers["campaign"].to_numpy(dtype=object), dtype=object),
+                "channel": pd.Series(offers["channel"].to_numpy(dtype=object), dtype=object),
+                "contacted_at": pd.to_datetime(offers["send_at"], utc=True).reset_index(drop=True)})
+            self.contacts = pd.concat([self.contacts, new], ignore_index=True) if len(self.contacts) else new
+            self.recorded.update(dict.fromkeys(offers["firing_key"], as_of_key))
+        self.edge_state.update(edge_state)
+        self.previous_as_of = evaluation.as_of
+
+    def add_contacts(self, frame: pd.DataFrame) -> None:
+        frame = frame.assign(contacted_at=pd.to_datetime(frame["contacted_at"], utc=True))
+        self.contacts = pd.concat([self.contacts, frame], ignore_index=True) if len(self.contacts) else frame
+
+
+@dataclass
+class Seed:
+    """Where a simulation starts: the state database's runs before the first step, or nothing."""
+
+    store: StateStore | None
+    before: pd.Timestamp
+    runs: int = 0
+    last_run: str | None = None
+
+    def state(self, workspace: LoadedWorkspace) -> MemoryState:
+        """A fresh in-memory state holding what the database remembered before the first step."""
+        if self.store is None or not self.runs:
+            return MemoryState()
+        ctx = run_context(workspace, self.before, self.store)
+        schedules = {}
+        for campaign in workspace.program.campaigns:
+            last = self.store.schedule_last_run(campaign)
+            if last is not None and pd.Timestamp(last) < self.before:
+                schedules[campaign] = last
+        state = MemoryState(previous_as_of=ctx.previous_as_of, edge_state=dict(ctx.edge_state),
+                            schedules=schedules, earlier=self._recorded_before)
+        if len(ctx.contacts):
+            state.add_contacts(ctx.contacts)
+        return state
+
+    def all_recorded_before(self) -> dict[str, str]:
+        """Every firing recorded before the first step (what a cluster's tasks are shipped)."""
+        return self.store.recorded_at(before=self._before_utc()) if self.store is not None else {}
+
+    def _recorded_before(self, keys: list[str]) -> dict[str, str]:
+        return self.store.recorded_at(keys, before=self._before_utc())
+
+    def _before_utc(self) -> str:
+        return self.before.tz_convert("UTC").isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def seed_from_state(workspace: LoadedWorkspace, before: pd.Timestamp, fresh: bool = False) -> Iterator[Seed]:
+    """The runs recorded before ``before``, read from a private copy of the state database
+    (copying reads the file and never changes it; the copy is deleted afterwards)."""
+    path = workspace.settings.state_path
+    if fresh or not path.is_file():
+        yield Seed(None, before)
+        return
+    with tempfile.TemporaryDirectory(prefix="loyalty-simulate-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file():   # changes not yet checkpointed into the main file
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        store = StateStore(copy)
+        try:
+            before_utc = before.tz_convert("UTC").isoformat(timespec="seconds")
+            rows = list(store.db.query(
+                "SELECT count(*) AS runs, max(as_of_utc) AS last FROM runs "
+                "WHERE status IN ('recorded', 'delivered') AND as_of_utc < ?", [before_utc]))
+            last = rows[0]["last"]
+            yield Seed(store, before, int(rows[0]["runs"]),
+                       pd.Timestamp(last).tz_convert(workspace.settings.timezone).isoformat() if last else None)
+        finally:
+            store.close()
+
+
+def due_in_memory(workspace: LoadedWorkspace, state: MemoryState, as_of: pd.Timestamp) -> list[str]:
+    return due_campaigns(workspace, state.schedules.get, as_of)
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+def parse_every(text: str) -> pd.Timedelta:
+    match = _EVERY.match(str(text))
+    if not match or int(match.group(1)) == 0:
+        raise LoyaltyError(f"--every '{text}' is not a step (write 1d, 12h or 1w)")
+    return pd.Timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def step_times(start, end, every: str, timezone: str) -> list[pd.Timestamp]:
+    """``start``, ``start + every``, ... up to ``end`` (a date ``end`` includes its whole day)."""
+    first = parse_as_of(start, timezone)
+    last = parse_as_of(end, timezone)
+    if isinstance(end, str) and len(end.strip()) == 10:   # a plain date: the whole day
+        last = last + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
+    if last < first:
+        raise LoyaltyError(f"--to {end} is before --from {start}")
+    step = parse_every(every)
+    times, current = [], first
+    while current <= last:
+        times.append(current)
+        # whole days keep the wall-clock time of `start` across DST changes
+        current = (current.tz_localize(None) + step).tz_localize(
+            timezone, ambiguous=True, nonexistent="shift_forward") if step % pd.Timedelta(days=1) == \
+            pd.Timedelta(0) else current + step
+    return times
+
+
+def replay(workspace: LoadedWorkspace, tables: Tables | None, times: list[pd.Timestamp], *, due: bool = False,
+           state: MemoryState | None = None, on_step: Callable | None = None,
+           decide: Callable | None = None) -> pd.DataFrame:
+    """Run at each instant in memory; return every offer with the step (``as_of``) that made it.
+
+    ``decide(ctx, campaigns, state) -> (evaluation, edge_state)`` evaluates a step somewhere
+    else (the dask engine); by default the step is evaluated here, on ``tables``."""
+    state = state if state is not None else MemoryState()
+    frames = []
+    index = None
+    for as_of in times:
+        selected = None
+        if due:
+            selected = due_in_memory(workspace, state, as_of)
+            if not selected:
+                continue   # a real `run --due` with nothing due records no run at all
+        ctx = state.context(workspace, as_of)
+        if decide is not None:
+            evaluation, edge_state = decide(ctx, selected, state)
+        else:
+            features = compute_features(tables, workspace.program, workspace.settings, as_of)
+            index = index if index is not None else customer_index(features)
+            evaluation, edge_state = evaluate_step(workspace, tables, features, ctx, selected, index=index)
+        state.record(evaluation, edge_state)
+        if due:
+            state.schedules.update(dict.fromkeys(selected, as_of.isoformat()))
+        if on_step is not None:
+            on_step(as_of, evaluation)
+        offers = evaluation.offers
+        if len(offers):
+            frames.append(offers[OFFER_COLUMNS].assign(as_of=as_of))
+    if not frames:
+        return no_offers()[OFFER_COLUMNS].assign(as_of=pd.Series(dtype=object))
+    return pd.concat(frames, ignore_index=True)

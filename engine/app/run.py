@@ -1,0 +1,209 @@
+"""Runs: evaluate at an instant, record the offers in one transaction, deliver what is due.
+
+Also the state's read side for people: a customer's offer history and the recent runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.app.validation import check_campaigns, load_workspace
+from engine.config.loading import rule_version
+from engine.config.model import LoadedWorkspace
+from engine.data.sources import Tables, load_tables
+from engine.decide.policy import reachable
+from engine.decide.rewards import generate_codes
+from engine.decide.schedule import due_campaigns
+from engine.execution.pipeline import build_messages, decide, edge_state_rows, parse_as_of
+from engine.faults import checkpoint
+from engine.messages.offers import make_renderer
+from engine.progress import Progress
+from engine.state.delivery import DeliveryResult
+from engine.state.delivery import deliver as deliver_outbox
+from engine.state.store import StateStore, new_run_id, open_store
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    as_of: str
+    new_offers: int = 0
+    already_recorded: int = 0
+    conflicts: list[dict] = field(default_factory=list)
+    holdouts: int = 0
+    funnels: dict = field(default_factory=dict)
+    render_errors: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    delivery: DeliveryResult | None = None
+    campaigns: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "delivery"}
+        if self.delivery is not None:
+            data["delivery"] = {k: v for k, v in self.delivery.__dict__.items()}
+        return data
+
+
+def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due: bool = False,
+        deliver: bool = True, now=None, lock_timeout: float = 5.0, progress: Progress | None = None,
+        partitions: int | None = None, engine: str | None = None, scheduler: str | None = None,
+        workers: int | None = None) -> RunResult:
+    """Evaluate at ``as_of``, record the offers in one transaction, then deliver what is due.
+
+    ``engine``/``scheduler``/``partitions``/``workers`` choose where and in how many pieces the
+    evaluation runs; recording and delivery are the same on every engine. ``progress`` hears
+    what is being done, and delivery then shows a progress bar on a terminal."""
+    started = time.perf_counter()
+    workspace = load_workspace(root)
+    settings = workspace.settings
+    as_of = parse_as_of(as_of, settings.timezone)
+    check_campaigns(workspace, campaigns)
+    store = open_store(settings.state_path, create=True)
+    try:
+        with store.lock(timeout=lock_timeout):
+            timings = {}
+            selected = campaigns
+            if due:
+                scheduled = due_campaigns(workspace, store.schedule_last_run, as_of)
+                selected = [c for c in scheduled if campaigns is None or c in campaigns]
+            result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
+            if selected is not None and not selected:
+                return result
+            prepared, evaluation = decide(workspace, as_of, store, None, selected, partitions=partitions,
+                                          workers=workers, engine=engine, scheduler=scheduler, progress=progress)
+            # from here on only the customers are needed (consent at delivery): let the
+            # orders and events go before the messages are rendered
+            tables = prepared.tables
+            prepared.tables = replace(tables, orders=_no_rows(tables.orders), events=_no_rows(tables.events))
+            del tables
+            timings["evaluate"] = round(time.perf_counter() - started, 3)
+            checkpoint("after_evaluation")
+            # offers recorded by an earlier attempt at this as_of go to record_run again: it
+            # counts them as existing, or reports a conflict if the rules changed in between
+            offers = evaluation.offers
+            coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
+                if len(offers) else []
+            codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
+                                                           settings.coupon_length)))
+            renderer = make_renderer(workspace)
+            version, run_id = rule_version(workspace), new_run_id(as_of)
+
+            def to_rows(records: list[dict]) -> list:   # where the messages were rendered
+                for record in records:
+                    record["rule_version"] = version
+                return StateStore.prepare_offers(records, run_id)
+
+            rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes,
+                                          workers=workers or settings.workers, finish=to_rows)
+            timings["render"] = round(time.perf_counter() - started, 3)
+            store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
+                            result.campaigns, run_id=run_id)
+            state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
+            recorded = store.record_run(run_id, trigger_state_rows=state_rows,
+                                        holdouts=_holdout_rows(evaluation, run_id), prepared=rows)
+            if due:
+                for campaign in result.campaigns:
+                    store.set_schedule_last_run(campaign, as_of.isoformat())
+            timings["record"] = round(time.perf_counter() - started, 3)
+            checkpoint("after_commit")
+            result.run_id = run_id
+            result.new_offers = recorded.new
+            result.already_recorded = recorded.existing
+            result.conflicts = recorded.conflicts
+            result.holdouts = len(evaluation.holdouts)
+            result.funnels = evaluation.funnels
+            result.render_errors = errors
+            result.warnings = list(prepared.tables.warnings) + evaluation.warnings
+            if deliver:
+                tables = prepared.tables
+                if tables.customers.empty:   # the dask engine's workers read the data: consent needs it here
+                    tables = _customers_only(workspace)
+                result.delivery = _deliver(workspace, store, now, tables, progress is not None)
+                timings["deliver"] = round(time.perf_counter() - started, 3)
+            result.timings = timings
+            store.finish_run(run_id, "delivered" if deliver else "recorded", timings,
+                             {"new": recorded.new, "existing": recorded.existing,
+                              "conflicts": len(recorded.conflicts), "render_errors": len(errors)})
+            return result
+    finally:
+        store.close()
+
+
+def _no_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The same columns and types without rows, holding on to none of ``frame``'s memory
+    (an empty slice would keep its buffers alive)."""
+    return pd.DataFrame({name: pd.Series([], dtype=frame[name].dtype) for name in frame.columns})
+
+
+def _customers_only(workspace: LoadedWorkspace):
+    """The customers table alone (for consent at delivery when the tables were not loaded here)."""
+    settings = workspace.settings
+    only = replace(settings, data={"customers": settings.data["customers"]})
+    return load_tables(only, workspace.root)
+
+
+def _holdout_rows(evaluation, run_id) -> list[dict]:
+    frame = evaluation.holdouts
+    if frame.empty:
+        return []
+    as_of = evaluation.as_of.isoformat()
+    names = list(frame.columns)
+    return [dict(zip(names, values), run_id=run_id, as_of=as_of)          # a column at a time: quick
+            for values in zip(*(frame[name].tolist() for name in names))]
+
+
+def _consent_lookup(workspace: LoadedWorkspace, tables):
+    """(customer_id, channel) -> consent now, from the current customer data."""
+    customers = tables.customers
+    ids = customers["customer_id"].astype(str).to_numpy(dtype=object)   # plain strings: sets of them are quick
+    allowed = {}
+    for name, channel in workspace.settings.channels.items():
+        allowed[name] = set(ids[np.asarray(reachable(customers, channel), dtype=bool)])
+    return lambda customer_id, channel: str(customer_id) in allowed.get(channel, set())
+
+
+def _deliver(workspace: LoadedWorkspace, store: StateStore, now, tables: Tables, progress: bool) -> DeliveryResult:
+    now_ts = parse_as_of(now, workspace.settings.timezone) if now is not None else pd.Timestamp.now(tz="UTC")
+    return deliver_outbox(store, workspace.settings, now_ts, consent=_consent_lookup(workspace, tables),
+                          progress=progress, root=workspace.root)
+
+
+def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: float = 5.0) -> DeliveryResult:
+    """(Re)send what is recorded, due and not yet delivered; consent is checked again."""
+    workspace = load_workspace(root)
+    store = open_store(workspace.settings.state_path, create=True)
+    try:
+        with store.lock(timeout=lock_timeout):
+            tables = load_tables(workspace.settings, workspace.root)
+            return _deliver(workspace, store, now, tables, progress)
+    finally:
+        store.close()
+
+
+def history(root: Path | str, customer_id: str) -> list[dict]:
+    """Every offer a customer got, from which campaign and rule version, and why."""
+    workspace = load_workspace(root)
+    store = open_store(workspace.settings.state_path, create=False)
+    if store is None:
+        return []
+    try:
+        return store.history(str(customer_id))
+    finally:
+        store.close()
+
+
+def runs(root: Path | str, limit: int = 20) -> list[dict]:
+    workspace = load_workspace(root)
+    store = open_store(workspace.settings.state_path, create=False)
+    if store is None:
+        return []
+    try:
+        return store.runs(limit)
+    finally:
+        store.close()

@@ -1,0 +1,169 @@
+"""Reading loyalty.yaml into validated ``Settings``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import MappingProxyType
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from engine.config.model import ChannelDef, ContactPolicy, Settings, SourceDef
+from engine.config.rulefiles import SourceMap
+from engine.config.schema import did_you_mean
+from engine.errors import LoyaltyError, Problem
+
+_DURATION = re.compile(r"^(\d+)([dhw])$")
+_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-[A-Z]{2}|-[0-9]{3})?$")
+
+DEFAULT_ADDRESS = {"email": "email", "sms": "phone", "push": "customer_id"}
+
+
+def duration_days(text: str) -> float:
+    """``30d`` -> 30, ``12h`` -> 0.5, ``2w`` -> 14."""
+    number, unit = _DURATION.match(text).groups()
+    return int(number) * {"d": 1, "h": 1 / 24, "w": 7}[unit]
+
+
+def whole_days_problem(smap: SourceMap, path: tuple, text: str) -> Problem | None:
+    """Days are whole calendar days: `36h` would silently become 1 day, `12h` none at all."""
+    days = duration_days(text)
+    if days == int(days):
+        return None
+    return smap.problem(path, f"'{text}' is not a whole number of days",
+                        "days are whole calendar days: write 1d, 7d, 2w (or 24h, 48h)")
+
+
+def chosen_engine(settings: Settings, engine: str | None, scheduler: str | None) -> str:
+    """The engine a command runs on: its --engine, else loyalty.yaml's engine.kind (local by
+    default); a scheduler address only makes sense with the dask engine."""
+    engine = engine or settings.engine
+    if engine not in ("local", "dask"):
+        raise LoyaltyError(f"unknown engine '{engine}': use local or dask")
+    if engine == "local" and scheduler:
+        raise LoyaltyError("--scheduler needs the dask engine: add --engine dask, "
+                           "or set engine: {kind: dask} in loyalty.yaml")
+    return engine
+
+
+def percentage(text: str) -> float:
+    """``5%`` -> 0.05."""
+    return float(text.rstrip("%")) / 100
+
+
+def is_valid_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+        return True
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+
+
+def is_valid_locale(name: str) -> bool:
+    return bool(_LOCALE.match(str(name)))
+
+
+def inside(root: Path, relative: str) -> Path | None:
+    """Resolve ``relative`` under ``root``; None when it would escape the workspace."""
+    candidate = (root / relative).resolve()
+    try:
+        candidate.relative_to(root.resolve())
+    except ValueError:
+        return None
+    return candidate
+
+
+def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | None, list[Problem]]:
+    """Semantic checks of a schema-valid loyalty.yaml, and the Settings it describes."""
+    problems: list[Problem] = []
+    program = data.get("program", {})
+    timezone = program.get("timezone", "UTC")
+    if not is_valid_timezone(timezone):
+        problems.append(smap.problem(("program", "timezone"), f"unknown timezone '{timezone}'",
+                                     did_you_mean(timezone, sorted(available_timezones()))
+                                     or "use an IANA name such as Asia/Shanghai or Europe/London"))
+    locale = program.get("locale", "en-US")
+    if not is_valid_locale(locale):
+        problems.append(smap.problem(("program", "locale"), f"'{locale}' is not a locale",
+                                     "write a locale such as zh-CN or en-US"))
+
+    sources = {}
+    for table, spec in data.get("data", {}).items():
+        path = None
+        if "path" in spec:
+            path = inside(root, spec["path"])
+            if path is None:
+                problems.append(smap.problem(("data", table, "path"),
+                                             f"'{spec['path']}' is outside the workspace",
+                                             "keep data files inside the workspace folder"))
+        if "path" not in spec and "url" not in spec:
+            problems.append(smap.problem(("data", table), f"the {table} source needs a path or a url",
+                                         f"e.g. {table}: {{path: data/{table}.csv}}", at_key=True))
+        sources[table] = SourceDef(
+            table=table, path=path, url=spec.get("url"), sql_table=spec.get("table"),
+            format=spec.get("format"), columns=MappingProxyType(dict(spec.get("columns", {}))),
+            encoding=spec.get("encoding", "utf-8"), delimiter=spec.get("delimiter", ","),
+            fields=MappingProxyType(dict(spec.get("fields", {}))))
+
+    state_text = data.get("state", "state/loyalty.db")
+    state_path = inside(root, state_text)
+    if state_path is None:
+        problems.append(smap.problem(("state",), f"'{state_text}' is outside the workspace",
+                                     "keep the state database inside the workspace folder"))
+        state_path = root / "state" / "loyalty.db"
+
+    policy_data = data.get("contact_policy", {})
+    quiet_start = quiet_end = None
+    if "quiet_hours" in policy_data:
+        quiet_start, quiet_end = policy_data["quiet_hours"].split("-")
+        for value in (quiet_start, quiet_end):
+            hours, minutes = map(int, value.split(":"))
+            if hours > 23:
+                problems.append(smap.problem(("contact_policy", "quiet_hours"),
+                                             f"'{value}' is not a time of day", "hours go from 00 to 23"))
+    if "per" in policy_data:
+        problem = whole_days_problem(smap, ("contact_policy", "per"), policy_data["per"])
+        if problem is not None:
+            problems.append(problem)
+    policy = ContactPolicy(
+        max_messages=policy_data.get("max_messages"),
+        per_days=int(duration_days(policy_data.get("per", "7d"))),
+        quiet_start=quiet_start, quiet_end=quiet_end,
+        max_offers_per_run=policy_data.get("max_offers_per_run", 1))
+
+    channels = {}
+    for name, spec in data.get("channels", {}).items():
+        options = {k: v for k, v in spec.items() if k not in ("send", "address", "consent")}
+        if spec["send"] == "file":
+            target = spec.get("path", f"outbox/{name}.jsonl")
+            resolved = inside(root, target)
+            if resolved is None:
+                problems.append(smap.problem(("channels", name, "path"), f"'{target}' is outside the workspace",
+                                             "keep outbox files inside the workspace folder"))
+            options["path"] = target
+        if spec["send"] == "webhook" and "url" not in spec:
+            problems.append(smap.problem(("channels", name), "a webhook channel needs a url",
+                                         "e.g. url: http://127.0.0.1:8080/push", at_key=True))
+        if spec["send"] == "smtp" and "sender" not in spec:
+            problems.append(smap.problem(("channels", name), "an smtp channel needs a sender address",
+                                         "e.g. sender: rewards@example.com", at_key=True))
+        channels[name] = ChannelDef(
+            name=name, send=spec["send"], options=MappingProxyType(options),
+            address_column=spec.get("address", DEFAULT_ADDRESS.get(name, "email")),
+            consent_column=spec.get("consent", f"{name}_opt_in"))
+
+    coupons = data.get("coupons", {})
+    costs = data.get("costs", {})
+    engine = data.get("engine", {})
+    settings = Settings(
+        name=program.get("name", "loyalty"), timezone=timezone,
+        currency=program.get("currency", "CNY"), default_locale=locale,
+        data=MappingProxyType(sources), state_path=state_path, contact_policy=policy,
+        holdout=percentage(data["holdout"]) if "holdout" in data else 0.0,
+        channels=MappingProxyType(channels),
+        coupon_prefix=coupons.get("prefix", ""), coupon_length=coupons.get("length", 10),
+        salt=data.get("salt", "loyalty"),
+        point_value=costs.get("point_value", 0.01), shipping_cost=costs.get("shipping", 10.0),
+        message_cost=costs.get("message", 0.0),
+        engine=engine.get("kind", "local"), scheduler=engine.get("scheduler"), partitions=engine.get("partitions"),
+        workers=engine.get("workers"))
+    return settings, problems

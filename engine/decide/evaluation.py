@@ -1,0 +1,418 @@
+"""Evaluating campaigns for one ``as_of``: the funnel from segment to offers.
+
+For each campaign, in column-at-a-time steps over all customers:
+segment -> trigger -> consent -> frequency cap -> cooldown -> holdout, giving candidates;
+then across campaigns, arbitration (at most N offers per customer per run, highest
+priority first, ties by campaign id) and per-campaign budgets. The result is a frame of
+offers (one row per offer) and the funnel counts, without touching the outside world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
+from engine.decide.policy import cap_remaining, cooling_down, reachable, send_times
+from engine.decide.rewards import estimate_cost, points_for
+from engine.decide.triggers import TRIGGERS, RunContext
+
+STAGES = ("segment", "trigger", "consent", "frequency_cap", "cooldown", "holdout",
+          "arbitration", "budget", "offers")
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation decided."""
+
+    as_of: pd.Timestamp
+    offers: pd.DataFrame                                  # one row per offer
+    funnels: dict[str, dict[str, int]]                    # campaign -> stage -> count
+    holdouts: pd.DataFrame                                # firings held out (for uplift)
+    edge_state: dict[str, frozenset] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    stops: pd.DataFrame | None = None                     # with trace: campaign, pos, firing_key, stage
+
+    def stopped_at(self, position: int) -> dict[str, str]:
+        """For a traced evaluation: campaign -> the stage that stopped this customer."""
+        if self.stops is None or self.stops.empty:
+            return {}
+        rows = self.stops[self.stops["pos"] == position]
+        return dict(zip(rows["campaign"], rows["stage"]))
+
+    def campaign_offers(self, campaign: str) -> pd.DataFrame:
+        return self.offers[self.offers["campaign"] == campaign]
+
+
+def segment_mask(workspace: LoadedWorkspace, campaign: CampaignDef, features: pd.DataFrame,
+                 as_of: pd.Timestamp) -> np.ndarray:
+    """Customers in the campaign's segment, not excluded, meeting its `where:`."""
+    program = workspace.program
+    mask = np.ones(len(features), dtype=bool)
+    if campaign.segment:
+        mask &= program.segments[campaign.segment].where.mask(features, as_of)
+    for name in campaign.exclude:
+        mask &= ~program.segments[name].where.mask(features, as_of)
+    if campaign.where is not None:
+        mask &= campaign.where.mask(features, as_of)
+    return mask
+
+
+def firing_keys(campaign: str, customer_ids: np.ndarray, suffixes: np.ndarray) -> np.ndarray:
+    if len(customer_ids) == 0:
+        return np.array([], dtype=object)
+    return (pd.Series(customer_ids, dtype="object").radd(f"{campaign}:") + ":"
+            + pd.Series(suffixes, dtype="object")).to_numpy(dtype=object)
+
+
+def offer_ids(keys) -> np.ndarray:
+    """A stable offer id per firing key (the same firing always has the same id)."""
+    keys = pd.Series(keys, dtype=object).tolist()     # plain strings: iterating Arrow text is slow
+    return np.array(["of_" + hashlib.sha256(k.encode()).hexdigest()[:20] for k in keys], dtype=object)
+
+
+@dataclass
+class PartitionDecision:
+    """What one partition of customers decided before the global budgets: its arbitrated
+    candidates (``pos`` indexes the partition's features) and its part of every count."""
+
+    arbitrated: pd.DataFrame
+    funnels: dict[str, dict[str, int]]
+    holdouts: pd.DataFrame
+    edge_state: dict[str, frozenset]
+    warnings: list[str]
+    same_run: set[str]
+    candidates: list[pd.DataFrame]
+    stops: list[pd.DataFrame]
+
+
+def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
+             campaigns: list[str] | None = None, trace: bool = False) -> Evaluation:
+    """Decide, for ``ctx.as_of``, who gets which offer and why.
+
+    With ``trace``, also record for every firing that did not become an offer the
+    stage that stopped it (and "trigger" for segment members who did not fire).
+    """
+    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace)
+    return combine_partitions(workspace, ctx.as_of, [part], trace)
+
+
+def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
+                       campaigns: list[str] | None = None, trace: bool = False) -> PartitionDecision:
+    """Segment, trigger, contact policy, holdout and arbitration for the customers of
+    ``features``: everything decided per customer, so a partition decides it alone."""
+    settings = workspace.settings
+    as_of = ctx.as_of
+    ids = features["customer_id"].astype(str)
+    global_holdout = in_holdout(ids, settings.salt, "global", settings.holdout)
+    capacity = cap_remaining(features, ctx.contacts, as_of, settings.contact_policy)
+    funnels: dict[str, dict[str, int]] = {}
+    candidates: list[pd.DataFrame] = []
+    holdouts: list[pd.DataFrame] = []
+    edge_state: dict[str, frozenset] = {}
+    warnings: list[str] = []
+    stops: list[pd.DataFrame] = []
+    same_run: set[str] = set()
+    as_of_key = as_of.tz_convert("UTC").isoformat(timespec="seconds")
+
+    def stopped(campaign_id, stage, where, key_values=None):
+        if trace and len(where):
+            stops.append(pd.DataFrame({"campaign": campaign_id, "pos": where, "stage": stage,
+                                       "firing_key": key_values if key_values is not None else ""}))
+
+    selected = [c for c in workspace.program.campaigns.values()
+                if c.enabled and (campaigns is None or c.id in campaigns)]
+    for campaign in selected:
+        funnel = dict.fromkeys(STAGES, 0)
+        funnels[campaign.id] = funnel
+        eligible = segment_mask(workspace, campaign, features, as_of)
+        funnel["segment"] = int(eligible.sum())
+        firings = TRIGGERS[campaign.trigger.kind](campaign, eligible, features, tables, ctx, settings)
+        if firings.state is not None:
+            edge_state[campaign.id] = firings.state
+        positions, suffixes, events = _one_per_customer(firings)
+        keys = firing_keys(campaign.id, ids.iloc[positions].to_numpy(), suffixes)
+        if len(keys):
+            # firings recorded by an earlier run never fire again; those recorded by a run at
+            # this same as_of go through the funnel again, so that a rerun decides exactly as
+            # the first run did, and are marked as already recorded at the end
+            done = ctx.recorded(list(keys))
+            if done and not isinstance(done, Mapping):   # a plain set: recorded by earlier runs
+                done = dict.fromkeys(done, "")
+            if done:
+                earlier = {k for k, at in done.items() if at != as_of_key}
+                same_run.update(k for k, at in done.items() if at == as_of_key)
+                fresh = ~pd.Series(keys).isin(earlier).to_numpy()
+                positions, keys, events = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True)
+        funnel["trigger"] = len(positions)
+        if trace:
+            stopped(campaign.id, "trigger", np.setdiff1d(np.flatnonzero(eligible), positions))
+
+        channel = settings.channels[campaign.channel]
+        if channel.consent_column not in features:
+            warnings.append(f"{campaign.id}: customers have no '{channel.consent_column}' column, "
+                            f"so nobody can be contacted on {campaign.channel}")
+        keep = np.ones(len(positions), dtype=bool)
+        for stage, passes in (
+                ("consent", reachable(features, channel)[positions]),
+                ("frequency_cap", capacity[positions] > 0),
+                ("cooldown", ~cooling_down(features, ctx.contacts, campaign.id, as_of,
+                                           campaign.cooldown_days)[positions])):
+            stopped(campaign.id, stage, positions[keep & ~passes], keys[keep & ~passes])
+            keep &= passes
+            funnel[stage] = int(keep.sum())
+        positions, keys, events = positions[keep], keys[keep], events[keep].reset_index(drop=True)
+
+        chosen_ids = ids.iloc[positions].reset_index(drop=True)
+        held_global = global_holdout[positions]
+        held_campaign = in_holdout(chosen_ids, settings.salt, campaign.id, campaign.holdout)
+        held = held_global | held_campaign
+        if held.any():
+            holdouts.append(pd.DataFrame({
+                "campaign": campaign.id, "customer_id": chosen_ids[held].to_numpy(),
+                "firing_key": keys[held], "group": np.where(held_global[held], "global", "campaign")}))
+        stopped(campaign.id, "holdout", positions[held], keys[held])
+        positions, keys, events = positions[~held], keys[~held], events[~held].reset_index(drop=True)
+        funnel["holdout"] = len(positions)
+        if len(positions):
+            candidates.append(_candidates(workspace, campaign, features, positions, keys, events, as_of))
+
+    arbitrated = _arbitrate(candidates, capacity, funnels)
+    return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
+                             warnings, same_run, candidates if trace else [], stops)
+
+
+HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
+
+
+def _frame_of(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _sum_funnels(parts: list[PartitionDecision]) -> dict[str, dict[str, int]]:
+    funnels: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for campaign, funnel in part.funnels.items():
+            total = funnels.setdefault(campaign, dict.fromkeys(STAGES, 0))
+            for stage, count in funnel.items():
+                total[stage] += count
+    return funnels
+
+
+def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: list[PartitionDecision],
+                       trace: bool = False) -> Evaluation:
+    """The global steps over the partitions' decisions: funnel counts summed, budgets applied
+    per campaign over all candidates, offer ids and send times. ``pos`` in the parts'
+    candidates must already index one common features frame (one partition, or rows kept)."""
+    settings = workspace.settings
+    funnels = _sum_funnels(parts)
+    # empty partitions' frames are untyped: leave them out, or every column turns object
+    frames = [p.arbitrated for p in parts if len(p.arbitrated)] or [parts[0].arbitrated]
+    arbitrated = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    offers = _apply_budgets(workspace, arbitrated, funnels)
+    stops = [frame for part in parts for frame in part.stops]
+    if trace:
+        candidates = [frame for part in parts for frame in part.candidates]
+        if candidates:
+            everyone = pd.concat(candidates, ignore_index=True)[["campaign", "pos", "firing_key"]]
+            lost = everyone[~everyone["firing_key"].isin(arbitrated["firing_key"])]
+            stopped_budget = arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"])]
+            for name, frame in (("arbitration", lost), ("budget", stopped_budget)):
+                for campaign_id, group in frame.groupby("campaign"):
+                    stops.append(pd.DataFrame({"campaign": campaign_id, "pos": group["pos"].to_numpy(),
+                                               "stage": name, "firing_key": group["firing_key"].to_numpy()}))
+    if len(offers):
+        offers["offer_id"] = offer_ids(offers["firing_key"])
+        offers["send_at"] = send_times(offers["timezone"].reset_index(drop=True), as_of,
+                                       settings.contact_policy, settings.timezone).array
+    else:   # the same columns when nobody gets an offer
+        offers = offers.assign(offer_id=pd.Series(dtype=object),
+                               send_at=pd.Series(dtype="datetime64[us, UTC]"))
+    offers = offers.drop(columns=["timezone"], errors="ignore")
+    same_run = set().union(*(p.same_run for p in parts))
+    offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if same_run \
+        else np.zeros(len(offers), dtype=bool)
+    holdouts = [p.holdouts for p in parts if len(p.holdouts)]
+    holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(columns=HOLDOUT_COLUMNS)
+    edge_state: dict[str, frozenset] = {}
+    for part in parts:
+        for campaign, state in part.edge_state.items():
+            edge_state[campaign] = edge_state.get(campaign, frozenset()) | state
+    warnings = list(dict.fromkeys(w for p in parts for w in p.warnings))
+    stop_frame = pd.concat(stops, ignore_index=True) if stops else None
+    return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
+                      warnings, stop_frame)
+
+
+def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """A campaign fires at most once per customer and run: the preferred (last) firing.
+
+    Two events or two caught-up holiday dates of one customer make one offer, never two,
+    and a rerun does not pick up the one left out (it is dropped before the recorded
+    keys are checked).
+    """
+    positions = np.asarray(firings.positions, dtype=int)
+    suffixes = np.asarray(firings.keys)
+    events = firings.events if firings.events is not None else pd.DataFrame(index=range(len(positions)))
+    events = events.reset_index(drop=True)
+    last = ~pd.Series(positions).duplicated(keep="last").to_numpy()
+    if not last.all():
+        positions, suffixes, events = positions[last], suffixes[last], events[last].reset_index(drop=True)
+    return positions, suffixes, events
+
+
+def _candidates(workspace, campaign: CampaignDef, features, positions, keys, events, as_of) -> pd.DataFrame:
+    settings = workspace.settings
+    scope = features[_scope_columns(campaign, features)].iloc[positions].reset_index(drop=True)
+    if len(events.columns):
+        scope = pd.concat([scope, events], axis=1)
+    customer_ids = scope["customer_id"].astype(str)
+    frame = pd.DataFrame({
+        "pos": positions, "customer_id": customer_ids.to_numpy(), "campaign": campaign.id,
+        "firing_key": keys, "priority": campaign.priority, "channel": campaign.channel,
+    })
+    if campaign.variants:
+        names = [v.name for v in campaign.variants]
+        frame["variant"] = assign_variants(customer_ids, settings.salt, campaign.id, names,
+                                           [v.weight for v in campaign.variants])
+    else:
+        frame["variant"] = ""
+    cost = np.zeros(len(frame))
+    points = np.zeros(len(frame))
+    template = np.full(len(frame), campaign.template, dtype=object)
+    kind = np.full(len(frame), campaign.reward.kind, dtype=object)
+    groups = [(None, campaign.reward, campaign.template)] + [
+        (v.name, v.reward or campaign.reward, v.template or campaign.template) for v in campaign.variants]
+    for name, reward, template_name in groups:
+        rows = np.ones(len(frame), dtype=bool) if name is None else (frame["variant"] == name).to_numpy()
+        if not rows.any():
+            continue
+        sub = scope[rows]
+        cost[rows] = estimate_cost(reward, sub, settings, as_of)
+        points[rows] = points_for(reward, sub, as_of)
+        template[rows] = template_name
+        kind[rows] = reward.kind
+    frame["cost"] = cost
+    frame["points"] = points
+    frame["template"] = template
+    frame["reward_kind"] = kind
+    if "locale" in scope:
+        frame["locale"] = scope["locale"].astype("object").where(scope["locale"].notna(),
+                                                                 settings.default_locale).to_numpy()
+    else:
+        frame["locale"] = settings.default_locale
+    rank = campaign.budget.rank_by
+    frame["rank"] = _rank_values(rank.evaluate(scope, as_of)) if rank is not None else np.nan
+    frame["tiebreak"] = stable_fraction(customer_ids, settings.salt, f"budget:{campaign.id}")
+    frame["timezone"] = scope["timezone"].to_numpy(dtype=object) if "timezone" in scope else settings.timezone
+    for column in events.columns:
+        frame[column] = events[column].to_numpy()
+    return frame
+
+
+def _scope_columns(campaign: CampaignDef, features: pd.DataFrame) -> list[str]:
+    """The feature columns an offer's reward, cost, budget rank and locale read: taking only
+    these for the fired customers, not every feature, is most of the candidates' cost."""
+    needed = {"customer_id", "locale", "timezone", "avg_order_value"}
+    for reward in [campaign.reward, *(v.reward for v in campaign.variants if v.reward is not None)]:
+        if reward.amount is not None:
+            needed |= reward.amount.names
+    if campaign.budget.rank_by is not None:
+        needed |= campaign.budget.rank_by.names
+    return [name for name in features.columns if name in needed]
+
+
+def _rank_values(values: pd.Series) -> np.ndarray:
+    """``rank_by`` as floats (dates as their instant), NaN where unknown."""
+    missing = values.isna().to_numpy()
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        values = pd.Series(values.to_numpy(dtype="datetime64[ns]").view(np.int64), index=values.index)
+    numbers = pd.to_numeric(values, errors="coerce").astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    numbers[missing] = np.nan
+    return numbers
+
+
+def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) -> pd.DataFrame:
+    """At most ``capacity`` offers per customer: highest priority, then campaign id, then key."""
+    if not candidates:
+        return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
+                                     "variant", "cost", "points", "template", "reward_kind", "locale"])
+    frame = pd.concat(candidates, ignore_index=True)
+    # a customer has at most one candidate per campaign: position, priority and campaign order them
+    campaign_rank = pd.Index(sorted(frame["campaign"].unique())).get_indexer(frame["campaign"])
+    frame = frame.iloc[np.lexsort((campaign_rank, -frame["priority"].to_numpy(dtype=np.int64),
+                                   frame["pos"].to_numpy(dtype=np.int64)))]
+    order = frame.groupby("pos", sort=False).cumcount().to_numpy()
+    frame = frame[order < capacity[frame["pos"].to_numpy()]]
+    counts = frame["campaign"].value_counts()
+    for campaign, funnel in funnels.items():
+        funnel["arbitration"] = int(counts.get(campaign, 0))
+    return frame
+
+
+BUDGET_KEY = ["rank", "tiebreak", "firing_key"]
+
+
+def budget_sorted(group: pd.DataFrame) -> pd.DataFrame:
+    """Candidates in the order a budget keeps them: rank_by (highest first, missing last),
+    then the stable hash of the customer, then the firing key."""
+    return group.sort_values(BUDGET_KEY, ascending=[False, True, True], na_position="last", kind="stable")
+
+
+def budget_caps(workspace: LoadedWorkspace) -> dict[str, tuple[int | None, float | None]]:
+    """Campaign -> (max_offers, max_cost) of every campaign with a budget."""
+    return {c.id: (c.budget.max_offers, c.budget.max_cost) for c in workspace.program.campaigns.values()
+            if c.budget.max_offers is not None or c.budget.max_cost is not None}
+
+
+def within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
+    """One partition's arbitrated candidates without those its campaign's budget cannot keep
+    whatever the other partitions hold: beyond max_offers in the budget order, or past
+    max_cost in its running cost (when costs are never negative, what a budget keeps is a
+    prefix of the order). Applying the budgets to the pooled rest decides the same.
+    ``caps``: ``budget_caps(workspace)``."""
+    if not len(arbitrated) or not caps:
+        return arbitrated
+    keep = np.ones(len(arbitrated), dtype=bool)
+    campaign = arbitrated["campaign"].to_numpy()
+    for campaign_id, (max_offers, max_cost) in caps.items():
+        rows = np.flatnonzero(campaign == campaign_id)
+        if not len(rows):
+            continue
+        ordered = rows[budget_sorted(arbitrated.iloc[rows].reset_index(drop=True)).index.to_numpy()]
+        cut = np.zeros(len(ordered), dtype=bool)
+        if max_offers is not None:
+            cut |= np.arange(len(ordered)) >= max_offers
+        costs = arbitrated["cost"].to_numpy(dtype=float)[ordered]
+        if max_cost is not None and (costs >= 0).all():
+            cut |= np.cumsum(costs) > max_cost + 1e-9
+        keep[ordered[cut]] = False
+    return arbitrated if keep.all() else arbitrated[keep]
+
+
+def _apply_budgets(workspace: LoadedWorkspace, offers: pd.DataFrame, funnels) -> pd.DataFrame:
+    """Per-campaign max_offers / max_cost: who keeps an offer is decided by rank_by
+    (highest first) and then by a stable hash of the customer id."""
+    kept = []
+    for campaign_id, group in offers.groupby("campaign", sort=True):
+        budget = workspace.program.campaigns[campaign_id].budget
+        if budget.max_offers is not None or budget.max_cost is not None:
+            group = budget_sorted(group)
+            keep = np.ones(len(group), dtype=bool)
+            if budget.max_offers is not None:
+                keep &= np.arange(len(group)) < budget.max_offers
+            if budget.max_cost is not None:
+                keep &= np.cumsum(group["cost"].to_numpy()) <= budget.max_cost + 1e-9
+            group = group[keep]
+        funnels[campaign_id]["budget"] = len(group)
+        funnels[campaign_id]["offers"] = len(group)
+        kept.append(group)
+    if not kept:
+        return offers.iloc[0:0]
+    result = pd.concat(kept).sort_values(["campaign", "customer_id", "firing_key"], kind="stable")
+    return result.reset_index(drop=True)

@@ -1,0 +1,138 @@
+"""Rewards: cost estimates for budgets, and the reward each offer carries.
+
+One entry per reward kind in ``REWARDS``. Costs are estimated per offer, column-at-a-time,
+assuming every reward is used (an upper bound, which is what a budget needs):
+
+- coupon ``amount_off``: the amount; ``percent_off``: the percentage of the larger of
+  ``min_spend`` and the customer's average order value (``min_spend`` without orders);
+- points: points x ``costs.point_value`` from loyalty.yaml (default 0.01);
+- free shipping: ``costs.shipping`` (default 10); gift, tier: their ``cost:`` (default 0);
+- message only: 0. Every kind takes an explicit ``cost:`` that overrides the estimate,
+  and ``costs.message`` is added for sending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import string
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from engine.config.model import RewardDef, Settings
+
+CODE_ALPHABET = "".join(c for c in string.ascii_uppercase + string.digits if c not in "0O1IL")
+
+
+def _points(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
+    values = reward.amount.evaluate(scope, as_of)
+    return np.floor(pd.to_numeric(values, errors="coerce").astype("Float64").fillna(0)
+                    .to_numpy(dtype=float)).clip(min=0)
+
+
+def _coupon_cost(reward, scope, settings, as_of):
+    p = reward.params
+    if "amount_off" in p:
+        return np.full(len(scope), float(p["amount_off"]))
+    basket = np.full(len(scope), float(p.get("min_spend", 0)))
+    if "avg_order_value" in scope:
+        aov = pd.to_numeric(scope["avg_order_value"], errors="coerce").astype("Float64").fillna(0).to_numpy(dtype=float)
+        basket = np.maximum(basket, aov)
+    return basket * float(p["percent_off"]) / 100
+
+
+COSTS: dict[str, Callable] = {
+    "coupon": _coupon_cost,
+    "points": lambda r, scope, s, as_of: _points(r, scope, as_of) * s.point_value,
+    "free_shipping": lambda r, scope, s, as_of: np.full(len(scope), s.shipping_cost),
+    "gift": lambda r, scope, s, as_of: np.zeros(len(scope)),
+    "tier": lambda r, scope, s, as_of: np.zeros(len(scope)),
+    "message": lambda r, scope, s, as_of: np.zeros(len(scope)),
+}
+
+
+def estimate_cost(reward: RewardDef, scope: pd.DataFrame, settings: Settings, as_of) -> np.ndarray:
+    """Estimated cost per offer for the rows of ``scope`` (features + event columns)."""
+    if "cost" in reward.params:
+        base = np.full(len(scope), float(reward.params["cost"]))
+    else:
+        base = COSTS[reward.kind](reward, scope, settings, as_of)
+    return np.round(base + settings.message_cost, 2)
+
+
+def points_for(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
+    """Points credited per offer (0 for other kinds)."""
+    if reward.kind != "points":
+        return np.zeros(len(scope))
+    return _points(reward, scope, as_of)
+
+
+DESCRIPTIONS = {
+    "zh": {
+        "percent_off": "{v:g}折优惠券", "amount_off": "立减{v:g}元券", "points": "{v:g}积分",
+        "free_shipping": "免运费", "gift": "礼品 {v}", "tier": "升级为{v}", "message": "关怀消息",
+        "min_spend": "（满{v:g}可用）",
+    },
+    "en": {
+        "percent_off": "{v:g}% off coupon", "amount_off": "{v:g} off coupon", "points": "{v:g} points",
+        "free_shipping": "free shipping", "gift": "gift {v}", "tier": "upgrade to {v}", "message": "message",
+        "min_spend": " (min. spend {v:g})",
+    },
+}
+
+
+def describe(kind: str, params: dict, locale: str, points: float = 0) -> str:
+    """A short description of a reward in the customer's language."""
+    words = DESCRIPTIONS["zh" if str(locale).lower().startswith("zh") else "en"]
+    if kind == "coupon":
+        if "percent_off" in params:
+            value = params["percent_off"]
+            text = words["percent_off"].format(v=(100 - value) / 10 if words is DESCRIPTIONS["zh"] else value)
+        else:
+            text = words["amount_off"].format(v=params["amount_off"])
+        if params.get("min_spend"):
+            text += words["min_spend"].format(v=params["min_spend"])
+        return text
+    if kind == "points":
+        return words["points"].format(v=points)
+    if kind == "gift":
+        return words["gift"].format(v=params.get("name", params.get("sku", "")))
+    if kind == "tier":
+        return words["tier"].format(v=params.get("to", ""))
+    return words[kind]
+
+
+def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp,
+                   code: str | None, locale: str, cost: float) -> dict:
+    """The reward as it is recorded, sent and shown to templates."""
+    payload = {"kind": kind, **{k: v for k, v in params.items() if k not in ("amount",)}}
+    payload["cost"] = round(float(cost), 2)
+    if kind == "points":
+        payload["points"] = int(points)
+    valid_days = params.get("valid_days")
+    if valid_days:
+        expires = (send_at + pd.Timedelta(days=int(valid_days))).date()
+        payload["expires_at"] = expires.isoformat()
+    if code is not None:
+        payload["code"] = code
+    payload["description"] = describe(kind, params, locale, points)
+    return payload
+
+
+def generate_codes(count: int, prefix: str, length: int, taken: set[str] | None = None) -> list[str]:
+    """``count`` unique, unguessable coupon codes (``secrets``; no 0/O/1/I/L)."""
+    taken = set(taken or ())
+    codes: list[str] = []
+    seen = set()
+    while len(codes) < count:
+        code = prefix + "".join(secrets.choice(CODE_ALPHABET) for _ in range(length))
+        if code not in taken and code not in seen:
+            seen.add(code)
+            codes.append(code)
+    return codes
+
+
+def expires_on(send_at: dt.datetime, valid_days: int) -> dt.date:
+    return (send_at + dt.timedelta(days=valid_days)).date()

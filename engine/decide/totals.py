@@ -1,0 +1,59 @@
+"""Offers counted per campaign: how many, their cost and variants; the rows a preview renders.
+
+Totals of separate sets of offers (partitions, cluster tasks) add up with ``+``, so an
+engine that never gathers every offer in one place can still report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from engine.decide.evaluation import Evaluation
+
+
+@dataclass
+class CampaignTotals:
+    """One campaign's offers counted: how many, their cost, how many of each variant."""
+
+    offers: int = 0
+    cost: float = 0.0
+    variants: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: "CampaignTotals") -> "CampaignTotals":
+        variants = dict(self.variants)
+        for name, count in other.variants.items():
+            variants[name] = variants.get(name, 0) + count
+        return CampaignTotals(self.offers + other.offers, self.cost + other.cost, variants)
+
+
+def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTotals]:
+    """Per campaign, its offers' count, cost and variants; totals of separate sets of
+    offers (partitions) add up with ``+`` to those of all of them."""
+    totals = {}
+    for campaign_id in campaign_ids:
+        mine = offers[offers["campaign"] == campaign_id] if len(offers) else offers
+        if not len(mine):
+            totals[campaign_id] = CampaignTotals()
+            continue
+        variants = mine["variant"].value_counts().to_dict()
+        totals[campaign_id] = CampaignTotals(len(mine), float(mine["cost"].sum()),
+                                             {str(k): int(v) for k, v in variants.items()})
+    return totals
+
+
+@dataclass
+class SampledEvaluation(Evaluation):
+    """An evaluation that kept only what a preview shows: ``offers`` holds (at least) each
+    campaign's first offers by customer id, the messages to render; ``totals`` counts
+    all of them."""
+
+    totals: dict[str, CampaignTotals] = field(default_factory=dict)
+
+
+def sample_rows(offers: pd.DataFrame, per_campaign: int) -> pd.DataFrame:
+    """The first N offers of each campaign (by customer id): the messages a preview renders."""
+    if per_campaign <= 0 or offers.empty:
+        return offers.iloc[0:0]
+    return offers.groupby("campaign", sort=True, group_keys=False).head(per_campaign)

@@ -1,0 +1,205 @@
+"""The run pipeline shared by preview and run: data -> features -> evaluation -> messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from engine.config.model import LoadedWorkspace
+from engine.config.settings import chosen_engine
+from engine.data.features import compute_features
+from engine.data.sources import Tables, load_tables
+from engine.decide.evaluation import Evaluation
+from engine.decide.triggers import RunContext
+from engine.errors import LoyaltyError
+from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask
+from engine.execution.parallel import MIN_OFFERS_PER_WORKER, in_workers, worker_count
+from engine.execution.partitions import evaluate_in_partitions, evaluate_streamed
+from engine.messages.offers import customer_records, render_offers
+from engine.messages.rendering import Renderer
+from engine.progress import Progress
+from engine.state.store import gc_paused
+
+
+@dataclass
+class Prepared:
+    """Data and features of a workspace at one instant."""
+
+    tables: object
+    features: pd.DataFrame
+    context: RunContext
+    customers: int | None = None      # how many customers were evaluated
+
+
+def parse_as_of(value, timezone: str) -> pd.Timestamp:
+    """An instant from text, a datetime or None (now); naive values are in the programme's timezone."""
+    if value is None or value == "now":
+        stamp = pd.Timestamp.now(tz="UTC")
+    else:
+        try:
+            stamp = pd.Timestamp(value)
+        except (ValueError, TypeError) as exc:
+            raise LoyaltyError(f"--as-of '{value}' is not a date or time "
+                               "(write 2026-11-23 or 2026-11-23T10:00:00+08:00)") from exc
+        if stamp.tzinfo is None:
+            stamp = stamp.tz_localize(timezone)
+    return stamp.tz_convert(timezone)
+
+
+def empty_contacts() -> pd.DataFrame:
+    return pd.DataFrame({"customer_id": pd.Series(dtype=str), "campaign": pd.Series(dtype=str),
+                         "channel": pd.Series(dtype=str),
+                         "contacted_at": pd.Series(dtype="datetime64[ns, UTC]")})
+
+
+def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
+                since: pd.Timestamp | None = None) -> RunContext:
+    """What earlier runs did, read from the state store (or nothing without one)."""
+    if store is None:
+        return RunContext(as_of, since, empty_contacts(), {})
+    previous = store.previous_run(before_as_of=as_of.isoformat())
+    previous_as_of = since
+    if previous_as_of is None and previous is not None:
+        previous_as_of = pd.Timestamp(previous["as_of"]).tz_convert(workspace.settings.timezone)
+    longest = max([workspace.settings.contact_policy.per_days] +
+                  [c.cooldown_days or 0 for c in workspace.program.campaigns.values()])
+    contacts = _contacts_before(store, as_of, as_of - pd.Timedelta(days=longest + 1))
+    edge_state = {}
+    for campaign in workspace.program.campaigns.values():
+        if campaign.trigger.kind == "becomes":
+            state = store.trigger_state(campaign.id, "becomes")
+            if len(state) and (state["customer_id"] == EVALUATED).any():
+                true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
+                edge_state[campaign.id] = frozenset(true_ids.astype(str))
+    return RunContext(as_of, previous_as_of, contacts, edge_state,
+                      recorded=store.recorded_at)
+
+
+def _utc_key(stamp: pd.Timestamp) -> str:
+    return stamp.tz_convert("UTC").isoformat(timespec="seconds")
+
+
+def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.DataFrame:
+    """Contact history made by runs before ``as_of``: a rerun at the same instant must not
+    be stopped by the contacts its first attempt recorded, nor a rerun of an earlier day by
+    the contacts of later runs."""
+    rows = list(store.db.query(
+        "SELECT c.customer_id, c.campaign, c.channel, c.contacted_at FROM contacts c "
+        "JOIN offers o ON o.offer_id = c.offer_id JOIN runs r ON r.run_id = o.run_id "
+        "WHERE c.contacted_at > ? AND r.as_of_utc < ?", [_utc_key(since), _utc_key(as_of)]))
+    if not rows:
+        return empty_contacts()
+    frame = pd.DataFrame(rows)
+    frame["contacted_at"] = pd.to_datetime(frame["contacted_at"], utc=True, format="ISO8601")
+    return frame
+
+
+EVALUATED = "*"   # trigger-state row saying a `becomes` condition has been evaluated before
+
+
+def edge_state_rows(evaluation: Evaluation, previous: dict) -> list[dict]:
+    """Trigger-state rows to store: who is true now, who stopped being true."""
+    rows = []
+    for campaign, now_true in evaluation.edge_state.items():
+        before = previous.get(campaign, frozenset())
+        rows.append({"campaign": campaign, "customer_id": EVALUATED, "key": "becomes", "value": "1"})
+        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "1"}
+                    for c in now_true - before)
+        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "0"}
+                    for c in before - now_true)
+    return rows
+
+
+def prepare(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None, tables=None) -> Prepared:
+    tables = tables if tables is not None else load_tables(workspace.settings, workspace.root)
+    features = compute_features(tables, workspace.program, workspace.settings, as_of)
+    return Prepared(tables, features, run_context(workspace, as_of, store, since))
+
+
+def prepare_and_evaluate(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None,
+                         campaigns: list[str] | None = None, partitions: int | None = None,
+                         trace: bool = False, stream: bool = False,
+                         progress: Progress | None = None,
+                         workers: int | None = None) -> tuple[Prepared, Evaluation]:
+    """Load the data and decide, a partition of customers at a time (see partitions.py).
+
+    ``Prepared.features`` holds the rows the offers' ``pos`` refers to: every customer with
+    one partition, the offered customers' rows with several. With ``stream`` and more than
+    one partition, each partition's rows are read on their own from the partitioned copy of
+    the data (``partitioned_data``) and ``Prepared.tables`` is empty but for the warnings.
+    ``progress`` is told what is being done (conversion, partition by partition). ``workers``:
+    how many processes decide at once (``parallel``; automatic when None)."""
+    context = run_context(workspace, as_of, store, since)
+    decided = evaluate_streamed(workspace, context, partitions, campaigns, progress) if stream and not trace \
+        else None
+    if decided is not None:
+        tables = Tables.read_elsewhere(decided.warnings)
+    else:
+        tables = load_tables(workspace.settings, workspace.root)
+        decided = evaluate_in_partitions(workspace, tables, context, partitions, campaigns, trace, progress,
+                                         workers)
+    return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
+
+
+def decide(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None,
+           campaigns: list[str] | None = None, *, partitions: int | None = None, engine: str | None = None,
+           scheduler: str | None = None, progress: Progress | None = None, trace: bool = False,
+           stream: bool = False, sample: int | None = None,
+           workers: int | None = None) -> tuple[Prepared, Evaluation]:
+    """Evaluate on the chosen engine: ``local`` (in this process, a partition at a time) or
+    ``dask`` (each partition a task on a cluster). Options override loyalty.yaml's ``engine:``.
+    ``sample``: only a preview of N messages per campaign is wanted; the dask engine then
+    leaves the offers on its workers and returns a ``SampledEvaluation``."""
+    settings = workspace.settings
+    partitions = partitions or settings.partitions
+    if chosen_engine(settings, engine, scheduler) == "local":
+        return prepare_and_evaluate(workspace, as_of, store, since, campaigns, partitions,
+                                    trace=trace, stream=stream, progress=progress,
+                                    workers=workers or settings.workers)
+    if trace:
+        raise LoyaltyError("--trace and --customer explain every customer and need the local engine: "
+                           "run that preview with --engine local (the result is the same)")
+    context = run_context(workspace, as_of, store, since)
+    options = dict(store=store, campaigns=campaigns, scheduler=scheduler or settings.scheduler,
+                   partitions=partitions, progress=progress)
+    decided = (evaluate_on_dask(workspace, context, **options) if sample is None else
+               preview_on_dask(workspace, context, sample, **options))
+    tables = Tables.read_elsewhere(decided.table_warnings)
+    return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
+
+
+def build_messages(workspace: LoadedWorkspace, evaluation: Evaluation, features: pd.DataFrame,
+                   renderer: Renderer, rows: pd.DataFrame | None = None,
+                   codes: dict[str, str] | None = None, workers: int | None = 1,
+                   finish: Callable[[list[dict]], list] | None = None) -> tuple[list, list[dict]]:
+    """Offer records with rewards and rendered messages; and the render errors.
+
+    One bad template never stops the others: a failed render is reported per offer.
+    ``workers``: processes rendering at once (``parallel``; None: automatic from the
+    number of messages); the records come in the same order. ``finish``: what to make of
+    each share of records where it was rendered (e.g. the state store's rows); its
+    results, concatenated, are returned instead of the records.
+    """
+    settings = workspace.settings
+    rows = evaluation.offers if rows is None else rows
+    send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
+    workers = worker_count(len(rows), workers, MIN_OFFERS_PER_WORKER)
+    # the first share is rendered here, which then also unpickles the others' messages: a bigger share
+    shares = np.array([1.2] + [1.0] * (workers - 1))
+    bounds = np.round(np.concatenate([[0], np.cumsum(shares)]) / shares.sum() * len(rows)).astype(np.int64)
+
+    def render(number: int) -> tuple[list[dict], list[dict]]:
+        start, stop = int(bounds[number]), int(bounds[number + 1])
+        part = rows.iloc[start:stop]
+        customers = customer_records(features, part["pos"])
+        records: list[dict] = []
+        errors: list[dict] = []
+        render_offers(workspace, evaluation, renderer, part, customers, send_at[start:stop], codes, records, errors)
+        return (records if finish is None else finish(records)), errors
+
+    with gc_paused():
+        parts = in_workers(render, workers)
+        return [r for records, _ in parts for r in records], [e for _, errors in parts for e in errors]

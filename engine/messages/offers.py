@@ -1,0 +1,135 @@
+"""Offers turned into messages: each offer's reward, customer fields and rendered text.
+
+``render_offers`` builds the record the state store keeps and delivery sends; the
+execution layer decides how many processes run it at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+
+from engine.config.model import LoadedWorkspace
+from engine.decide.evaluation import Evaluation
+from engine.decide.rewards import reward_payload
+from engine.errors import TemplateError
+from engine.messages.rendering import Renderer
+
+
+def make_renderer(workspace: LoadedWorkspace) -> Renderer:
+    settings = workspace.settings
+    return Renderer(workspace.templates_dir, settings.default_locale,
+                    {"name": settings.name, "currency": settings.currency, "timezone": settings.timezone})
+
+
+def plain_value(value):
+    """A pandas/numpy scalar as a plain Python value; missing values as None."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def customer_records(features: pd.DataFrame, positions) -> list[dict]:
+    """Customer columns and features of the given rows, as plain dicts for templates."""
+    return _plain_records(features.iloc[np.asarray(positions, dtype=int)])
+
+
+def _plain_records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts of plain Python values (missing values as None), built a column at a time."""
+    names = [str(name) for name in frame.columns]
+    columns = [_plain_column(frame.iloc[:, i]) for i in range(frame.shape[1])]
+    return [dict(zip(names, values)) for values in zip(*columns)]
+
+
+def _plain_column(column: pd.Series) -> list:
+    values = column.tolist()
+    if column.dtype == object:
+        return [plain_value(v) for v in values]
+    missing = np.flatnonzero(column.isna().to_numpy())
+    for i in missing:
+        values[i] = None
+    return values
+
+
+def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: Renderer, rows: pd.DataFrame,
+                customers: list[dict], send_at: list, codes: dict | None, records: list[dict],
+                errors: list[dict]) -> None:
+    """Render each offer's message: a record per offer into ``records``, a render error per
+    failed offer into ``errors`` (one bad template never stops the others)."""
+    settings, program = workspace.settings, workspace.program
+    explain_names = _explanation_names(workspace)
+    rewards = {(c.id, v.name): v.reward for c in program.campaigns.values() for v in c.variants
+               if v.reward is not None}
+    as_of = evaluation.as_of.isoformat()
+    event_columns = [c for c in rows.columns if c.startswith("event.")]
+    for customer, offer, send_at_local in zip(customers, _offer_records(rows), send_at):
+        campaign = program.campaigns[offer["campaign"]]
+        reward = rewards.get((campaign.id, offer["variant"]), campaign.reward)
+        code = (codes or {}).get(offer["offer_id"]) if reward.kind == "coupon" else None
+        payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at_local, code,
+                                 offer["locale"], offer["cost"])
+        if reward.kind == "coupon" and code is None:
+            payload["code"] = "(assigned at run)"
+        channel = settings.channels[campaign.channel]
+        record = {
+            "offer_id": offer["offer_id"], "firing_key": offer["firing_key"], "campaign": campaign.id,
+            "campaign_name": campaign.name, "customer_id": offer["customer_id"], "channel": campaign.channel,
+            "variant": offer["variant"], "reward": payload, "cost": float(offer["cost"]),
+            "send_at": send_at_local.isoformat(), "locale": offer["locale"], "template": offer["template"],
+            "address": customer.get(channel.address_column), "as_of": as_of,
+            "explanation": {n: _jsonable(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
+            "event": {k[6:]: _jsonable(offer[k]) for k in event_columns},
+        }
+        context = {"customer": customer, "reward": payload, "program": renderer.program,
+                   "offer": {k: record[k] for k in ("offer_id", "campaign", "campaign_name", "variant",
+                                                    "channel", "send_at")},
+                   "event": record["event"]}
+        try:
+            message = renderer.render(offer["template"], campaign.channel, offer["locale"], context,
+                                      customer_id=offer["customer_id"])
+        except TemplateError as exc:
+            errors.append({"campaign": campaign.id, "customer_id": offer["customer_id"], "error": str(exc)})
+            continue
+        record.update(subject=message.subject, body=message.body, html=message.html,
+                      template_file=message.template_file, sms_segments=message.sms_segments,
+                      too_long=message.too_long)
+        records.append(record)
+
+
+def _offer_records(offers: pd.DataFrame) -> list[dict]:
+    """Offer rows as dicts, values as ``to_dict("records")`` gives them, a column at a time."""
+    names = list(offers.columns)
+    return [dict(zip(names, values)) for values in zip(*(offers[c].tolist() for c in names))]
+
+
+def _jsonable(value):
+    if isinstance(value, (pd.Timestamp, dt.date, dt.datetime)):
+        return value.isoformat()
+    return value
+
+
+def _explanation_names(workspace: LoadedWorkspace) -> dict[str, list[str]]:
+    """The features each campaign's decision depends on, for `history` and previews."""
+    program = workspace.program
+    out = {}
+    for campaign in program.campaigns.values():
+        names: set[str] = set()
+        if campaign.segment:
+            names |= program.segments[campaign.segment].where.names
+        for excluded in campaign.exclude:
+            names |= program.segments[excluded].where.names
+        for expression in (campaign.where, campaign.trigger.expr, campaign.budget.rank_by):
+            if expression is not None:
+                names |= expression.names
+        if campaign.trigger.kind == "inactive_for":
+            names.add("days_since_last_order")
+        if campaign.trigger.kind == "birthday":
+            names.add("days_to_birthday")
+        out[campaign.id] = sorted(n for n in names if not n.startswith("event."))
+    return out
