@@ -17,9 +17,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from engine.config.model import ChannelDef, ContactPolicy, Settings
+from engine.decide.evaluation import offer_id
 from engine.errors import DeliveryError
 from engine.state.delivery import SENDERS, FileSender, deliver
-from engine.state.store import StateStore, make_offer_id
+from engine.state.store import StateStore
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
 NOW = AS_OF + pd.Timedelta(minutes=5)
@@ -34,7 +35,7 @@ def settings_with(**channels: ChannelDef) -> Settings:
 def make_offer(i: int, channel: str, **changes) -> dict:
     key = f"winback|c{i}|{channel}"
     offer = {
-        "offer_id": make_offer_id(key), "firing_key": key, "campaign": "winback",
+        "offer_id": offer_id(key), "firing_key": key, "campaign": "winback",
         "campaign_name": "沉睡客唤醒", "customer_id": f"c{i}", "channel": channel, "variant": "A",
         "reward": {"kind": "coupon", "percent_off": 20, "code": f"W{i:05d}"}, "cost": 4.0,
         "send_at": AS_OF.isoformat(), "subject": f"Hello c{i}", "body": f"Your code W{i:05d}",
@@ -220,7 +221,7 @@ def test_webhook_retries_until_every_offer_arrives_exactly_once(store, tmp_path,
     assert set(webhook_server.processed) == good
     assert set(webhook_server.times_processed.values()) == {1}
     for customer in ("c1", "c4", "c2", "c5"):
-        assert webhook_server.requests[make_offer_id(f"winback|{customer}|push")] == 2
+        assert webhook_server.requests[offer_id(f"winback|{customer}|push")] == 2
     assert (result.sent, result.failed) == (7, 1)
     state = statuses(store)
     assert state["c3"] == ("failed", 1, "HTTP 422 Unprocessable Entity")

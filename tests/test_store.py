@@ -10,9 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engine.decide.evaluation import offer_id
+from engine.decide.rewards import generate_codes
 from engine.errors import StateError
 from engine.state import store as store_module
-from engine.state.store import StateStore, generate_coupon_codes, make_offer_id
+from engine.state.store import StateStore
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_offer(i: int, campaign: str = "winback", code: str | None = None, **changes) -> dict:
     code = code or f"{campaign[:3].upper()}{i:06d}"
     offer = {
-        "offer_id": make_offer_id(f"{campaign}|c{i}|2024"), "firing_key": f"{campaign}|c{i}|2024",
+        "offer_id": offer_id(f"{campaign}|c{i}|2024"), "firing_key": f"{campaign}|c{i}|2024",
         "campaign": campaign, "campaign_name": "沉睡客唤醒", "customer_id": f"c{i}",
         "channel": "sms", "variant": "A",
         "reward": {"kind": "coupon", "percent_off": 20, "min_spend": 100,
@@ -256,14 +258,14 @@ def test_redemptions_are_unique_by_code_and_order(store):
 
 
 def test_coupon_codes_are_unique_unambiguous_and_avoid_existing():
-    codes = generate_coupon_codes(50_000, prefix="VIP-", length=8)
+    codes = generate_codes(50_000, prefix="VIP-", length=8)
     assert len(set(codes)) == 50_000
     assert all(c.startswith("VIP-") and len(c) == 12 for c in codes)
     assert not set("".join(c[4:] for c in codes)) & set("01OIL")
-    again = generate_coupon_codes(1_000, prefix="VIP-", length=8, existing=codes)
+    again = generate_codes(1_000, prefix="VIP-", length=8, taken=codes)
     assert not set(again) & set(codes)
     with pytest.raises(ValueError):
-        generate_coupon_codes(1, length=4)
+        generate_codes(1, length=4)
 
 
 # --------------------------------------------------------------------------- the run lock
@@ -307,7 +309,7 @@ def test_the_run_lock_excludes_another_process(tmp_path):
 
 
 def test_recording_200k_offers(store, capsys):
-    codes = generate_coupon_codes(200_000, "W-", 10)
+    codes = generate_codes(200_000, "W-", 10)
     offers = [make_offer(i, code=codes[i]) for i in range(200_000)]
     run_id = new_run(store)
     started = time.perf_counter()

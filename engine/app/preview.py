@@ -12,7 +12,7 @@ from engine.app.trace import write_trace
 from engine.app.validation import check_campaigns, load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
-from engine.decide.totals import CampaignTotals, SampledEvaluation, campaign_totals, sample_rows
+from engine.decide.totals import CampaignTotals, OfferTotals, SampledEvaluation, campaign_totals, sample_rows
 from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
 from engine.messages.offers import make_renderer, plain_value
 from engine.progress import Progress
@@ -34,7 +34,7 @@ class CampaignPreview:
 
 
 @dataclass
-class Preview:
+class Preview(OfferTotals):
     as_of: str
     customers: int
     campaigns: list[CampaignPreview]
@@ -42,19 +42,8 @@ class Preview:
     explanation: dict | None = None
     diff: list[dict] | None = None
 
-    @property
-    def total_offers(self) -> int:
-        return sum(c.offers for c in self.campaigns)
-
-    @property
-    def total_cost(self) -> float:
-        return round(sum(c.cost for c in self.campaigns), 2)
-
     def as_dict(self) -> dict:
-        data = asdict(self)
-        data["total_offers"] = self.total_offers
-        data["total_cost"] = self.total_cost
-        return data
+        return self.with_totals(asdict(self))
 
 
 def summarise(workspace: LoadedWorkspace, evaluation: Evaluation, customers: int,

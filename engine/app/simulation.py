@@ -22,6 +22,7 @@ from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
 from engine.data.sources import Tables, load_tables
+from engine.decide.totals import OfferTotals
 from engine.execution.dask_engine import cluster, evaluate_on_dask
 
 __all__ = ["CampaignForecast", "MemoryState", "Simulation", "compare", "format_text", "parse_every",
@@ -47,7 +48,7 @@ class CampaignForecast:
 
 
 @dataclass
-class Simulation:
+class Simulation(OfferTotals):
     """A forecast: per campaign, per ISO week, where budgets bind, who is contacted most."""
 
     workspace: str
@@ -66,19 +67,8 @@ class Simulation:
     diff: list[dict] | None = None    # with --diff: per campaign, this forecast against the other
     offers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # one row per simulated offer
 
-    @property
-    def total_offers(self) -> int:
-        return sum(c.offers for c in self.campaigns)
-
-    @property
-    def total_cost(self) -> float:
-        return round(sum(c.cost for c in self.campaigns), 2)
-
     def as_dict(self) -> dict:
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "offers"}
-        data["total_offers"] = self.total_offers
-        data["total_cost"] = self.total_cost
-        return data
+        return self.with_totals({k: v for k, v in dataclasses.asdict(self).items() if k != "offers"})
 
     def rows(self) -> list[dict]:
         """The per-week table, one row per (week, campaign): what `--format csv` prints."""

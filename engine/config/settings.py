@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from types import MappingProxyType
@@ -13,7 +14,7 @@ from engine.config.schema import did_you_mean
 from engine.errors import LoyaltyError, Problem
 
 _DURATION = re.compile(r"^(\d+)([dhw])$")
-_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-[A-Z]{2}|-[0-9]{3})?$")
+_LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|\d{3}))?$")
 
 DEFAULT_ADDRESS = {"email": "email", "sms": "phone", "push": "customer_id"}
 
@@ -58,8 +59,22 @@ def is_valid_timezone(name: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
+def normalise_locale(value: str | None) -> str | None:
+    """A locale tag in its canonical form (``zh_cn`` -> ``zh-CN``, ``zh-hant-tw`` -> ``zh-Hant-TW``);
+    None for anything that is not one. The one locale grammar of loyalty.yaml, customer data
+    and templates."""
+    match = _LOCALE.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        return None
+    language, script, region = match.groups()
+    parts = [language.lower()] + ([script.title()] if script else []) + ([region.upper()] if region else [])
+    return "-".join(parts)
+
+
 def is_valid_locale(name: str) -> bool:
-    return bool(_LOCALE.match(str(name)))
+    """A locale written in its canonical form, as loyalty.yaml needs it (``zh-CN``, not ``zh_cn``)."""
+    return normalise_locale(str(name)) == str(name)
 
 
 def inside(root: Path, relative: str) -> Path | None:

@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 
 from engine.config.catalogue import ACTIVITY_TABLES, BUILTIN_FEATURES, ID_COLUMNS, KNOWN_COLUMNS, REQUIRED_COLUMNS
 from engine.config.model import Settings, SourceDef
+from engine.config.settings import normalise_locale
 from engine.errors import DataError
 
 # What users commonly call our required columns, for the "map it" hint.
@@ -51,7 +52,6 @@ MAX_EXAMPLES = 3
 TABLE_ORDER = {"customers": 0, "orders": 1, "events": 2}
 TEXT = pd.StringDtype("pyarrow", na_value=np.nan)   # pandas' default "str"
 _OFFSET = re.compile(r"\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.I)
-_LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|\d{3}))?$")
 
 
 @dataclass(frozen=True)
@@ -647,16 +647,6 @@ def _valid_timezone(name: str) -> bool:
     return True
 
 
-def _normalise_locale(value: str) -> str | None:
-    """``zh_cn`` -> ``zh-CN``; None when it does not look like a locale."""
-    match = _LOCALE.match(value.strip())
-    if not match:
-        return None
-    language, script, region = match.groups()
-    parts = [language.lower()] + ([script.title()] if script else []) + ([region.upper()] if region else [])
-    return "-".join(parts)
-
-
 def _fallback_column(raw: _Raw, customers: pd.Series, values: pd.Series, column: str,
                      check, default: str, warnings: list[str]) -> pd.Series:
     """Validate a per-customer setting; invalid or empty values fall back to the programme's."""
@@ -694,7 +684,7 @@ def _load_customers(source: SourceDef, root: Path, settings: Settings, as_source
                                            lambda v: v if _valid_timezone(v) else None,
                                            settings.timezone, warnings)
     locale_values = columns.get("locale", pd.Series(None, index=frame.index, dtype="str"))
-    columns["locale"] = _fallback_column(raw, ids, locale_values, "locale", _normalise_locale,
+    columns["locale"] = _fallback_column(raw, ids, locale_values, "locale", normalise_locale,
                                          settings.default_locale, warnings)
     types["timezone"] = types["locale"] = "string"
     for column in [c for c in columns if c in BUILTIN_FEATURES]:

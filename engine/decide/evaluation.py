@@ -70,10 +70,15 @@ def firing_keys(campaign: str, customer_ids: np.ndarray, suffixes: np.ndarray) -
             + pd.Series(suffixes, dtype="object")).to_numpy(dtype=object)
 
 
+def offer_id(firing_key: str) -> str:
+    """The stable id of a firing's offer: the same firing always has the same id."""
+    return "of_" + hashlib.sha256(firing_key.encode()).hexdigest()[:20]
+
+
 def offer_ids(keys) -> np.ndarray:
-    """A stable offer id per firing key (the same firing always has the same id)."""
+    """``offer_id`` of each firing key."""
     keys = pd.Series(keys, dtype=object).tolist()     # plain strings: iterating Arrow text is slow
-    return np.array(["of_" + hashlib.sha256(k.encode()).hexdigest()[:20] for k in keys], dtype=object)
+    return np.array([offer_id(k) for k in keys], dtype=object)
 
 
 @dataclass

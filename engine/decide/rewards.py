@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-import string
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from engine.config.model import RewardDef, Settings
 
-CODE_ALPHABET = "".join(c for c in string.ascii_uppercase + string.digits if c not in "0O1IL")
+CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L
+_ALPHABET_BYTES = np.frombuffer(CODE_ALPHABET.encode("ascii"), dtype=np.uint8)
 
 
 def _points(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
@@ -121,16 +121,31 @@ def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp
     return payload
 
 
-def generate_codes(count: int, prefix: str, length: int, taken: set[str] | None = None) -> list[str]:
-    """``count`` unique, unguessable coupon codes (``secrets``; no 0/O/1/I/L)."""
-    taken = set(taken or ())
+def generate_codes(count: int, prefix: str = "", length: int = 10, taken: Iterable[str] = ()) -> list[str]:
+    """``count`` unguessable, unique coupon codes, none of them in ``taken``.
+
+    Randomness comes from ``secrets`` (the OS generator), drawn in bulk and
+    mapped by rejection sampling onto an alphabet without look-alike characters
+    (0/O, 1/I/L); 10 characters carry about 50 bits. The store's unique index on
+    ``coupon_codes.code`` stays the final guard against a collision.
+    """
+    if length < 6:
+        raise ValueError("coupon codes need at least 6 random characters")
+    taken = set(taken)
     codes: list[str] = []
-    seen = set()
+    fresh: set[str] = set()
+    limit = 256 - 256 % len(CODE_ALPHABET)      # uniform: reject bytes >= 248
     while len(codes) < count:
-        code = prefix + "".join(secrets.choice(CODE_ALPHABET) for _ in range(length))
-        if code not in taken and code not in seen:
-            seen.add(code)
-            codes.append(code)
+        need = count - len(codes)
+        raw = np.frombuffer(secrets.token_bytes(need * length * 9 // 8 + 64), dtype=np.uint8)
+        symbols = raw[raw < limit] % len(CODE_ALPHABET)
+        count = min(need, len(symbols) // length)
+        text = _ALPHABET_BYTES[symbols[:count * length]].tobytes().decode("ascii")
+        for start in range(0, count * length, length):
+            code = prefix + text[start:start + length]
+            if code not in taken and code not in fresh:
+                fresh.add(code)
+                codes.append(code)
     return codes
 
 

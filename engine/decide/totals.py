@@ -13,6 +13,26 @@ import pandas as pd
 from engine.decide.evaluation import Evaluation
 
 
+class OfferTotals:
+    """``total_offers`` and ``total_cost`` of a result whose ``campaigns`` each have ``offers``
+    and ``cost`` (a preview, a simulation); ``with_totals`` adds both to its JSON form."""
+
+    campaigns: list
+
+    @property
+    def total_offers(self) -> int:
+        return sum(c.offers for c in self.campaigns)
+
+    @property
+    def total_cost(self) -> float:
+        return round(sum(c.cost for c in self.campaigns), 2)
+
+    def with_totals(self, data: dict) -> dict:
+        data["total_offers"] = self.total_offers
+        data["total_cost"] = self.total_cost
+        return data
+
+
 @dataclass
 class CampaignTotals:
     """One campaign's offers counted: how many, their cost, how many of each variant."""

@@ -19,6 +19,7 @@ import jinja2
 from jinja2 import StrictUndefined, meta, nodes, pass_context
 from jinja2.exceptions import SecurityError, TemplateNotFound, TemplateSyntaxError, UndefinedError
 
+from engine.config.settings import normalise_locale
 from engine.errors import Problem, TemplateError
 from engine.messages.sandbox import (
     MAX_STEPS,
@@ -36,7 +37,6 @@ MAX_RENDER_SECONDS = 1.0          # one rendered message (default for Renderer)
 
 # ---------------------------------------------------------------------------- names and locales
 
-_LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -50,31 +50,10 @@ def check_template_name(name: str) -> None:
             "(no '/', '\\', '..' or drive letters); the file is found in templates/ by name")
 
 
-def normalize_locale(locale: str | None) -> str | None:
-    """``zh_cn`` -> ``zh-CN``; None for anything that is not a locale tag."""
-    return _normalize_locale(locale.strip()) if isinstance(locale, str) else None
-
-
-@functools.lru_cache(maxsize=1024)
-def _normalize_locale(locale: str) -> str | None:
-    if not _LOCALE_RE.match(locale):
-        return None
-    parts = re.split(r"[-_]", locale)
-    out = [parts[0].lower()]
-    for part in parts[1:]:
-        if len(part) == 2 and part.isalpha():
-            out.append(part.upper())
-        elif len(part) == 4 and part.isalpha():
-            out.append(part.title())
-        else:
-            out.append(part)
-    return "-".join(out)
-
-
 def locale_chain(locale: str | None, default: str) -> list[str]:
     """Locales to try, most specific first: ``zh-CN`` -> ``zh`` -> default (-> its language)."""
     chain: list[str] = []
-    for tag in (normalize_locale(locale), normalize_locale(default)):
+    for tag in (normalise_locale(locale), normalise_locale(default)):
         while tag:
             if tag not in chain:
                 chain.append(tag)
@@ -113,7 +92,7 @@ DATE_FORMATS = ("full", "long", "medium", "short", "iso")
 @functools.lru_cache(maxsize=256)
 def _locale_rules(locale: str | None) -> dict:
     """Exact locale, then its language, then English."""
-    tag = normalize_locale(locale) or "en"
+    tag = normalise_locale(locale) or "en"
     return _LOCALE_RULES.get(tag) or _LOCALE_RULES.get(tag.split("-")[0]) or _LOCALE_RULES["en"]
 
 
@@ -300,7 +279,7 @@ class Renderer:
                  max_sms_segments: int = 2, max_output_chars: int = MAX_OUTPUT_CHARS,
                  max_render_seconds: float = MAX_RENDER_SECONDS):
         self.templates_dir = Path(templates_dir)
-        self.default_locale = normalize_locale(default_locale) or "en"
+        self.default_locale = normalise_locale(default_locale) or "en"
         self.program = dict(program)
         self.max_sms_segments = max_sms_segments
         self.max_output_chars = max_output_chars
@@ -317,7 +296,7 @@ class Renderer:
     def _candidates(self, template: str, channel: str, locale: str | None) -> list[tuple[str, str]]:
         check_template_name(template)
         check_template_name(channel)
-        own = normalize_locale(locale) or self.default_locale
+        own = normalise_locale(locale) or self.default_locale
         candidates = []
         for tag in locale_chain(locale, self.default_locale):
             # Format money and dates for the customer's own locale when the file is in its

@@ -33,11 +33,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-import numpy as np
 import orjson
 import pandas as pd
 import sqlite_utils
 
+from engine.decide.evaluation import offer_id
 from engine.errors import StateError
 from engine.faults import checkpoint
 
@@ -111,8 +111,6 @@ _OFFER_COLUMNS = (
     "html", "address", "locale", "as_of", "explanation", "rule_version",
     "payload_hash", "status", "attempts", "created_at",
 )
-_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L
-_ALPHABET_BYTES = np.frombuffer(_CODE_ALPHABET.encode("ascii"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -180,11 +178,6 @@ def new_run_id(as_of: Any) -> str:
     return f"{_as_datetime(as_of).astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def make_offer_id(firing_key: str) -> str:
-    """A stable offer id derived from the firing key (same firing, same id)."""
-    return "o-" + hashlib.sha256(firing_key.encode()).hexdigest()[:20]
-
-
 def payload_hash(offer: Mapping[str, Any]) -> str:
     """Hash of what an offer *means*: campaign, customer, channel, variant and reward.
 
@@ -197,35 +190,6 @@ def payload_hash(offer: Mapping[str, Any]) -> str:
     text = (f"{get('campaign')}\x1f{get('customer_id')}\x1f{get('channel')}\x1f"
             f"{get('variant')}\x1f{_JSON.encode(reward)}")
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def generate_coupon_codes(n: int, prefix: str = "", length: int = 10,
-                          existing: Iterable[str] = ()) -> list[str]:
-    """``n`` unguessable, unique coupon codes, none of them in ``existing``.
-
-    Randomness comes from ``secrets`` (the OS generator), drawn in bulk and
-    mapped by rejection sampling onto an alphabet without look-alike characters
-    (0/O, 1/I/L); 10 characters carry about 50 bits. The store's unique index on
-    ``coupon_codes.code`` stays the final guard against a collision.
-    """
-    if length < 6:
-        raise ValueError("coupon codes need at least 6 random characters")
-    taken = set(existing)
-    codes: list[str] = []
-    fresh: set[str] = set()
-    limit = 256 - 256 % len(_CODE_ALPHABET)      # uniform: reject bytes >= 248
-    while len(codes) < n:
-        need = n - len(codes)
-        raw = np.frombuffer(secrets.token_bytes(need * length * 9 // 8 + 64), dtype=np.uint8)
-        symbols = raw[raw < limit] % len(_CODE_ALPHABET)
-        count = min(need, len(symbols) // length)
-        text = _ALPHABET_BYTES[symbols[:count * length]].tobytes().decode("ascii")
-        for start in range(0, count * length, length):
-            code = prefix + text[start:start + length]
-            if code not in taken and code not in fresh:
-                fresh.add(code)
-                codes.append(code)
-    return codes
 
 
 def _plain(value: Any) -> Any:
@@ -608,7 +572,7 @@ class StateStore:
         when = get("send_at") or get("as_of")
         as_of = get("as_of")
         row = {
-            "offer_id": get("offer_id") or make_offer_id(offer["firing_key"]),
+            "offer_id": get("offer_id") or offer_id(offer["firing_key"]),
             "firing_key": offer["firing_key"],
             "run_id": get("run_id") or run_id,
             "campaign": get("campaign"),
