@@ -491,7 +491,7 @@ through features and evaluation alone, and the global steps are reconciled
 (`engine/execution/partitions.py`): RFM quintiles are ranked over every partition's small R/F/M
 inputs, budgets are applied over the pooled arbitrated candidates, funnel counts are
 summed. The result is identical to one evaluation over everybody, budgets binding
-included (tests/test_partitions.py, 1, 3 and 7 partitions, in memory and streamed).
+included (tests/execution/test_partitions.py, 1, 3 and 7 partitions, in memory and streamed).
 
 The partitioned copy of the data (`engine/execution/partitioned_data.py`) is the one storage of both
 the streamed local preview and the Dask engine: customers, orders and events rewritten as

@@ -25,7 +25,8 @@ from engine.messages.offers import make_renderer
 from engine.progress import Progress
 from engine.state.delivery import DeliveryResult
 from engine.state.delivery import deliver as deliver_outbox
-from engine.state.store import StateStore, new_run_id, open_store
+from engine.state.runs import new_run_id
+from engine.state.store import StateStore, open_store
 
 
 @dataclass

@@ -21,7 +21,7 @@ from engine.execution.partitions import evaluate_in_partitions, evaluate_streame
 from engine.messages.offers import customer_records, render_offers
 from engine.messages.rendering import Renderer
 from engine.progress import Progress
-from engine.state.store import gc_paused
+from engine.state.database import gc_paused
 
 
 @dataclass

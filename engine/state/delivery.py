@@ -36,7 +36,9 @@ from rich.progress import Progress
 from engine.config.model import ChannelDef, Settings
 from engine.errors import DeliveryError, SendError
 from engine.faults import checkpoint
-from engine.state.store import MAX_ATTEMPTS, StateStore, gc_paused
+from engine.state.database import gc_paused
+from engine.state.outbox import MAX_ATTEMPTS
+from engine.state.store import StateStore
 
 log = logging.getLogger("loyalty.delivery")
 

@@ -38,7 +38,7 @@ from engine.execution.partitions import evaluate_in_partitions  # noqa: E402
 from engine.execution.pipeline import parse_as_of, run_context  # noqa: E402
 from engine.state.store import StateStore  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = 1500
 LATER = "2026-12-01T10:00:00+08:00"
 NOW = "2026-11-26T12:00:00+08:00"          # delivery clock: every quiet-hours wait is over

@@ -25,7 +25,7 @@ from engine.data.sources import load_tables
 from engine.execution import parallel
 from engine.execution.partitions import evaluate_in_partitions
 from engine.execution.pipeline import parse_as_of, run_context
-from engine.state import store as store_module
+from engine.state import database
 from engine.state.store import StateStore
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -105,7 +105,7 @@ def test_a_worker_that_dies_is_replaced_by_the_parent(workspace, monkeypatch):
 def test_a_worker_forked_during_a_run_does_not_keep_the_run_lock(tmp_path):
     store = StateStore(tmp_path / "state.db")
     with store.lock():
-        (fd,) = store_module._HELD_LOCKS
+        (fd,) = database._HELD_LOCKS
         child = os.fork()
         if child == 0:     # the worker: its copy of the lock's descriptor is closed
             try:

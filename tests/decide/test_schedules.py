@@ -19,7 +19,7 @@ import pytest
 
 from engine import Workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TZ = "Asia/Shanghai"
 
 SETTINGS = """\

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = pd.Series([f"C{i:05d}" for i in range(2000)] + ["王芳", "", "12345", "c00001"])
 
 customer_ids = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=40, unique=True)

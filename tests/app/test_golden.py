@@ -8,7 +8,7 @@ import pytest
 from engine.app.golden import run_golden_tests
 from engine.data.sampledata import copy_example_programme, write_sample_workspace
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

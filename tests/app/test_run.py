@@ -33,7 +33,7 @@ from engine.app.scaffold import init_workspace
 from engine.faults import CHECKPOINTS
 from engine.state.store import StateStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AS_OF = "2026-11-23T10:00:00+08:00"      # the demo data's instant
 NOW = "2026-11-25T12:00:00+08:00"        # delivery clock: every quiet-hours wait is over
 DEMO_CUSTOMERS = 300

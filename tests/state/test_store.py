@@ -13,11 +13,12 @@ import pytest
 from engine.decide.evaluation import offer_id
 from engine.decide.rewards import generate_codes
 from engine.errors import StateError
-from engine.state import store as store_module
+from engine.state import database
+from engine.state.outbox import MAX_ATTEMPTS
 from engine.state.store import StateStore
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_offer(i: int, campaign: str = "winback", code: str | None = None, **changes) -> dict:
@@ -57,7 +58,7 @@ def count(store: StateStore, table: str) -> int:
 def test_new_file_is_created_at_the_current_schema_version(tmp_path):
     path = tmp_path / "state" / "loyalty.db"
     with StateStore(path) as store:
-        assert store.schema_version() == store_module.SCHEMA_VERSION == 1
+        assert store.schema_version() == database.SCHEMA_VERSION == 1
         tables = set(store.db.table_names())
         assert {"meta", "runs", "offers", "points_ledger", "trigger_state", "coupon_codes",
                 "redemptions", "schedules", "holdouts"} <= tables
@@ -70,9 +71,9 @@ def test_new_file_is_created_at_the_current_schema_version(tmp_path):
 def test_pending_migrations_are_applied_in_order(tmp_path, monkeypatch):
     path = tmp_path / "loyalty.db"
     StateStore(path).close()
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS + [
+    monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS + [
         (2, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
     with StateStore(path) as store:
         assert store.schema_version() == 2
         assert store.db.execute("SELECT note FROM notes").fetchone() == ("hello",)
@@ -202,7 +203,7 @@ def test_delivery_marks_and_retry_limit(store):
     ids = [o["offer_id"] for o in store.pending(now)]
     store.mark_sent(ids[0], now)
     store.mark_suppressed(ids[1], "no consent for sms at delivery")
-    for _ in range(store_module.MAX_ATTEMPTS):
+    for _ in range(MAX_ATTEMPTS):
         assert [o["offer_id"] for o in store.pending(now)] == [ids[2]]
         store.mark_failed(ids[2], "HTTP 503 Service Unavailable")
     assert store.pending(now) == []
@@ -325,7 +326,7 @@ def test_a_big_commit_is_copied_into_the_database_file_and_the_log_cut_back(tmp_
     (a thread does it); afterwards the log is cut back to its limit, and once the store is
     closed the state file alone, as a backup would copy it, holds every offer."""
     limit = 64 * 1024
-    monkeypatch.setattr(store_module, "WAL_CHECKPOINT_BYTES", limit)
+    monkeypatch.setattr(database, "WAL_CHECKPOINT_BYTES", limit)
     path = tmp_path / "state" / "loyalty.db"
     wal = path.with_name("loyalty.db-wal")
     store = StateStore(path)

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from engine.config.rulefiles import load_yaml
 from engine.data.sampledata import INVALID_LOCALE, INVALID_TIMEZONE, copy_example_programme, write_sample_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RULE_FILES = sorted((ROOT / "rules").glob("*.yaml"))
 LOCALES = ("zh-CN", "en-US")
 AS_OF = "2026-11-23T10:00:00+08:00"

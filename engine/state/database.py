@@ -1,0 +1,368 @@
+"""The state database: one SQLite file per workspace, its schema, transactions and run lock.
+
+Timestamps are ISO 8601 strings with an offset. Columns used in range queries
+(``runs.as_of_utc``, ``offers.due_at`` = ``contacts.contacted_at``) are stored in
+UTC so that they compare correctly as text; human-facing copies
+(``offers.send_at``, ``offers.as_of``, ``runs.as_of``) keep the programme offset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import logging
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+import pandas as pd
+import sqlite_utils
+
+from engine.errors import StateError
+
+log = logging.getLogger("loyalty.store")
+
+SCHEMA_VERSION = 1
+OFFER_STATUSES = ("pending", "sent", "failed", "suppressed")
+JSON_OFFER_COLUMNS = ("reward", "explanation")
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, as_of TEXT NOT NULL, as_of_utc TEXT NOT NULL,
+    started_at TEXT NOT NULL, finished_at TEXT,
+    status TEXT NOT NULL CHECK (status IN ('running', 'recorded', 'delivered', 'failed')),
+    rule_hashes TEXT, fingerprints TEXT, campaigns TEXT, timings TEXT, counts TEXT);
+CREATE INDEX runs_as_of ON runs (as_of_utc);
+CREATE TABLE offers (
+    offer_id TEXT PRIMARY KEY, firing_key TEXT NOT NULL UNIQUE,
+    run_id TEXT NOT NULL REFERENCES runs (run_id),
+    campaign TEXT NOT NULL, campaign_name TEXT, customer_id TEXT NOT NULL,
+    channel TEXT NOT NULL, variant TEXT, reward TEXT, cost REAL,
+    send_at TEXT NOT NULL, due_at TEXT NOT NULL,
+    subject TEXT, body TEXT, html TEXT, address TEXT, locale TEXT, as_of TEXT,
+    explanation TEXT, rule_version TEXT, payload_hash TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'sent', 'failed', 'suppressed')),
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, sent_at TEXT,
+    created_at TEXT NOT NULL);
+CREATE INDEX offers_customer ON offers (customer_id);
+CREATE INDEX offers_outbox ON offers (status, due_at);
+CREATE INDEX offers_contacts ON offers (due_at, customer_id, campaign, channel)
+    WHERE status != 'suppressed';
+CREATE VIEW contacts AS
+    SELECT offer_id, customer_id, campaign, channel, due_at AS contacted_at
+    FROM offers WHERE status != 'suppressed';
+CREATE TABLE points_ledger (
+    entry_id TEXT PRIMARY KEY, offer_id TEXT UNIQUE, customer_id TEXT NOT NULL,
+    points REAL NOT NULL, reason TEXT, as_of TEXT);
+CREATE INDEX points_customer ON points_ledger (customer_id);
+CREATE TABLE trigger_state (
+    campaign TEXT NOT NULL, customer_id TEXT NOT NULL, key TEXT NOT NULL,
+    value, updated_at TEXT,
+    PRIMARY KEY (campaign, key, customer_id)) WITHOUT ROWID;
+CREATE TABLE coupon_codes (
+    code TEXT PRIMARY KEY, offer_id TEXT UNIQUE, campaign TEXT, customer_id TEXT,
+    expires_at TEXT) WITHOUT ROWID;
+CREATE TABLE redemptions (
+    redemption_id TEXT PRIMARY KEY, code TEXT NOT NULL, customer_id TEXT,
+    order_id TEXT NOT NULL, amount REAL, redeemed_at TEXT,
+    UNIQUE (code, order_id));
+CREATE INDEX redemptions_customer ON redemptions (customer_id);
+CREATE TABLE holdouts (
+    firing_key TEXT PRIMARY KEY, run_id TEXT, campaign TEXT NOT NULL,
+    customer_id TEXT NOT NULL, holdout_group TEXT, as_of TEXT);
+CREATE INDEX holdouts_customer ON holdouts (customer_id);
+CREATE TABLE schedules (campaign TEXT PRIMARY KEY, last_run_at TEXT)
+"""
+
+# (version, DDL) in order; a database at version N gets every later entry applied.
+MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1)]
+# --------------------------------------------------------------------------- helpers
+
+
+def as_datetime(value: Any) -> datetime:
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    elif isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValueError(f"timestamp must be timezone-aware, got {value!r}")
+    return value
+
+
+@lru_cache(maxsize=4096)   # a run's offers share a handful of send_at / as_of values
+def iso(value: Any) -> str:
+    """A tz-aware timestamp as ISO 8601 with its own offset, to the second."""
+    return as_datetime(value).isoformat(timespec="seconds")
+
+
+@lru_cache(maxsize=4096)
+def iso_utc(value: Any) -> str:
+    """A tz-aware timestamp as ISO 8601 in UTC (``+00:00``): sorts correctly as text."""
+    return as_datetime(value).astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_ORJSON = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def dumps_json(value: Any) -> str | None:
+    """A stored JSON column (rewards, explanations, run details)."""
+    if value is None:
+        return None
+    return orjson.dumps(value, option=_ORJSON, default=str).decode()
+
+
+def decode_json(row: dict, columns: Iterable[str]) -> dict:
+    for name in columns:
+        if row.get(name) is not None:
+            row[name] = orjson.loads(row[name])
+    return row
+
+
+def plain(value: Any) -> Any:
+    """A value SQLite can store: numpy scalars, timestamps and NA made plain."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (pd.Timestamp, datetime)):
+        return value.isoformat()
+    if hasattr(value, "item"):            # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def column_values(series: pd.Series) -> list:
+    if series.dtype == object or isinstance(series.dtype, pd.StringDtype) or \
+            str(series.dtype) in ("boolean", "Int64", "Float64") or \
+            series.dtype.kind == "M" or series.isna().any():
+        return [plain(v) for v in series.tolist()]
+    return series.tolist()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while 200k small dicts are made (rows, records, a
+    delivery's pages): the collector would rescan them over and over (a third of the time
+    or more). For work that creates no reference cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------- the file
+
+
+_HELD_LOCKS: set[int] = set()       # descriptors of the run locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the run locks' descriptors it inherited. An flock belongs to
+    the open file, so a worker process outliving a killed run would otherwise keep the
+    workspace locked; closing a copy leaves the parent's lock as it is."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+# Checkpoints copy committed pages from the write-ahead log into the database file. SQLite
+# does it inside the COMMIT that makes the log pass 1,000 pages, so a run's big commit would
+# wait for its ~400 MB to be copied; here a thread with its own connection does it alongside.
+WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024       # SQLite's own threshold: 1,000 pages of 4 KB
+_CHECKPOINT_THREAD = "loyalty-checkpoint"
+
+
+def _checkpoint(path: Path) -> None:
+    try:
+        conn = sqlite3.connect(path, timeout=0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:      # harmless: the pages stay in the log for the next one
+        log.debug("checkpoint of %s not done: %s", path, exc)
+
+
+def _finish_checkpoints() -> None:
+    """Before a fork: no checkpoint thread may be inside SQLite (a child would inherit its
+    locks without the thread that releases them)."""
+    for thread in threading.enumerate():
+        if thread.name == _CHECKPOINT_THREAD:
+            thread.join()
+
+
+os.register_at_fork(before=_finish_checkpoints, after_in_child=_drop_inherited_locks)
+
+
+class Database:
+    """The SQLite file under the state store: connection (sqlite-utils, WAL mode), schema
+    and migrations, write transactions, checkpoints and the run lock.
+
+    Opening it creates the file and applies pending migrations; a file written by a newer
+    version of loyalty raises StateError.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._pid = os.getpid()
+        self._forked_reader: tuple[int, sqlite3.Connection] | None = None
+        self._checkpointer: threading.Thread | None = None
+        self.label = f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name \
+            else self.path.name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite_utils.Database(self.path)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA cache_size = -131072")   # 128 MB: big runs stay in memory
+            self.db.execute("PRAGMA wal_autocheckpoint = 0")  # done alongside: _checkpoint_behind
+            # a log copied in full starts again from the top, cut back to this size
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.label}: cannot open the state database: {exc}") from exc
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the file; the last connection to close copies the rest of the log into it."""
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        self.db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This process's connection for reads. A process forked from the one that opened the
+        store (``parallel``: evaluation in several processes) must not touch the parent's
+        connection (SQLite's rule for fork); it reads through its own, read-only one."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return self.db.conn
+        if self._forked_reader is None or self._forked_reader[0] != pid:
+            self._forked_reader = (pid, sqlite3.connect(f"file:{self.path}?mode=ro", uri=True))
+        return self._forked_reader[1]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE): all of it commits, or none."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        self._checkpoint_behind()
+
+    def _checkpoint_behind(self) -> None:
+        """Once the log holds over WAL_CHECKPOINT_BYTES, copy it into the database file in a
+        thread (PASSIVE: readers and writers go on meanwhile). Pages committed while one is
+        under way wait for the next commit's, or for ``close``."""
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            return
+        try:
+            if os.path.getsize(f"{self.path}-wal") <= WAL_CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+        self._checkpointer = threading.Thread(target=_checkpoint, args=(self.path,),
+                                              name=_CHECKPOINT_THREAD, daemon=True)
+        self._checkpointer.start()
+
+    def schema_version(self) -> int:
+        """The schema version recorded in ``meta`` (0 for an empty file)."""
+        if not self.db["meta"].exists():
+            return 0
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.label} was written by a newer version of loyalty (schema "
+                f"{version}, this version knows {SCHEMA_VERSION}); upgrade loyalty")
+
+    def _migrate(self) -> None:
+        self._check_version(self.schema_version())
+        if self.schema_version() == SCHEMA_VERSION:
+            return                       # the usual case: no write lock needed
+        with self._transaction() as conn:
+            version = self.schema_version()          # again, under the write lock
+            self._check_version(version)
+            for target, script in MIGRATIONS:
+                if target <= version:
+                    continue
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                             "('schema_version', ?)", (str(target),))
+
+    @contextmanager
+    def lock(self, timeout: float = 5.0) -> Iterator[None]:
+        """Exclusive cross-process run lock (``flock`` on ``<db>.lock``).
+
+        Waits up to ``timeout`` seconds, then raises StateError. Hold it around a
+        whole run or delivery so two schedulers never work on one workspace.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StateError(
+                            f"another run is in progress on this workspace ({self.label}); "
+                            "try again when it finishes") from None
+                    time.sleep(0.05)
+            _HELD_LOCKS.add(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                yield
+            finally:
+                _HELD_LOCKS.discard(fd)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, table: str, columns: tuple[str, ...],
+                rows: Iterable[Iterable[Any]], verb: str = "INSERT") -> None:
+        marks = ", ".join("?" * len(columns))
+        conn.executemany(f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def _frame(self, sql: str, params: list, columns: list[str]) -> pd.DataFrame:
+        return pd.DataFrame(self.db.execute(sql, params).fetchall(), columns=columns)
