@@ -115,6 +115,15 @@ class SendError(DeliveryError):
     """One offer could not be delivered; recorded on the offer, never raised to the user."""
 
 
+class BadAddress(SendError):
+    """An offer's address cannot be used on its channel: that offer fails, the others go on."""
+
+
+class ChannelDown(SendError):
+    """The channel's server cannot be reached (refused, silent, hung up): the offers left in
+    this delivery stay pending, untouched, for the next one."""
+
+
 class ClusterError(LoyaltyError):
     """The dask engine cannot run: Dask is not installed, the scheduler cannot be reached,
     a worker cannot see the workspace, or the cluster failed mid-evaluation."""
@@ -124,3 +133,17 @@ class ClusterError(LoyaltyError):
 
 class WorkerSetupError(ClusterError):
     """A worker cannot evaluate: it does not see the workspace, or sees other rules."""
+
+
+class UsageError(LoyaltyError):
+    """The command was asked for something it must refuse (an output over the state
+    database or a rule file, ...): bad usage, like click's own errors."""
+
+    exit_code = 2
+
+
+class SecretNotSet(LoyaltyError):
+    """loyalty.yaml takes a secret from an environment variable that is not set where loyalty
+    runs: an outside failure (exit code 3), fixed in the environment, not in the rules."""
+
+    exit_code = 3

@@ -5,9 +5,12 @@ Also the state's read side for people: a customer's offer history and the recent
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,6 +26,7 @@ from engine.execution.pipeline import build_messages, decide, edge_state_rows, p
 from engine.faults import checkpoint
 from engine.messages.offers import make_renderer
 from engine.progress import Progress
+from engine.state.database import storage_error, storage_failures
 from engine.state.delivery import DeliveryResult
 from engine.state.delivery import deliver as deliver_outbox
 from engine.state.runs import new_run_id
@@ -67,17 +71,19 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
     check_campaigns(workspace, campaigns)
     store = open_store(settings.state_path, create=True)
     try:
-        with store.lock(timeout=lock_timeout):
+        with _locked(store, lock_timeout):
             timings = {}
             selected = campaigns
-            if due:
-                scheduled = due_campaigns(workspace, store.schedule_last_run, as_of)
-                selected = [c for c in scheduled if campaigns is None or c in campaigns]
-            result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
-            if selected is not None and not selected:
-                return result
-            prepared, evaluation = decide(workspace, as_of, store, None, selected, partitions=partitions,
-                                          workers=workers, engine=engine, scheduler=scheduler, progress=progress)
+            with storage_failures(store.label, "read"):     # what earlier runs did
+                if due:
+                    scheduled = due_campaigns(workspace, store.schedule_last_run, as_of)
+                    selected = [c for c in scheduled if campaigns is None or c in campaigns]
+                result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
+                if selected is not None and not selected:
+                    return result
+                prepared, evaluation = decide(workspace, as_of, store, None, selected, partitions=partitions,
+                                              workers=workers, engine=engine, scheduler=scheduler,
+                                              progress=progress)
             # from here on only the customers are needed (consent at delivery): let the
             # orders and events go before the messages are rendered
             tables = prepared.tables
@@ -103,14 +109,16 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes,
                                           workers=workers or settings.workers, finish=to_rows)
             timings["render"] = round(time.perf_counter() - started, 3)
-            store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
-                            result.campaigns, run_id=run_id)
-            state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
-            recorded = store.record_run(run_id, trigger_state_rows=state_rows,
-                                        holdouts=_holdout_rows(evaluation, run_id), prepared=rows)
-            if due:
-                for campaign in result.campaigns:
-                    store.set_schedule_last_run(campaign, as_of.isoformat())
+            with storage_failures(store.label):
+                store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
+                                result.campaigns, run_id=run_id)
+            with _failing_run(store, run_id):
+                state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
+                recorded = store.record_run(run_id, trigger_state_rows=state_rows,
+                                            holdouts=_holdout_rows(evaluation, run_id), prepared=rows)
+                if due:
+                    for campaign in result.campaigns:
+                        store.set_schedule_last_run(campaign, as_of.isoformat())
             timings["record"] = round(time.perf_counter() - started, 3)
             checkpoint("after_commit")
             result.run_id = run_id
@@ -125,15 +133,41 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 tables = prepared.tables
                 if tables.customers.empty:   # the dask engine's workers read the data: consent needs it here
                     tables = _customers_only(workspace)
-                result.delivery = _deliver(workspace, store, now, tables, progress is not None)
+                with _failing_run(store, run_id):
+                    result.delivery = _deliver(workspace, store, now, tables, progress is not None)
                 timings["deliver"] = round(time.perf_counter() - started, 3)
             result.timings = timings
-            store.finish_run(run_id, "delivered" if deliver else "recorded", timings,
-                             {"new": recorded.new, "existing": recorded.existing,
-                              "conflicts": len(recorded.conflicts), "render_errors": len(errors)})
+            with _failing_run(store, run_id):
+                store.finish_run(run_id, "delivered" if deliver else "recorded", timings,
+                                 {"new": recorded.new, "existing": recorded.existing,
+                                  "conflicts": len(recorded.conflicts), "render_errors": len(errors)})
             return result
     finally:
         store.close()
+
+
+@contextmanager
+def _locked(store: StateStore, timeout: float) -> Iterator[None]:
+    """The run lock; a lock file that cannot be made (read-only folder) is a StateError."""
+    with ExitStack() as held:
+        with storage_failures(store.label, "lock"):
+            held.enter_context(store.lock(timeout=timeout))
+        yield
+
+
+@contextmanager
+def _failing_run(store: StateStore, run_id: str) -> Iterator[None]:
+    """A storage failure (disk full, read-only, damaged file) after the run began: the run is
+    marked failed where the disk still allows it, and the failure is a StateError (exit 3).
+    What was committed stays (a later run counts it as recorded); what was not is made again."""
+    try:
+        yield
+    except (sqlite3.DatabaseError, OSError) as exc:
+        try:
+            store.finish_run(run_id, "failed")
+        except (sqlite3.DatabaseError, OSError):
+            pass              # the next run finds it 'running' and goes on: nothing depends on it
+        raise storage_error(store.label, exc) from exc
 
 
 def _no_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -180,7 +214,7 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
     workspace = load_workspace(root)
     store = open_store(workspace.settings.state_path, create=True)
     try:
-        with store.lock(timeout=lock_timeout):
+        with _locked(store, lock_timeout):
             tables = load_tables(workspace.settings, workspace.root)
             return _deliver(workspace, store, now, tables, progress)
     finally:
@@ -194,7 +228,8 @@ def history(root: Path | str, customer_id: str) -> list[dict]:
     if store is None:
         return []
     try:
-        return store.history(str(customer_id))
+        with storage_failures(store.label, "read"):
+            return store.history(str(customer_id))
     finally:
         store.close()
 
@@ -205,6 +240,7 @@ def runs(root: Path | str, limit: int = 20) -> list[dict]:
     if store is None:
         return []
     try:
-        return store.runs(limit)
+        with storage_failures(store.label, "read"):
+            return store.runs(limit)
     finally:
         store.close()

@@ -20,6 +20,7 @@ from typing import Any
 from engine.app import preview as preview_stage
 from engine.app import run as run_stage
 from engine.app.golden import GoldenResult, run_golden_tests
+from engine.app.outputs import check_output
 from engine.app.preview import Preview, write_preview_trace
 from engine.app.reporting import build_report, write_html_report
 from engine.app.run import RunResult
@@ -30,6 +31,7 @@ from engine.config.model import LoadedWorkspace
 from engine.execution.dask_engine import default_partitions
 from engine.execution.partitioned_data import ensure_partitioned
 from engine.progress import Progress
+from engine.state.database import StateCheck, backup_database, check_database
 from engine.state.delivery import DeliveryResult
 from engine.state.redemptions import ImportResult, import_redemptions
 
@@ -63,9 +65,14 @@ class Workspace:
         """A dry run at ``as_of`` (see ``app.preview.preview`` for the options). Writes nothing."""
         return preview_stage.preview(self.root, as_of, **options)
 
+    def check_output(self, path: Path | str) -> Path:
+        """``path`` resolved, when an output may be written there: never over the state
+        database, loyalty.yaml, rule files, templates, golden tests or data (UsageError, exit 2)."""
+        return check_output(self.load(), path)
+
     def write_trace(self, preview: Preview, path: Path | str) -> int:
         """The decision trace of a preview made with ``trace=True``; returns the rows written."""
-        return write_preview_trace(preview, path)
+        return write_preview_trace(preview, self.check_output(path))
 
     def simulate(self, start: Any, end: Any, every: str = "1d", diff: Path | str | None = None,
                  **options) -> Simulation:
@@ -90,6 +97,15 @@ class Workspace:
         """The most recent runs, newest first."""
         return run_stage.runs(self.root, limit)
 
+    def check_state(self) -> StateCheck:
+        """SQLite's integrity check of the state database, read-only (`loyalty state check`)."""
+        return check_database(self.load().settings.state_path)
+
+    def backup_state(self, target: Path | str) -> Path:
+        """A consistent copy of the state database (SQLite's online backup, safe during a run),
+        checked after copying; never over an existing file or over the programme's own files."""
+        return backup_database(self.load().settings.state_path, self.check_output(target))
+
     def import_redemptions(self, file: Path | str) -> ImportResult:
         """Coupon redemptions from a CSV or Parquet file into the state."""
         return import_redemptions(self.load().settings, file)
@@ -103,7 +119,7 @@ class Workspace:
     def write_html_report(self, path: Path | str, report: dict | None = None, start: Any = None,
                           end: Any = None) -> Path:
         """The report as one self-contained HTML file with charts."""
-        return write_html_report(self.root, Path(path), start, end, report=report)
+        return write_html_report(self.root, self.check_output(path), start, end, report=report)
 
     def convert_data(self, partitions: int | None = None,
                      progress: Progress | None = None) -> tuple[Path, int]:

@@ -42,6 +42,21 @@ def rule_files(root: Path) -> list[Path]:
     return sorted([*rules.glob("*.yaml"), *rules.glob("*.yml")])
 
 
+def _stays_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with every symbolic link followed, is a file of the workspace ``root``
+    (already resolved): a link to a file elsewhere would be read, and quoted in errors."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a loop of links: reading it reports "cannot read file"
+        return True
+
+
+def _outside_problem(display: str, folder: str) -> Problem:
+    """A rule file or template linking outside the workspace: named, never read or quoted."""
+    return Problem(display, 1, 1, "this file is a link to a file outside the workspace; it was not read",
+                   f"copy the file into {folder} instead of linking to it")
+
+
 def _hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -75,9 +90,10 @@ def _validate(root: Path, result: ValidationResult) -> None:
         hashes[SETTINGS_FILE] = _hash(settings_path)
         settings = _load_settings(settings_path, root, result)
     documents = _load_rule_files(root, result, hashes)
+    templates_dir = root / "templates"
+    template_hashes = _template_hashes(root, templates_dir, result)
     if settings is None:
         return
-    templates_dir = root / "templates"
     builder = ProgramBuilder(settings, templates_dir)
     for data, smap in documents:
         if smap is None:
@@ -89,11 +105,23 @@ def _validate(root: Path, result: ValidationResult) -> None:
     result.problems.extend(builder.problems)
     if program is None or not result.ok:
         return
-    for template in sorted(templates_dir.glob("*.j2")) if templates_dir.is_dir() else []:
-        hashes[template.relative_to(root).as_posix()] = _hash(template)
+    hashes.update(template_hashes)
     workspace = LoadedWorkspace(root=root, settings=settings, program=program,
                           rule_hashes=MappingProxyType(hashes), templates_dir=templates_dir)
     result.workspace = workspace
+
+
+def _template_hashes(root: Path, templates_dir: Path, result: ValidationResult) -> dict[str, str]:
+    """The hash of every template, part of the rules' version; a template linking outside
+    the workspace is a problem and is not read."""
+    hashes = {}
+    for template in sorted(templates_dir.glob("*.j2")) if templates_dir.is_dir() else []:
+        display = template.relative_to(root).as_posix()
+        if not _stays_inside(template, root):
+            result.problems.append(_outside_problem(display, "templates/"))
+        elif template.is_file():
+            hashes[display] = _hash(template)
+    return hashes
 
 
 def _load_settings(path: Path, root: Path, result: ValidationResult) -> Settings | None:
@@ -127,6 +155,9 @@ def _load_rule_files(root: Path, result: ValidationResult, hashes: dict[str, str
     for path in files:
         display = path.relative_to(root).as_posix()
         result.files.append(display)
+        if not _stays_inside(path, root):
+            result.problems.append(_outside_problem(display, "rules/"))
+            continue
         hashes[display] = _hash(path)
         data, smap, problems = load_yaml(path, display)
         result.problems.extend(problems)

@@ -45,6 +45,7 @@ class SourceDef:
     encoding: str = "utf-8"
     delimiter: str = ","
     fields: Mapping[str, str] = field(default_factory=dict)    # extra column -> type
+    password: Any = None             # the url's password: an EnvSecret (config.settings), read when used
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ContactPolicy:
 class ChannelDef:
     name: str
     send: str                        # file | webhook | smtp
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)   # secrets in it are EnvSecrets
     address_column: str = "email"    # which customer column holds the contact
     consent_column: str = "email_opt_in"
 

@@ -2,7 +2,9 @@
 
 PyYAML's SafeLoader is used for scanning and parsing; we compose the node graph
 ourselves so that we can refuse aliases (alias bombs), cap nesting depth, report
-duplicate keys, and keep a source map from each value's path to its line and column.
+duplicate keys and explicit tags (``!!python/name:...``, ``!custom``, ``!!float abc``:
+a traceback or a silently dropped tag otherwise), and keep a source map from each
+value's path to its line and column.
 """
 
 from __future__ import annotations
@@ -81,11 +83,12 @@ class SourceMap:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and deep nesting while composing."""
+    """SafeLoader that refuses aliases and deep nesting while composing, and notes explicit tags."""
 
     def __init__(self, stream):
         super().__init__(stream)
         self._depth = 0
+        self.tagged: list[yaml.Mark] = []  # where each explicit tag (`!!str`, `!x`) was written
 
     def compose_node(self, parent, index):
         if self.check_event(AliasEvent):
@@ -101,7 +104,12 @@ class _Loader(yaml.SafeLoader):
                 event = self.peek_event()
                 raise yaml.MarkedYAMLError(
                     None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed", event.start_mark)
-            return super().compose_node(parent, index)
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            if getattr(event, "tag", None) is not None:
+                self.tagged.append(event.start_mark)
+                node.explicit_tag = True  # read as if the tag were not there; reported by load_yaml
+            return node
         finally:
             self._depth -= 1
 
@@ -140,9 +148,23 @@ def load_yaml(path: Path, display: str) -> tuple[Any, SourceMap, list[Problem]]:
         loader.dispose()
     if node is None:
         return {}, smap, []
-    problems: list[Problem] = []
+    problems = [_tag_problem(mark, smap) for mark in loader.tagged]
     data = _construct(node, (), smap, loader, problems)
     return data, smap, problems
+
+
+_TAG_TEXT = re.compile(r"!\S*")
+
+
+def _tag_problem(mark: yaml.Mark, smap: SourceMap) -> Problem:
+    """An explicit YAML tag: rule files hold plain values, and a tag either breaks loading
+    (``!!python/name:...``, ``!!float abc``) or is silently dropped (``!custom``)."""
+    found = _TAG_TEXT.search(smap.text, mark.index)  # after an anchor (`&a !!str x`) too
+    tag = found.group(0) if found else "!"
+    shown = tag if len(tag) <= 40 else tag[:37] + "..."
+    line = mark.line + 1
+    return Problem(smap.file, line, mark.column + 1, f"the YAML tag `{shown}` is not allowed",
+                   "remove the tag; write the value itself", source_line=smap.line_text(line))
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError, smap: SourceMap) -> Problem:
@@ -241,6 +263,9 @@ def _construct(node: yaml.Node, path: tuple, smap: SourceMap, loader: _Loader,
         return [_construct(child, path + (i,), smap, loader, problems)
                 for i, child in enumerate(node.value)]
     # scalar
+    if getattr(node, "explicit_tag", False):  # reported already: read the value as if untagged
+        implicit = (node.style is None, node.style is not None)
+        node.tag = loader.resolve(yaml.ScalarNode, node.value, implicit)
     if node.style in ("'", '"'):
         smap.quoted[path] = 1
     if node.tag == "tag:yaml.org,2002:str":

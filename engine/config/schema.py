@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from functools import lru_cache
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
 from engine.config.rulefiles import SourceMap, yaml11_hint
 from engine.errors import Problem
@@ -31,11 +32,39 @@ def load_schema(name: str) -> dict:
     return json.loads((schemas_dir() / f"{name}.schema.json").read_text(encoding="utf-8"))
 
 
+MAX_DURATION_DAYS = 3650                # the bound the schemas' duration pattern spells out
+_ANY_DURATION = re.compile(r"^([0-9]+)([dhw])$")
+_ANY_PERCENTAGE = re.compile(r"^[0-9]+(\.[0-9]+)?%$")
+
+
+def duration_pattern() -> str:
+    """The one duration pattern of both schemas: 0d to 3650d, 0w to 521w, 0h to 87600h."""
+    return load_schema("rules")["$defs"]["duration"]["pattern"]
+
+
+def is_finite_number(checker, instance: Any) -> bool:
+    """JSON Schema's "number", without YAML's ``.nan``, ``.inf`` and ``-.inf``.
+
+    JSON has no NaN or infinity, so a schema written for JSON never expects them; but YAML
+    reads ``.nan`` and ``.inf`` as floats, and ``minimum``/``maximum`` let NaN through (every
+    comparison with NaN is false). Redefining "number" rejects them wherever a number is
+    allowed, and the bound keywords, which only look at numbers, then skip them.
+    """
+    if not Draft202012Validator.TYPE_CHECKER.is_type(instance, "number"):
+        return False
+    return isinstance(instance, int) or math.isfinite(instance)   # huge ints do not fit a float
+
+
+_FiniteValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("number", is_finite_number))
+
+
 @lru_cache(maxsize=None)
 def _validator(name: str) -> Draft202012Validator:
     schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return _FiniteValidator(schema)
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -92,6 +121,8 @@ def _explain(error, smap: SourceMap) -> list[Problem]:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return [smap.problem(path, f"missing required key '{missing}' in {_where(path)}",
                              _required_hint(missing), at_key=bool(path))]
+    if kind == "type" and _not_finite(instance):
+        return [_not_finite_problem(path, instance, smap)]
     if kind == "type":
         expected = schema.get("type")
         expected_list = expected if isinstance(expected, list) else [expected]
@@ -123,7 +154,8 @@ def _explain(error, smap: SourceMap) -> list[Problem]:
     if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         words = {"minimum": "at least", "maximum": "at most",
                  "exclusiveMinimum": "more than", "exclusiveMaximum": "less than"}[kind]
-        return [smap.problem(path, f"'{key}' is {instance}; it must be {words} {schema[kind]}")]
+        written = smap.plain.get(path) or _number_text(instance)
+        return [smap.problem(path, f"'{key}' is {written}; it must be {words} {_number_text(schema[kind])}")]
     if kind in ("minItems", "minProperties"):
         return [smap.problem(path, f"'{key}' must not be empty")]
     if kind == "maxProperties":
@@ -133,6 +165,28 @@ def _explain(error, smap: SourceMap) -> list[Problem]:
     if kind == "anyOf" and _is_condition(schema):
         return _condition_problem(error, path, smap)
     return [smap.problem(path, f"{_where(path)}: {error.message}")]
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _not_finite_problem(path: tuple, value: float, smap: SourceMap) -> Problem:
+    """``.nan`` or ``.inf`` where a number (or anything else) was expected."""
+    key = path[-1] if path else "the value"
+    written = smap.plain.get(tuple(path)) or str(value)
+    meaning = "not a number" if math.isnan(value) else "infinity"
+    return smap.problem(path, f"'{key}' is {written}, which YAML reads as {meaning}",
+                        "write an ordinary number, e.g. 20")
+
+
+def _number_text(value: Any) -> str:
+    """A bound or a value as a marketer writes it: 1,000,000 rather than 1000000 or 1e+40."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:g}"
+    return f"{int(value):,}" if abs(value) < 1e15 else f"{value:g}"
 
 
 def _required_hint(missing: str) -> str:
@@ -153,10 +207,11 @@ def _quoted_would_match(smap: SourceMap, path: tuple, pattern: str) -> bool:
 
 def _pattern_words(pattern: str, key) -> tuple[str, str] | None:
     """What a pattern stands for, and how to write it, for the patterns our schemas use."""
-    if pattern == "^[0-9]+[dhw]$":
-        return "a duration", "write durations like 30d (days), 12h (hours) or 2w (weeks)"
+    if pattern == duration_pattern():
+        return "a duration", ("write durations like 30d (days), 12h (hours) or 2w (weeks), "
+                              f"at most {MAX_DURATION_DAYS}d")
     if pattern.endswith("%$"):
-        return "a percentage", "write percentages like 10%"
+        return "a percentage", "write percentages like 10%, from 0% to 100%"
     if key == "template":
         return "a template name", "use letters, digits, - and _ only; the file is templates/NAME.CHANNEL.LOCALE.j2"
     if "[0-2][0-9]:[0-5][0-9]-" in pattern:
@@ -174,9 +229,28 @@ def _pattern_problem(path, instance, schema, smap: SourceMap) -> Problem:
     words = _pattern_words(pattern, key)
     if key == "template":
         return smap.problem(path, f"template '{instance}' must be a name, not a path", words[1])
+    out_of_range = _out_of_range(instance, words)
+    if out_of_range is not None:
+        return smap.problem(path, *out_of_range)
     if words is not None:
         return smap.problem(path, f"'{instance}' is not {words[0]}", words[1])
     return smap.problem(path, f"'{instance}' does not have the expected form for '{key}'")
+
+
+def _out_of_range(instance: Any, words: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Message and hint for a well-formed duration or percentage beyond the schema's bound."""
+    if words is None or not isinstance(instance, str):
+        return None
+    duration = _ANY_DURATION.match(instance)
+    if words[0] == "a duration" and duration:
+        number, unit = duration.groups()
+        if int(number) * {"d": 24, "w": 168, "h": 1}[unit] > MAX_DURATION_DAYS * 24:
+            hint = (f"durations go up to {MAX_DURATION_DAYS}d (10 years), "
+                    f"{MAX_DURATION_DAYS // 7}w or {MAX_DURATION_DAYS * 24}h")
+            return f"'{instance}' is longer than {MAX_DURATION_DAYS} days", hint
+    if words[0] == "a percentage" and _ANY_PERCENTAGE.match(instance) and float(instance[:-1]) > 100:
+        return f"'{instance}' is more than 100%", "a share of customers goes from 0% to 100%"
+    return None
 
 
 def _is_condition(schema: dict) -> bool:

@@ -18,7 +18,7 @@ from engine.errors import LoyaltyError
 from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask
 from engine.execution.parallel import MIN_OFFERS_PER_WORKER, in_workers, worker_count
 from engine.execution.partitions import evaluate_in_partitions, evaluate_streamed
-from engine.messages.offers import customer_records, render_offers
+from engine.messages.offers import customer_records, merge_out_of_time_errors, render_offers
 from engine.messages.rendering import Renderer
 from engine.progress import Progress
 from engine.state.database import gc_paused
@@ -35,15 +35,26 @@ class Prepared:
 
 
 def parse_as_of(value, timezone: str) -> pd.Timestamp:
-    """An instant from text, a datetime or None (now); naive values are in the programme's timezone."""
+    """An instant from text, a datetime or None (now); naive values are in the programme's timezone.
+
+    Only the years 1980 to 2199 are accepted (a LoyaltyError otherwise): windows, cooldowns and
+    coupon expiry reach up to 10 years either side of ``as_of`` and pandas' nanosecond times end
+    in 2262, so ``9999-12-31`` would crash deep inside a run; before 1973 some timezones had
+    offsets in seconds (Shanghai's +08:05:43 in 1900), which recorded runs cannot be read back with.
+    """
     if value is None or value == "now":
         stamp = pd.Timestamp.now(tz="UTC")
     else:
         try:
             stamp = pd.Timestamp(value)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError):
+            stamp = pd.NaT
+        if stamp is pd.NaT:
             raise LoyaltyError(f"--as-of '{value}' is not a date or time "
-                               "(write 2026-11-23 or 2026-11-23T10:00:00+08:00)") from exc
+                               "(write 2026-11-23 or 2026-11-23T10:00:00+08:00)")
+        if not 1980 <= stamp.year <= 2199:
+            raise LoyaltyError(f"--as-of '{value}' is out of range "
+                               "(use a date from 1980-01-01 to 2199-12-31)")
         if stamp.tzinfo is None:
             stamp = stamp.tz_localize(timezone)
     return stamp.tz_convert(timezone)
@@ -177,7 +188,8 @@ def build_messages(workspace: LoadedWorkspace, evaluation: Evaluation, features:
                    finish: Callable[[list[dict]], list] | None = None) -> tuple[list, list[dict]]:
     """Offer records with rewards and rendered messages; and the render errors.
 
-    One bad template never stops the others: a failed render is reported per offer.
+    One bad template never stops the others: a failed render is reported per offer. Rendering
+    stops when the renderer's time for the run is used up, with one error per campaign left out.
     ``workers``: processes rendering at once (``parallel``; None: automatic from the
     number of messages); the records come in the same order. ``finish``: what to make of
     each share of records where it was rendered (e.g. the state store's rows); its
@@ -202,4 +214,6 @@ def build_messages(workspace: LoadedWorkspace, evaluation: Evaluation, features:
 
     with gc_paused():
         parts = in_workers(render, workers)
-        return [r for records, _ in parts for r in records], [e for _, errors in parts for e in errors]
+        errors = merge_out_of_time_errors([e for _, errors in parts for e in errors],
+                                          renderer.max_render_seconds_per_run)
+        return [r for records, _ in parts for r in records], errors

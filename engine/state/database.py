@@ -8,6 +8,7 @@ UTC so that they compare correctly as text; human-facing copies
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import logging
@@ -16,6 +17,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -25,9 +27,12 @@ import orjson
 import pandas as pd
 import sqlite_utils
 
-from engine.errors import StateError
+from engine.errors import StateError, UsageError
 
 log = logging.getLogger("loyalty.store")
+
+RESTORE_HINT = ("Restore the latest backup over it (`loyalty state backup FILE` makes one; see "
+                "docs/operations.md), then run again; `loyalty state check` tells whether a file is sound")
 
 SCHEMA_VERSION = 1
 OFFER_STATUSES = ("pending", "sent", "failed", "suppressed")
@@ -168,6 +173,44 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+# --------------------------------------------------------------------------- storage failures
+
+_FULL = ("disk is full", "database or disk is full", "no space left")
+_READ_ONLY = ("readonly", "read-only")
+_DAMAGED = ("malformed", "not a database", "file is encrypted")
+_IO = ("disk i/o error",)
+
+
+def storage_error(label: str, exc: BaseException, doing: str = "write") -> StateError:
+    """A failure of the disk or of the state file itself as a StateError (exit 3) in plain
+    words: disk full, read-only, damaged, or another outside failure."""
+    text = str(exc).lower()
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or \
+            any(word in text for word in _FULL):
+        return StateError(f"cannot {doing} the state database {label}: the disk is full ({exc}). Nothing was "
+                          "recorded or sent twice: free some space and run again")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) or \
+            any(word in text for word in _READ_ONLY):
+        return StateError(f"cannot {doing} the state database {label}: it or its folder is read-only ({exc}). "
+                          "Give the user running loyalty write access to the state folder and run again")
+    if isinstance(exc, OSError) and exc.errno == errno.EIO or any(word in text for word in _IO):
+        return StateError(f"cannot {doing} the state database {label}: the disk reported an input/output error "
+                          f"({exc}); it may be full or failing. Nothing was recorded or sent twice: check the free "
+                          "space and the disk, then run again (`loyalty state check` tells whether the file is sound)")
+    if any(word in text for word in _DAMAGED):
+        return StateError(f"the state database {label} is damaged ({exc}); nothing was changed. {RESTORE_HINT}")
+    return StateError(f"cannot {doing} the state database {label}: {exc}")
+
+
+@contextmanager
+def storage_failures(label: str, doing: str = "write") -> Iterator[None]:
+    """Turn SQLite's and the operating system's storage errors into a StateError (exit 3)."""
+    try:
+        yield
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise storage_error(label, exc, doing) from exc
+
+
 # --------------------------------------------------------------------------- the file
 
 
@@ -230,8 +273,12 @@ class Database:
         self._checkpointer: threading.Thread | None = None
         self.label = f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name \
             else self.path.name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise StateError(f"{self.label} is empty (0 bytes), but a state database was expected: it may have "
+                             f"been emptied by mistake. {RESTORE_HINT} (If this programme has never run, delete "
+                             "the empty file and run again.)")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite_utils.Database(self.path)
             self.db.enable_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -240,8 +287,8 @@ class Database:
             # a log copied in full starts again from the top, cut back to this size
             self.db.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.label}: cannot open the state database: {exc}") from exc
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise storage_error(self.label, exc, "open") from exc
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -311,6 +358,9 @@ class Database:
 
     def _migrate(self) -> None:
         self._check_version(self.schema_version())
+        if self.schema_version() == 0 and self.db["runs"].exists():
+            raise StateError(f"the state database {self.label} is damaged (its schema version is lost); nothing "
+                             f"was changed. {RESTORE_HINT}")
         if self.schema_version() == SCHEMA_VERSION:
             return                       # the usual case: no write lock needed
         with self._transaction() as conn:
@@ -366,3 +416,76 @@ class Database:
 
     def _frame(self, sql: str, params: list, columns: list[str]) -> pd.DataFrame:
         return pd.DataFrame(self.db.execute(sql, params).fetchall(), columns=columns)
+
+
+# --------------------------------------------------------------------------- check and backup
+
+
+@dataclass
+class StateCheck:
+    """What `loyalty state check` found: SQLite's integrity check, the schema, the runs."""
+
+    path: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    schema_version: int | None = None
+    runs: int | None = None
+    offers: int | None = None
+    unfinished_runs: int | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def check_database(path: Path) -> StateCheck:
+    """SQLite's full integrity check and foreign-key check of the state file, read-only."""
+    label = str(path)
+    if not path.is_file():
+        return StateCheck(label, False, [f"{label} does not exist (the programme has not run yet?)"])
+    if path.stat().st_size == 0:
+        return StateCheck(label, False, [f"{label} is empty (0 bytes). {RESTORE_HINT}"])
+    try:
+        conn = _read_only(path)
+        try:
+            found = [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall() if row[0] != "ok"]
+            found += [f"offer row {row[1]} of {row[0]} points at a missing {row[2]} row"
+                      for row in conn.execute("PRAGMA foreign_key_check").fetchall()]
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            counts = conn.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM offers), "
+                                  "(SELECT count(*) FROM runs WHERE status = 'running')").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return StateCheck(label, False, [f"{label} cannot be read as a state database ({exc}). {RESTORE_HINT}"])
+    return StateCheck(label, not found, found, int(version[0]) if version else None, *counts)
+
+
+def backup_database(path: Path, target: Path) -> Path:
+    """A consistent copy of the state file made with SQLite's online backup (safe while a run
+    writes), checked after copying; never over an existing file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        raise StateError(f"there is no state database to back up at {path}")
+    if target.exists():
+        raise UsageError(f"{target} exists already: choose a new file name for the backup")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with storage_failures(str(target), "write the backup of"):
+        source = _read_only(path)
+        try:
+            copy = sqlite3.connect(target)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")    # one self-contained file
+            finally:
+                copy.close()
+        finally:
+            source.close()
+    checked = check_database(target)
+    if not checked.ok:
+        target.unlink(missing_ok=True)
+        raise StateError(f"the backup of {path} failed its check ({'; '.join(checked.problems[:3])}): "
+                         "the state database itself may be damaged; run `loyalty state check`")
+    return target

@@ -34,5 +34,4 @@ def open_store(path: Path, create: bool) -> StateStore | None:
     """The state database at ``path``; None when it does not exist and ``create`` is false."""
     if not create and not path.exists():
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return StateStore(path)
+    return StateStore(path)          # which makes its folder, or says why it cannot

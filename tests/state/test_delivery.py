@@ -19,7 +19,8 @@ from aiosmtpd.smtp import AuthResult
 from engine.config.model import ChannelDef, ContactPolicy, Settings
 from engine.decide.evaluation import offer_id
 from engine.errors import DeliveryError
-from engine.state.delivery import SENDERS, FileSender, deliver
+from engine.state.delivery import deliver
+from engine.state.senders import SENDERS, FileSender
 from engine.state.store import StateStore
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
@@ -39,7 +40,7 @@ def make_offer(i: int, channel: str, **changes) -> dict:
         "campaign_name": "沉睡客唤醒", "customer_id": f"c{i}", "channel": channel, "variant": "A",
         "reward": {"kind": "coupon", "percent_off": 20, "code": f"W{i:05d}"}, "cost": 4.0,
         "send_at": AS_OF.isoformat(), "subject": f"Hello c{i}", "body": f"Your code W{i:05d}",
-        "html": f"<p>Your code <b>W{i:05d}</b></p>", "address": f"customer{i}@example.com",
+        "html": f"<p>Your code <b>W{i:05d}</b></p>", "address": f"+86138{i:08d}" if channel == "sms" else f"customer{i}@example.com",
         "locale": "en", "as_of": AS_OF.isoformat(), "explanation": {}, "rule_version": "v1",
     }
     offer.update(changes)

@@ -19,6 +19,7 @@ import ast
 import io
 import re
 import tokenize
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,7 @@ def _parse(text: str) -> _Parsed:
     if not body.strip():
         raise ExpressionError("the expression is empty", 0, hint=_EMPTY_HINT)
     _check_brackets(source)
+    _check_tokens(body, shift)
     try:
         tree = ast.parse(body, mode="eval")
     except SyntaxError as error:
@@ -192,6 +194,36 @@ def _check_brackets(source: str) -> None:
                                       index, hint="split it into named segments or custom features")
         elif char in ")]}":
             depth -= 1
+
+
+def _check_tokens(body: str, shift: int) -> None:
+    """Refuse what Python's parser would silently drop or change before it sees the text.
+
+    A `#` outside quotes starts a Python comment, so the rest of the expression would be
+    ignored; and Python folds full-width or look-alike letters (NFKC) into ASCII, so
+    `ｍｏｎｅｔａｒｙ_365d` would quietly mean `monetary_365d`. Text in quotes is left alone.
+    """
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(body).readline):
+            if token.type == tokenize.ERRORTOKEN and token.string in "\"'":
+                return  # an unclosed quote: the parser reports it
+            offset = token.start[1] + shift
+            if token.type == tokenize.COMMENT:
+                raise ExpressionError(
+                    "`#` is not allowed here: the rest of the expression would be ignored", offset,
+                    hint='remove the note after it, or write it as a YAML comment on its own line; '
+                         'inside quotes, as in "#1 store", # is fine')
+            if token.type != tokenize.STRING and unicodedata.normalize("NFKC", token.string) != token.string:
+                raise _look_alike(token.string, offset)
+    except (tokenize.TokenError, SyntaxError):
+        return  # the parser reports what the tokenizer could not read
+
+
+def _look_alike(text: str, offset: int) -> ExpressionError:
+    """A name or operator typed with full-width or other look-alike characters."""
+    folded = unicodedata.normalize("NFKC", text)
+    hint = f"type it with ASCII letters: `{folded}`" if folded.isascii() else "type it with ASCII letters"
+    return ExpressionError(f"`{text}` is typed with full-width or look-alike characters", offset, hint=hint)
 
 
 def _check_depth(root: ast.AST, body: str, shift: int) -> None:
