@@ -6,23 +6,24 @@ Exit codes: 0 ok, 1 the rules or data are wrong, 2 bad usage, 3 an outside failu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import json
+import shutil
 import sys
-import unicodedata
 from pathlib import Path
 
 import click
 
 from engine import LoyaltyError, RuleError, Workspace, __version__, init_example, init_workspace, run_demo
 from engine.app.csv_export import csv_safe
-from engine.app.report_text import print_preview, print_run
+from engine.app.report_text import TerminalProgress, display_width, print_preview, print_run, without_escapes
 from engine.app.reporting import print_report
 from engine.app.simulation import format_text
 from engine.decide.evaluation import STAGES
-from engine.state.delivery import failure_summary
+from engine.state.delivery import deferral_summary, failure_summary
 
 workspace_argument = click.argument("workspace", type=click.Path(file_okay=False, path_type=Path),
                                     default=".", required=False)
@@ -65,7 +66,7 @@ def handle_errors(command):
             click.echo(f"{len(exc.problems)} problem(s); run `loyalty validate` for details.", err=True)
             sys.exit(1)
         except LoyaltyError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(without_escapes(f"error: {exc}"), err=True)
             sys.exit(exc.exit_code)
     return wrapper
 
@@ -78,13 +79,24 @@ def _github_escape(text: str, property_value: bool = False) -> str:
     return text
 
 
-def _display_width(text: str) -> int:
-    """Terminal columns taken by ``text``: Chinese and other wide characters take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
 def _progress_echo(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(without_escapes(message), err=True)
+
+
+@contextlib.contextmanager
+def progress_display(enabled: bool = True):
+    """What long commands report their progress to: a bar redrawn in place on a terminal,
+    plain lines otherwise (logs, CI), nothing when the output is for a program (JSON, CSV)."""
+    if not enabled:
+        yield None
+    elif sys.stderr.isatty():
+        bar = TerminalProgress(sys.stderr, shutil.get_terminal_size().columns)
+        try:
+            yield bar
+        finally:
+            bar.close()
+    else:
+        yield _progress_echo
 
 
 def _echo_json(data) -> None:
@@ -132,7 +144,7 @@ def validate(workspace: Path, fmt: str):
             click.echo(str(p))
             if p.source_line:
                 click.echo(f"    {p.source_line}")
-                click.echo("    " + " " * _display_width(p.source_line[: max(p.column - 1, 0)]) + "^")
+                click.echo("    " + " " * display_width(p.source_line[: max(p.column - 1, 0)]) + "^")
         if result.ok:
             click.echo(f"OK: {len(result.files)} files, "
                        f"{len(result.workspace.program.campaigns)} campaigns, "
@@ -162,10 +174,13 @@ def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_pa
             partitions, workers, fmt):
     """Dry run: who would get what, and why. Writes nothing."""
     programme = Workspace(workspace)
-    result = programme.preview(as_of, campaigns=list(campaigns) or None, customer=customer,
-                               diff=diff, sample=sample, since=since, trace=trace_path is not None,
-                               partitions=partitions, engine=engine, scheduler=scheduler, workers=workers,
-                               progress=_progress_echo if fmt == "table" else None)
+    if trace_path is not None:
+        programme.check_output(trace_path)       # before the work, not after it
+    with progress_display(fmt == "table") as progress:
+        result = programme.preview(as_of, campaigns=list(campaigns) or None, customer=customer,
+                                   diff=diff, sample=sample, since=since, trace=trace_path is not None,
+                                   partitions=partitions, engine=engine, scheduler=scheduler, workers=workers,
+                                   progress=progress)
     if trace_path is not None:
         rows = programme.write_trace(result, trace_path)
         click.echo(f"decision trace: {rows} rows written to {trace_path}", err=True)
@@ -196,17 +211,18 @@ def preview(workspace, as_of, campaigns, customer, diff, sample, since, trace_pa
 @handle_errors
 def run(workspace, as_of, campaigns, due, no_deliver, now, engine, scheduler, partitions, workers, fmt):
     """Evaluate, record the offers, and deliver them. Safe to rerun."""
-    result = Workspace(workspace).run(as_of, campaigns=list(campaigns) or None, due=due,
-                                      deliver=not no_deliver, now=now,
-                                      progress=_progress_echo if fmt == "text" else None,
-                                      partitions=partitions, engine=engine, scheduler=scheduler, workers=workers)
+    with progress_display(fmt == "text") as progress:
+        result = Workspace(workspace).run(as_of, campaigns=list(campaigns) or None, due=due,
+                                          deliver=not no_deliver, now=now, progress=progress,
+                                          partitions=partitions, engine=engine, scheduler=scheduler,
+                                          workers=workers)
     if fmt == "json":
         _echo_json(result.as_dict())
     else:
         print_run(result)
     if result.render_errors or result.conflicts:
         sys.exit(1)
-    if result.delivery is not None and result.delivery.failed:
+    if result.delivery is not None and (result.delivery.failed or result.delivery.deferred):
         sys.exit(3)
 
 
@@ -221,7 +237,9 @@ def deliver(workspace, now):
                f"not yet due {result.not_due}")
     for line in failure_summary(result.errors):
         click.echo(f"delivery failed: {line}", err=True)
-    sys.exit(3 if result.failed else 0)
+    for line in deferral_summary(result):
+        click.echo(f"delivery deferred: {line}", err=True)
+    sys.exit(3 if result.failed or result.deferred else 0)
 
 
 @main.command()
@@ -240,12 +258,13 @@ def history(workspace, customer, fmt):
         return
     for row in rows:
         reward = row.get("reward") or {}
-        click.echo(f"{row.get('as_of')}  {row.get('campaign')} ({row.get('campaign_name')})  "
-                   f"variant {row.get('variant') or '-'}  {reward.get('description', reward.get('kind'))}  "
-                   f"status {row.get('status')}  rules {row.get('rule_version')}")
+        click.echo(without_escapes(
+            f"{row.get('as_of')}  {row.get('campaign')} ({row.get('campaign_name')})  "
+            f"variant {row.get('variant') or '-'}  {reward.get('description', reward.get('kind'))}  "
+            f"status {row.get('status')}  rules {row.get('rule_version')}"))
         why = row.get("explanation") or {}
         if why:
-            click.echo("    because " + ", ".join(f"{k}={v}" for k, v in why.items()))
+            click.echo(without_escapes("    because " + ", ".join(f"{k}={v}" for k, v in why.items())))
 
 
 @main.command("runs")
@@ -274,6 +293,8 @@ def list_runs(workspace, limit, fmt):
 def report(workspace, start, end, fmt, html_path):
     """Campaign results, uplift over holdout and programme KPIs for a period."""
     programme = Workspace(workspace)
+    if html_path is not None:
+        programme.check_output(html_path)
     result = programme.report(start, end)
     if html_path is not None:
         programme.write_html_report(html_path, report=result)
@@ -295,7 +316,7 @@ def import_redemptions_command(workspace, file):
     click.echo(f"{result.rows} rows read: {result.added} redemptions added, "
                f"{result.duplicates} already recorded, {len(result.bad_rows)} refused.")
     for bad in result.bad_rows[:20]:
-        click.echo(f"{file}: row {bad['row']}: {bad['message']}", err=True)
+        click.echo(without_escapes(f"{file}: row {bad['row']}: {bad['message']}"), err=True)
     if result.bad_rows:
         sys.exit(1)
 
@@ -336,8 +357,9 @@ def golden_test(workspace, paths, fmt):
 @handle_errors
 def simulate(workspace, start, end, every, due, diff, fresh, engine, scheduler, partitions, fmt):
     """Forecast offers and reward cost over a date range, in memory. Writes nothing."""
-    result = Workspace(workspace).simulate(start, end, every, diff, due=due, fresh=fresh,
-                                           engine=engine, scheduler=scheduler, partitions=partitions)
+    with progress_display(fmt == "text") as progress:
+        result = Workspace(workspace).simulate(start, end, every, diff, due=due, fresh=fresh, engine=engine,
+                                               scheduler=scheduler, partitions=partitions, progress=progress)
     if fmt == "json":
         _echo_json(result.as_dict())
     elif fmt == "csv":
@@ -365,8 +387,42 @@ def data():
 def data_convert(workspace, partitions):
     """Split the customers, orders and events into partitioned Parquet files (for --engine dask
     and for streamed previews); reruns only when the data changed."""
-    folder, count = Workspace(workspace).convert_data(partitions, progress=_progress_echo)
+    with progress_display() as progress:
+        folder, count = Workspace(workspace).convert_data(partitions, progress=progress)
     click.echo(f"{count} partitions written to {folder}")
+
+
+@main.group()
+def state():
+    """The state database: integrity check and backups."""
+
+
+@state.command("check")
+@workspace_argument
+@format_option("text", "json")
+@handle_errors
+def state_check(workspace, fmt):
+    """SQLite's integrity check of the state database (read-only); exit 3 when it is damaged."""
+    result = Workspace(workspace).check_state()
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    elif result.ok:
+        click.echo(f"OK: {result.path}: schema {result.schema_version}, {result.runs} runs, "
+                   f"{result.offers} offers, {result.unfinished_runs} unfinished.")
+    else:
+        for problem in result.problems[:20]:
+            click.echo(f"problem: {problem}", err=True)
+    sys.exit(0 if result.ok else 3)
+
+
+@state.command("backup")
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@workspace_argument
+@handle_errors
+def state_backup(target, workspace):
+    """Copy the state database of WORKSPACE to TARGET (a new file), safely even while a run writes."""
+    written = Workspace(workspace).backup_state(target)
+    click.echo(f"state database backed up to {written} ({written.stat().st_size:,} bytes, checked)")
 
 
 @main.command()

@@ -1,4 +1,5 @@
-"""Programme KPIs over a period, and the uplift of a campaign over its holdout.
+"""Programme KPIs over a period, first-purchase cohorts, and the uplift of a campaign
+(or of one A/B variant) over its holdout.
 
 Every figure is a plain function of the loaded tables (orders, events, customers),
 vectorised with pandas; the definitions are written for marketers in
@@ -24,6 +25,8 @@ DEFAULT_WINDOW_DAYS = 30     # uplift: outcomes within 30 days of the send
 MIN_GROUP = 30               # fewer customers than this in a group: "not enough data"
 Z95 = 1.959963984540054      # standard normal quantile for a 95% interval
 PROMOTER_MIN, DETRACTOR_MAX = 9, 6
+CSAT_SCALE, CSAT_SATISFIED_MIN = (1, 5), 4    # CSAT: share of 4s and 5s on a 1-5 scale
+CES_SCALE = (1, 7)                           # CES: mean score on a 1-7 scale
 
 
 # --------------------------------------------------------------------------- periods
@@ -139,9 +142,46 @@ def nps(events: pd.DataFrame, period: Period) -> dict:
             "passives": n - promoters - detractors, "detractors": detractors}
 
 
+def survey_answers(events: pd.DataFrame, period: Period, kind: str,
+                   scale: tuple[int, int]) -> tuple[pd.Series, int]:
+    """Each customer's latest ``kind`` answer in the period, and how many answers were ignored.
+
+    An answer counts when its score is a whole number on ``scale`` (both ends included);
+    any other score (missing, 0, 6 on a 1-5 scale, 4.5) is ignored, so that a bad export
+    cannot tilt the figure, and counted so that the report can say so.
+    """
+    if events.empty or "score" not in events or "type" not in events:
+        return pd.Series([], dtype=float), 0
+    scores = pd.to_numeric(events["score"], errors="coerce").astype(float)
+    asked = events["type"].eq(kind).to_numpy(dtype=bool, na_value=False) & period.contains(events["timestamp"])
+    on_scale = (scores.between(*scale) & scores.eq(scores.round())).to_numpy(dtype=bool)
+    keep = asked & on_scale
+    answers = pd.DataFrame({"customer_id": events["customer_id"][keep], "timestamp": events["timestamp"][keep],
+                            "score": scores[keep]})
+    latest = answers.sort_values("timestamp", kind="stable").drop_duplicates("customer_id", keep="last")
+    return latest["score"].reset_index(drop=True), int((asked & ~on_scale).sum())
+
+
+def csat(events: pd.DataFrame, period: Period) -> dict:
+    """CSAT of the period: share of satisfied answers (4 or 5 on 1-5) among ``csat_response``
+    events, each customer's latest answer counting once, as NPS does."""
+    latest, ignored = survey_answers(events, period, "csat_response", CSAT_SCALE)
+    satisfied = int((latest >= CSAT_SATISFIED_MIN).sum())
+    return {"csat": _ratio(satisfied, len(latest)), "csat_responses": len(latest),
+            "csat_satisfied": satisfied, "csat_ignored": ignored}
+
+
+def ces(events: pd.DataFrame, period: Period) -> dict:
+    """CES of the period: mean score (1-7) of ``ces_response`` events, each customer's
+    latest answer counting once."""
+    latest, ignored = survey_answers(events, period, "ces_response", CES_SCALE)
+    return {"ces": float(latest.mean()) if len(latest) else None, "ces_responses": len(latest),
+            "ces_ignored": ignored}
+
+
 def period_kpis(orders: pd.DataFrame, events: pd.DataFrame, customers: pd.DataFrame,
                 period: Period) -> dict:
-    """Repurchase and churn rate, purchase frequency, AOV, ARPU, historical CLV, NPS.
+    """Repurchase and churn rate, purchase frequency, AOV, ARPU, historical CLV, NPS, CSAT, CES.
 
     A purchase is an order with a positive amount; an order with a negative amount is
     a refund: it lowers revenue and is not a purchase.
@@ -173,6 +213,8 @@ def period_kpis(orders: pd.DataFrame, events: pd.DataFrame, customers: pd.DataFr
         "historical_clv": _ratio(amounts[to_date].sum(), lifetime_buyers),
     }
     result.update(nps(events, period))
+    result.update(csat(events, period))
+    result.update(ces(events, period))
     return result
 
 
@@ -206,6 +248,48 @@ def kpi_trend(orders: pd.DataFrame, events: pd.DataFrame, customers: pd.DataFram
             row.update(sizes(month.as_of))
         months.append(row)
     return months
+
+
+# --------------------------------------------------------------------------- cohorts
+
+
+def _month_number(stamps: pd.Series, timezone: str) -> np.ndarray:
+    """Calendar month of each instant in the programme's timezone, as year * 12 + month - 1."""
+    local = stamps.dt.tz_convert(timezone)
+    return (local.dt.year * 12 + local.dt.month - 1).to_numpy(dtype=np.int64)
+
+
+def cohort_retention(orders: pd.DataFrame, period: Period) -> list[dict]:
+    """Customers grouped by the month of their first purchase (ever) when it falls in the
+    period, and per cohort the share who bought again in month 0 (the first month itself,
+    a second purchase), 1, 2, ... up to the period's last month.
+
+    Orders after the period are ignored; a refund is not a purchase.
+    """
+    stamps = orders["timestamp"]
+    keep = (orders["amount"].to_numpy(dtype=float) > 0) & (stamps < period.end).to_numpy(dtype=bool)
+    if not keep.any():
+        return []
+    bought = pd.DataFrame({"customer_id": orders["customer_id"][keep].astype(str).to_numpy(),
+                           "timestamp": stamps[keep].reset_index(drop=True),
+                           "month": _month_number(stamps[keep], period.timezone)})
+    first = bought.groupby("customer_id")["timestamp"].transform("min")
+    bought["cohort"] = bought.groupby("customer_id")["month"].transform("min")
+    bought = bought[(first >= period.start).to_numpy()]
+    if bought.empty:
+        return []
+    bought["offset"] = bought["month"] - bought["cohort"]
+    per_month = bought.groupby(["cohort", "customer_id", "offset"]).size().rename("purchases").reset_index()
+    again = per_month[(per_month["offset"] > 0) | (per_month["purchases"] >= 2)]
+    active = again.groupby(["cohort", "offset"]).size().unstack(fill_value=0)
+    sizes = per_month.groupby("cohort")["customer_id"].nunique()
+    last = int(_month_number(pd.Series([period.as_of]), period.timezone)[0])
+    active = active.reindex(index=sizes.index, columns=range(last - int(sizes.index.min()) + 1), fill_value=0)
+    return [{"cohort": f"{cohort // 12:04d}-{cohort % 12 + 1:02d}", "customers": int(size),
+             "retention": [{"month": m, "customers": int(active.at[cohort, m]),
+                            "share": float(active.at[cohort, m]) / float(size)}
+                           for m in range(last - int(cohort) + 1)]}
+            for cohort, size in sizes.items()]
 
 
 # --------------------------------------------------------------------------- uplift
@@ -310,23 +394,68 @@ def window_outcomes(units: pd.DataFrame, orders: pd.DataFrame, days: int) -> pd.
 
 
 def uplift(treated: pd.DataFrame, holdout: pd.DataFrame, orders: pd.DataFrame,
-           days: int = DEFAULT_WINDOW_DAYS, min_group: int = MIN_GROUP) -> dict:
+           days: int = DEFAULT_WINDOW_DAYS, min_group: int = MIN_GROUP, *,
+           observed_until: pd.Timestamp | None = None, timezone: str = "UTC") -> dict:
     """Uplift of treated over held-out customers on repurchase rate and spend within ``days``.
 
     ``treated`` and ``holdout`` have customer_id and start (the send time; a held-out
     customer's virtual send time). Each customer counts once, at their first start;
     a customer found in both groups is left out of both.
+
+    ``observed_until`` is the last instant the data can show (default: the latest order);
+    orders after it are ignored. When some customer's window ends after it, the window
+    is not over: ``window_complete`` is false and each figure says so in its note, and a
+    figure whose interval has no width (nothing could have happened yet) is not given.
     """
     treated, holdout = _first_start(treated), _first_start(holdout)
     both = set(treated["customer_id"]) & set(holdout["customer_id"])
     treated = treated[~treated["customer_id"].isin(both)].reset_index(drop=True)
     holdout = holdout[~holdout["customer_id"].isin(both)].reset_index(drop=True)
+    if observed_until is None and len(orders):
+        observed_until = orders["timestamp"].max()
+    if observed_until is not None:
+        orders = orders[(orders["timestamp"] <= observed_until).to_numpy(dtype=bool)]
+    starts = [pd.to_datetime(g["start"], utc=True) for g in (treated, holdout) if len(g)]
+    window = uplift_window(pd.concat(starts) if starts else pd.Series([], dtype="datetime64[ns, UTC]"),
+                           days, observed_until, timezone)
     a, b = window_outcomes(treated, orders, days), window_outcomes(holdout, orders, days)
+    rate = compare_proportions(a["repurchased"].to_numpy(), b["repurchased"].to_numpy(),
+                               "repurchase_rate", min_group)
+    spend = compare_means(a["spend"].to_numpy(), b["spend"].to_numpy(), "spend", min_group)
     return {"window_days": days, "treated_n": len(treated), "holdout_n": len(holdout),
             "enough_data": len(treated) >= min_group and len(holdout) >= min_group,
-            "repurchase_rate": compare_proportions(a["repurchased"].to_numpy(), b["repurchased"].to_numpy(),
-                                                   "repurchase_rate", min_group),
-            "spend": compare_means(a["spend"].to_numpy(), b["spend"].to_numpy(), "spend", min_group)}
+            "repurchase_rate": with_window(rate, window), "spend": with_window(spend, window), **window}
+
+
+def uplift_window(starts: pd.Series, days: int, observed_until: pd.Timestamp | None, timezone: str) -> dict:
+    """Is the window of ``days`` after every (virtual) send (tz-aware ``starts``) over by
+    ``observed_until``? ``window_ends`` is the local day the last window ends."""
+    if starts.empty or observed_until is None:
+        return {"window_complete": True, "window_ends": None, "window_note": ""}
+    ends = pd.Timestamp(starts.max()) + pd.Timedelta(days=days)
+    day = ends.tz_convert(timezone).date().isoformat()
+    complete = bool(ends <= pd.Timestamp(observed_until))
+    note = "" if complete else f"the {days}-day window after the send is not over yet (ends {day})"
+    return {"window_complete": complete, "window_ends": day, "window_note": note}
+
+
+_FIGURES = ("treated", "holdout", "difference", "low", "high", "df")
+
+
+def with_window(comparison: dict, window: Mapping) -> dict:
+    """A comparison marked with whether its window is over, and ``status``: ``measured``,
+    ``not_enough_data``, or ``window_not_over`` (the window is not over and the interval
+    has no width, as when no order could have happened yet: no "+0.0 (0 to 0)" then)."""
+    result = {**comparison, "window_complete": window["window_complete"], "window_ends": window["window_ends"],
+              "status": "measured" if comparison["enough_data"] else "not_enough_data"}
+    if window["window_complete"]:
+        return result
+    if not comparison["enough_data"]:
+        return {**result, "note": f"{comparison['note']}; {window['window_note']}"}
+    if comparison["low"] == comparison["high"]:
+        return {**result, **{k: None for k in _FIGURES if k in comparison}, "enough_data": False,
+                "status": "window_not_over", "note": window["window_note"]}
+    return {**result, "note": f"so far: {window['window_note']}"}
 
 
 def _first_start(units: pd.DataFrame) -> pd.DataFrame:

@@ -14,8 +14,9 @@ from engine.config.model import LoadedWorkspace
 from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
 from engine.decide.totals import CampaignTotals, OfferTotals, SampledEvaluation, campaign_totals, sample_rows
 from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
-from engine.messages.offers import make_renderer, plain_value
+from engine.messages.offers import explained_value, make_renderer
 from engine.progress import Progress
+from engine.state.database import storage_failures
 from engine.state.store import StateStore, open_store
 
 
@@ -41,6 +42,7 @@ class Preview(OfferTotals):
     warnings: list[str] = field(default_factory=list)
     explanation: dict | None = None
     diff: list[dict] | None = None
+    shown: list[str] | None = None    # --campaign: only these are shown, decided with every campaign
 
     def as_dict(self) -> dict:
         return self.with_totals(asdict(self))
@@ -121,33 +123,39 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
     interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
                    "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
     return {"customer_id": customer_id, "found": True,
-            "features": {k: _plain(row[k]) for k in interesting if k in row.index},
+            "features": {k: explained_value(row[k]) for k in interesting if k in row.index},
             "campaigns": result}
 
 
-def _plain(value):
-    value = plain_value(value)
-    return value.isoformat() if isinstance(value, pd.Timestamp) else value
-
-
 def _explain(expression, features, position, as_of, label) -> list[dict]:
-    return [{"where": label, "expression": text, "value": _plain(value)}
+    return [{"where": label, "expression": text, "value": explained_value(value)}
             for text, value in expression.explain(features, position, as_of)]
 
 
-def diff_offers(mine: Evaluation, other: Evaluation, examples: int = 5) -> list[dict]:
-    """Per campaign: customers the other version of the rules adds and removes."""
+def _offered(evaluation: Evaluation, campaign: str) -> tuple[set, float]:
+    """The customers one campaign makes an offer to, and the offers' cost."""
+    offers = evaluation.offers
+    if not len(offers):
+        return set(), 0.0
+    mine = offers[offers["campaign"] == campaign]
+    return set(mine["customer_id"]), float(mine["cost"].sum())
+
+
+def diff_offers(before: Evaluation, after: Evaluation, examples: int = 5) -> list[dict]:
+    """Per campaign, going from ``before`` (the other version of the rules, given with --diff)
+    to ``after`` (the workspace previewed): offers and cost on each side, and the customers
+    the change adds and removes."""
     out = []
-    campaigns = sorted(set(mine.funnels) | set(other.funnels))
-    for campaign in campaigns:
-        a = set(mine.offers.loc[mine.offers["campaign"] == campaign, "customer_id"]) if len(mine.offers) else set()
-        b = set(other.offers.loc[other.offers["campaign"] == campaign, "customer_id"]) if len(other.offers) else set()
+    for campaign in sorted(set(before.funnels) | set(after.funnels)):
+        (a, cost_a), (b, cost_b) = _offered(before, campaign), _offered(after, campaign)
         added, removed = sorted(b - a), sorted(a - b)
         out.append({"campaign": campaign, "before": len(a), "after": len(b),
+                    "cost_before": round(cost_a, 2), "cost_after": round(cost_b, 2),
+                    "cost_change": round(cost_b - cost_a, 2),
                     "added": len(added), "removed": len(removed),
                     "added_examples": added[:examples], "removed_examples": removed[:examples],
-                    "only_in": "before" if campaign not in other.funnels else
-                               ("after" if campaign not in mine.funnels else None)})
+                    "only_in": "before" if campaign not in after.funnels else
+                               ("after" if campaign not in before.funnels else None)})
     return out
 
 
@@ -172,8 +180,9 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
     check_campaigns(workspace, campaigns)
     store = open_store(workspace.settings.state_path, create=False)
     try:     # open until the end: --diff evaluates the other rules against the same history
-        return _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace,
-                        partitions, engine, scheduler, progress, workers)
+        with storage_failures(store.label if store is not None else "", "read"):
+            return _preview(workspace, as_of, store, since_ts, campaigns, customer, diff, sample, trace,
+                            partitions, engine, scheduler, progress, workers)
     finally:
         if store is not None:
             store.close()
@@ -181,16 +190,21 @@ def preview(root: Path | str, as_of=None, *, campaigns: list[str] | None = None,
 
 def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore | None, since_ts, campaigns,
              customer, diff, sample, trace, partitions, engine, scheduler, progress, workers) -> Preview:
-    prepared, evaluation = decide(workspace, as_of, store, since_ts, campaigns, partitions=partitions,
+    # every campaign is decided, so that --campaign X shows what X gets within the programme
+    # (after arbitration with the others, which it would not see alone)
+    prepared, evaluation = decide(workspace, as_of, store, since_ts, None, partitions=partitions,
                                   workers=workers, engine=engine, scheduler=scheduler, progress=progress,
                                   trace=trace or customer is not None, stream=diff is None,
                                   sample=sample if diff is None else None)
     renderer = make_renderer(workspace)
-    rows = sample_rows(evaluation.offers, sample)
+    rows = sample_rows(_only(evaluation.offers, campaigns), sample)
     records, errors = build_messages(workspace, evaluation, prepared.features, renderer, rows)
     warnings = list(prepared.tables.warnings) + evaluation.warnings
     totals = evaluation.totals if isinstance(evaluation, SampledEvaluation) else None
     result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings, totals)
+    if campaigns:
+        result.shown = list(campaigns)
+        result.campaigns = [c for c in result.campaigns if c.id in campaigns]
     if customer is not None:
         result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
     if diff is not None:
@@ -198,12 +212,16 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
         other_prepared = prepare(other, as_of, None, since_ts or prepared.context.previous_as_of,
                                  tables=prepared.tables if _same_data(workspace, other) else None)
         other_prepared.context = prepared.context
-        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context,
-                              campaigns)
-        result.diff = diff_offers(evaluation, other_eval)
+        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context)
+        result.diff = [row for row in diff_offers(other_eval, evaluation)
+                       if not campaigns or row["campaign"] in campaigns]
     result._evaluation = evaluation  # for --trace export and tests
     result._features = prepared.features
     return result
+
+
+def _only(offers: pd.DataFrame, campaigns: list[str] | None) -> pd.DataFrame:
+    return offers if not campaigns or not len(offers) else offers[offers["campaign"].isin(campaigns)]
 
 
 def _same_data(a: LoadedWorkspace, b: LoadedWorkspace) -> bool:

@@ -1,5 +1,6 @@
-"""`loyalty report`: campaign results, uplift over holdout and programme KPIs,
-assembled once as plain data and shown as terminal tables, JSON or one HTML file.
+"""`loyalty report`: campaign results, uplift over holdout (per campaign and per A/B
+variant), programme KPIs and first-purchase cohorts, assembled once as plain data and
+shown as terminal tables, JSON or one HTML file.
 
 The HTML report is self-contained: no network, no scripts, charts drawn here as
 inline SVG. Every number drawn also sits in the markup as text and as a
@@ -9,7 +10,7 @@ inline SVG. Every number drawn also sits in the markup as text and as a
 from __future__ import annotations
 
 import html
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,9 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.app.kpis import (
+    CES_SCALE,
+    CSAT_SCALE,
     DEFAULT_WINDOW_DAYS,
     MIN_GROUP,
     Period,
+    cohort_retention,
     kpi_trend,
     make_period,
     period_kpis,
@@ -54,6 +58,10 @@ LABELS: dict[str, tuple[str, str, str]] = {
     "historical_clv": ("历史客户终身价值", "Historical CLV", "money"),
     "nps": ("净推荐值", "NPS", "number"),
     "responses": ("NPS 答卷", "NPS responses", "count"),
+    "csat": ("客户满意度", "CSAT", "percent"),
+    "csat_responses": ("CSAT 答卷", "CSAT responses", "count"),
+    "ces": ("客户费力度", "CES", "number"),
+    "ces_responses": ("CES 答卷", "CES responses", "count"),
     "spend": ("消费额", "Spend", "money"),
     "offers": ("发放", "Offers", "count"),
     "delivered": ("已送达", "Delivered", "count"),
@@ -64,8 +72,10 @@ LABELS: dict[str, tuple[str, str, str]] = {
     "roi": ("投资回报率", "ROI", "percent"),
 }
 KPI_CARDS = ("members", "active_customers", "orders", "revenue", "repurchase_rate", "churn_rate",
-             "purchase_frequency", "aov", "arpu", "historical_clv", "nps")
-TREND_KPIS = ("repurchase_rate", "churn_rate", "purchase_frequency", "aov", "arpu", "nps")
+             "purchase_frequency", "aov", "arpu", "historical_clv", "nps", "csat", "ces")
+TREND_KPIS = ("repurchase_rate", "churn_rate", "purchase_frequency", "aov", "arpu", "nps", "csat", "ces")
+# survey KPIs a programme may not collect: trended only when the period has answers
+SURVEY_KPIS = {"csat": ("csat_response", CSAT_SCALE), "ces": ("ces_response", CES_SCALE)}
 
 
 # --------------------------------------------------------------------------- assembling
@@ -136,13 +146,7 @@ def build_report(root: Path | str, start: Any = None, end: Any = None, *,
     holdouts = holdouts[_in_period(holdouts["as_of"], period).to_numpy()]
     names = {cid: c.name for cid, c in program.campaigns.items()}
     campaigns = campaign_results(offer_outcomes(offers, codes, redemptions), names)
-    treated_all = offers[offers["status"] != "suppressed"]
-    for row in campaigns:
-        treated = treated_all[treated_all["campaign"] == row["id"]]
-        held = holdouts[holdouts["campaign"] == row["id"]]
-        row["uplift"] = uplift(pd.DataFrame({"customer_id": treated["customer_id"], "start": treated["send_at"]}),
-                               pd.DataFrame({"customer_id": held["customer_id"], "start": held["as_of"]}),
-                               orders, window_days, min_group)
+    _add_uplift(campaigns, offers, holdouts, orders, period, window_days, min_group)
 
     def sizes(as_of):
         return tier_and_segment_sizes(tables, workspace, as_of)
@@ -151,7 +155,7 @@ def build_report(root: Path | str, start: Any = None, end: Any = None, *,
     trend = kpi_trend(orders, tables.events, tables.customers, period, sizes)
     quiet = [c["id"] for c in campaigns if not c["offers"] and not c["uplift"]["holdout_n"]]
     campaigns = [c for c in campaigns if c["id"] not in quiet]
-    warnings = list(tables.warnings)
+    warnings = list(tables.warnings) + _survey_warnings(kpis)
     if not settings.state_path.exists():
         warnings.append("no runs recorded yet (no state database): campaign results are empty")
     return rounded({
@@ -165,8 +169,45 @@ def build_report(root: Path | str, start: Any = None, end: Any = None, *,
         "campaigns": campaigns,
         "campaigns_without_offers": quiet,
         "redemptions_by_day": _redemptions_by_day(redemptions, period),
+        "cohorts": cohort_retention(orders, period),
         "warnings": warnings,
     })
+
+
+def _add_uplift(campaigns: list[dict], offers: pd.DataFrame, holdouts: pd.DataFrame, orders: pd.DataFrame,
+                period: Period, window_days: int, min_group: int) -> None:
+    """Each campaign's uplift over its holdout, and each A/B variant's: the variant's treated
+    customers against the whole campaign's holdout group.
+
+    Outcomes are seen up to the end of the period or the latest order, whichever is
+    earlier: a window not over by then is said to be so, per campaign and per variant.
+    """
+    latest = orders["timestamp"].max() if len(orders) else None
+    observed_until = min(period.as_of, latest) if latest is not None and not pd.isna(latest) else period.as_of
+    treated_all = offers[offers["status"] != "suppressed"]
+    variants = treated_all["variant"].astype("object").where(treated_all["variant"].notna(), "-").astype(str)
+
+    def measure(treated: pd.DataFrame, held: pd.DataFrame) -> dict:
+        return uplift(pd.DataFrame({"customer_id": treated["customer_id"], "start": treated["send_at"]}),
+                      pd.DataFrame({"customer_id": held["customer_id"], "start": held["as_of"]}),
+                      orders, window_days, min_group, observed_until=observed_until, timezone=period.timezone)
+
+    for row in campaigns:
+        mine = (treated_all["campaign"] == row["id"]).to_numpy(dtype=bool)
+        held = holdouts[holdouts["campaign"] == row["id"]]
+        row["uplift"] = measure(treated_all[mine], held)
+        for variant in row["variants"]:
+            variant["uplift"] = measure(treated_all[mine & (variants == variant["variant"]).to_numpy()], held)
+
+
+def _survey_warnings(kpis: Mapping) -> list[str]:
+    """Survey answers left out because their score is off the scale, said plainly."""
+    warnings = []
+    for key, (kind, (low, high)) in SURVEY_KPIS.items():
+        if kpis.get(f"{key}_ignored"):
+            warnings.append(f"{kpis[f'{key}_ignored']} {kind} answer(s) in the period ignored for "
+                            f"{LABELS[key][1]}: the score is not a whole number from {low} to {high}")
+    return warnings
 
 
 def _redemptions_by_day(redemptions: pd.DataFrame, period: Period) -> list[dict]:
@@ -209,15 +250,28 @@ def _kind(key: str) -> str:
 
 
 def uplift_text(comparison: Mapping, currency: str = "") -> str:
-    """One line: the difference and its 95% interval, or why there is none."""
+    """One line: the difference and its 95% interval, or why there is none; a window
+    that is not over yet is said so after the figures ("so far: ...")."""
     if not comparison["enough_data"]:
         return comparison["note"]
     if comparison["metric"] == "repurchase_rate":
         fmt = lambda v: f"{v * 100:+.1f} pp"   # noqa: E731
     else:
         fmt = lambda v: f"{v:+,.2f}" + (f" {currency}" if currency else "")   # noqa: E731
-    return (f"{fmt(comparison['difference'])} (95% CI {fmt(comparison['low'])} to {fmt(comparison['high'])}; "
+    text = (f"{fmt(comparison['difference'])} (95% CI {fmt(comparison['low'])} to {fmt(comparison['high'])}; "
             f"n = {comparison['treated_n']} treated / {comparison['holdout_n']} holdout)")
+    return f"{text}; {comparison['note']}" if comparison.get("note") else text
+
+
+def uplift_rows(campaigns: list[dict]) -> list[tuple[str, str, Mapping]]:
+    """(campaign id, variant or "", uplift) for each campaign, followed by its A/B variants."""
+    return [row for c in campaigns for row in
+            [(c["id"], "", c["uplift"])] + [(c["id"], v["variant"], v["uplift"]) for v in c["variants"]]]
+
+
+def trended_kpis(trend: list[dict]) -> list[str]:
+    """The KPIs shown month by month: survey KPIs (CSAT, CES) only when some month has answers."""
+    return [k for k in TREND_KPIS if k not in SURVEY_KPIS or any(m.get(k) is not None for m in trend)]
 
 
 # --------------------------------------------------------------------------- terminal
@@ -250,18 +304,33 @@ def print_report(report: Mapping, console=None) -> None:
                             format_value(row["redemption_rate"], "percent"), format_value(row["revenue"], "money"),
                             format_value(row["cost"], "money"), format_value(row["roi"], "percent"))
     console.print(results)
-    lift = Table("campaign", "repurchase rate uplift", "spend uplift",
+    lift = Table("campaign", "variant", "repurchase rate uplift", "spend uplift",
                  title=f"Uplift over holdout within {report['window_days']} days / 相对对照组的提升")
-    for c in report["campaigns"]:
-        lift.add_row(c["id"], uplift_text(c["uplift"]["repurchase_rate"]),
-                     uplift_text(c["uplift"]["spend"], currency))
+    for campaign, variant, result in uplift_rows(report["campaigns"]):
+        lift.add_row(campaign if not variant else "", variant or "all",
+                     uplift_text(result["repurchase_rate"]), uplift_text(result["spend"], currency))
     console.print(lift)
-    trend = Table("month", *(LABELS[k][1] for k in TREND_KPIS), title="Monthly trend / 月度趋势")
+    keys = trended_kpis(report["trend"])
+    trend = Table("month", *(LABELS[k][1] for k in keys), title="Monthly trend / 月度趋势")
     for month in report["trend"]:
-        trend.add_row(month["month"], *(format_value(month.get(k), _kind(k)) for k in TREND_KPIS))
+        trend.add_row(month["month"], *(format_value(month.get(k), _kind(k)) for k in keys))
     console.print(trend)
+    _print_cohorts(report.get("cohorts", []), console)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _print_cohorts(cohorts: list[dict], console) -> None:
+    """Cohort retention as a table: a row per first-purchase month, a column per month since."""
+    if not cohorts:
+        return
+    months = max(len(c["retention"]) for c in cohorts)
+    table = Table("cohort", "customers", *(f"M{m}" for m in range(months)),
+                  title="Cohort retention: share who bought again / 首购同期群留存")
+    for c in cohorts:
+        table.add_row(c["cohort"], f"{c['customers']:,}",
+                      *(format_value(cell["share"], "percent") for cell in c["retention"]))
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- SVG charts
@@ -362,14 +431,20 @@ def interval_chart(chart: str, rows: list[dict], title: str, scale: float = 1.0,
     for i, r in enumerate(rows):
         y = 8 + i * row + row / 2
         c = r["comparison"]
+        campaign = _E(r.get("campaign", r["label"]))
+        variant = f' data-variant="{_E(r["variant"])}"' if r.get("variant") else ""
         body.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end" class="label">{_E(r["label"])}</text>')
         if not c["enough_data"]:
-            body.append(f'<text x="{left}" y="{y + 4}" class="note" data-campaign="{_E(r["label"])}">'
-                        f'数据不足 / not enough data (n = {c["treated_n"]} / {c["holdout_n"]})</text>')
+            said = (f'窗口未结束 / window not over yet (ends {c["window_ends"]})'
+                    if c.get("status") == "window_not_over" else
+                    f'数据不足 / not enough data (n = {c["treated_n"]} / {c["holdout_n"]})')
+            body.append(f'<text x="{left}" y="{y + 4}" class="note" data-campaign="{campaign}"{variant} '
+                        f'data-status="{_E(c.get("status", "not_enough_data"))}">{_E(said)}</text>')
             continue
-        body.append(f'<g class="interval" data-campaign="{_E(r["label"])}" data-value="{c["difference"]}" '
+        body.append(f'<g class="interval" data-campaign="{campaign}" data-value="{c["difference"]}" '
                     f'data-low="{c["low"]}" data-high="{c["high"]}" data-treated-n="{c["treated_n"]}" '
-                    f'data-holdout-n="{c["holdout_n"]}">'
+                    f'data-holdout-n="{c["holdout_n"]}"{variant} '
+                    f'data-window-complete="{str(c.get("window_complete", True)).lower()}">'
                     f'<line x1="{x_of(c["low"]):.1f}" y1="{y}" x2="{x_of(c["high"]):.1f}" y2="{y}" '
                     f'stroke="{PALETTE[0]}" stroke-width="3"/>'
                     f'<line x1="{x_of(c["low"]):.1f}" y1="{y - 7}" x2="{x_of(c["low"]):.1f}" y2="{y + 7}" '
@@ -379,6 +454,38 @@ def interval_chart(chart: str, rows: list[dict], title: str, scale: float = 1.0,
                     f'<circle cx="{x_of(c["difference"]):.1f}" cy="{y}" r="5" fill="{PALETTE[3]}"/>'
                     f'<text x="{x_of(c["difference"]):.1f}" y="{y - 9}" text-anchor="middle" class="value small">'
                     f'{c["difference"] * scale:+.2f}{_E(unit)}</text></g>')
+    return _svg(chart, width, height, body, title)
+
+
+def _shade(share: float) -> str:
+    """A colour from pale (0%) to deep blue (100%) for a heat-map cell."""
+    pale, deep = (239, 246, 255), (29, 78, 216)
+    share = min(max(share, 0.0), 1.0)
+    return "#" + "".join(f"{round(a + (b - a) * share):02x}" for a, b in zip(pale, deep))
+
+
+def heat_map(chart: str, cohorts: list[dict], title: str, cell_width: int = 64, cell_height: int = 28) -> str:
+    """Cohort retention as a grid: a row per first-purchase month, a column per month
+    since, each cell shaded by its share and carrying the number as text and as a <title>."""
+    left, top = 170, 24
+    months = max([len(c["retention"]) for c in cohorts] + [1])
+    width, height = left + cell_width * months + 10, top + cell_height * max(len(cohorts), 1) + 6
+    body = [f'<text x="{left + m * cell_width + cell_width / 2}" y="16" text-anchor="middle" class="axis">'
+            f'第 {m} 月 / M{m}</text>' for m in range(months)]
+    for i, c in enumerate(cohorts):
+        y = top + i * cell_height
+        body.append(f'<text x="{left - 8}" y="{y + 18}" text-anchor="end" class="label">'
+                    f'{_E(c["cohort"])} ({c["customers"]:,} 人 / customers)</text>')
+        for cell in c["retention"]:
+            x, share, shown = left + cell["month"] * cell_width, cell["share"], format_value(cell["share"], "percent")
+            tip = (f'{c["cohort"]} 首购 / first bought, 第 {cell["month"]} 月 / month {cell["month"]}: '
+                   f'{shown} ({cell["customers"]:,} / {c["customers"]:,}) 再次购买 / bought again')
+            body.append(f'<g class="cell" data-cohort="{_E(c["cohort"])}" data-month="{cell["month"]}" '
+                        f'data-value="{share}" data-customers="{cell["customers"]}">'
+                        f'<rect x="{x}" y="{y}" width="{cell_width - 2}" height="{cell_height - 2}" '
+                        f'fill="{_shade(share)}"><title>{_E(tip)}</title></rect>'
+                        f'<text x="{x + (cell_width - 2) / 2}" y="{y + 18}" text-anchor="middle" '
+                        f'class="value small{" on-dark" if share > 0.5 else ""}">{_E(shown)}</text></g>')
     return _svg(chart, width, height, body, title)
 
 
@@ -395,7 +502,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border-bottom:1
 td:first-child,th:first-child{text-align:left}svg{display:block;margin:6px 0}
 svg text{font-size:12px;fill:#374151}svg .axis{font-size:10px;fill:#6b7280}svg .small{font-size:10px}
 svg .note{fill:#9ca3af;font-style:italic}.trends{display:flex;flex-wrap:wrap;gap:12px}
-.warning{color:#92400e}dl dt{font-weight:600;margin-top:6px}
+.warning{color:#92400e}dl dt{font-weight:600;margin-top:6px}svg .on-dark{fill:#fff}
 """
 
 DEFINITIONS = {
@@ -406,8 +513,12 @@ DEFINITIONS = {
     "arpu": "期间内净收入 ÷ 会员数 · Net revenue of the period per member.",
     "historical_clv": "截至期末的累计净消费 ÷ 曾购买客户数 · Net spend to date per customer who ever bought.",
     "nps": "推荐者(9–10)占比 − 贬损者(0–6)占比 · % promoters (9–10) minus % detractors (0–6), latest answer per customer.",
-    "uplift": "活动组与对照组在发送后 N 天内的差异，附 95% 置信区间 · Treated minus holdout within N days of the send, with a 95% confidence interval.",
+    "csat": "满意答卷(4–5 分，满分 5)占比 · Share of satisfied answers (4 or 5 on 1–5), latest answer per customer; other scores are ignored.",
+    "ces": "费力度答卷的平均分(1–7) · Mean customer-effort score (1–7), latest answer per customer; other scores are ignored.",
+    "uplift": "活动组(及每个 A/B 版本)与对照组在发送后 N 天内的差异，附 95% 置信区间 · Treated (and each A/B variant) minus holdout within N days of the send, with a 95% confidence interval; a window not over yet is said so.",
+    "cohorts": "按首次购买月份分组的客户中，在其后第 0、1、2… 个月再次购买的比例(第 0 月 = 当月第二次购买) · Customers grouped by the month of their first purchase: the share who bought again in month 0 (a second purchase that month), 1, 2, …",
 }
+_DEFINITION_TITLES = {"uplift": "提升 / Uplift", "cohorts": "首购同期群留存 / Cohort retention"}
 
 
 def _kpi_cards(kpis: Mapping, currency: str) -> str:
@@ -452,11 +563,18 @@ def _uplift_section(report: Mapping) -> str:
     campaigns = report["campaigns"]
     if not campaigns:
         return '<p class="muted">没有活动记录 / no offers in this period</p>'
-    rate = [{"label": c["id"], "comparison": c["uplift"]["repurchase_rate"]} for c in campaigns]
-    spend = [{"label": c["id"], "comparison": c["uplift"]["spend"]} for c in campaigns]
-    table = "".join(f'<tr data-campaign="{_E(c["id"])}"><td>{_E(c["id"])}</td>'
-                    f'<td>{_E(uplift_text(c["uplift"]["repurchase_rate"]))}</td>'
-                    f'<td>{_E(uplift_text(c["uplift"]["spend"], currency))}</td></tr>' for c in campaigns)
+    rows = uplift_rows(campaigns)
+
+    def chart_rows(metric: str) -> list[dict]:
+        return [{"label": f"{c} · {v}" if v else c, "campaign": c, "variant": v, "comparison": u[metric]}
+                for c, v, u in rows]
+
+    rate, spend = chart_rows("repurchase_rate"), chart_rows("spend")
+    table = "".join(f'<tr data-campaign="{_E(c)}" data-variant="{_E(v)}" '
+                    f'data-window-complete="{str(u.get("window_complete", True)).lower()}">'
+                    f'<td>{_E(c if not v else f"  variant {v}")}</td>'
+                    f'<td>{_E(uplift_text(u["repurchase_rate"]))}</td>'
+                    f'<td>{_E(uplift_text(u["spend"], currency))}</td></tr>' for c, v, u in rows)
     return (f"<h3>复购率提升 / Repurchase-rate uplift (percentage points)</h3>"
             + interval_chart("uplift-repurchase", rate, "复购率提升 / Repurchase-rate uplift", 100.0, " pp")
             + f"<h3>消费额提升 / Spend uplift ({_E(currency)} per customer)</h3>"
@@ -467,8 +585,30 @@ def _uplift_section(report: Mapping) -> str:
 
 def _trend_section(trend: list[dict]) -> str:
     charts = [line_chart(f"trend-{key}", [(m["month"], m.get(key)) for m in trend], _label(key), _kind(key))
-              for key in TREND_KPIS]
+              for key in trended_kpis(trend)]
     return '<div class="trends">' + "".join(charts) + "</div>"
+
+
+def _survey_line(kpis: Mapping) -> str:
+    """How many answers the NPS, CSAT and CES figures rest on."""
+    (csat_low, csat_high), (ces_low, ces_high) = CSAT_SCALE, CES_SCALE
+    return (f'<p class="muted">NPS: {kpis["responses"]} 份答卷 / responses ({kpis["promoters"]} promoters, '
+            f'{kpis["passives"]} passives, {kpis["detractors"]} detractors) · '
+            f'CSAT: {kpis.get("csat_responses", 0)} 份答卷 / responses ({kpis.get("csat_satisfied", 0)} satisfied, '
+            f'score 4–{csat_high} of {csat_low}–{csat_high}) · '
+            f'CES: {kpis.get("ces_responses", 0)} 份答卷 / responses (score {ces_low}–{ces_high})</p>')
+
+
+def _cohort_section(report: Mapping) -> str:
+    """The cohort heat map, with a word on a last month that is cut short by the period."""
+    cohorts = report.get("cohorts", [])
+    if not cohorts:
+        return '<p class="muted">期间内没有首次购买的客户 / no first purchases in this period</p>'
+    last = date.fromisoformat(report["period"]["to"])
+    cut = (last + timedelta(days=1)).day != 1
+    note = (f'<p class="muted">最后一个月只算到 {_E(last.isoformat())} / the last month counts up to '
+            f'{_E(last.isoformat())}</p>' if cut else "")
+    return heat_map("cohorts", cohorts, "首购同期群留存 / Cohort retention (share who bought again)") + note
 
 
 def _sizes_table(title: str, sizes: Mapping[str, int], kind: str) -> str:
@@ -483,7 +623,7 @@ def render_html(report: Mapping) -> str:
     currency = programme["currency"]
     by_day = [(d["date"], float(d["count"])) for d in report["redemptions_by_day"]]
     tiers = [(name, float(count), f"{count:,}") for name, count in kpis["tiers"].items()]
-    definitions = "".join(f"<dt>{_E(_label(k)) if k in LABELS else '提升 / Uplift'}</dt><dd>{_E(text)}</dd>"
+    definitions = "".join(f"<dt>{_E(_DEFINITION_TITLES.get(k) or _label(k))}</dt><dd>{_E(text)}</dd>"
                           for k, text in DEFINITIONS.items())
     warnings = "".join(f'<li class="warning">{_E(w)}</li>' for w in report["warnings"])
     body = f"""
@@ -493,8 +633,7 @@ def render_html(report: Mapping) -> str:
 时区 / timezone {_E(programme['timezone'])} · 生成于 / generated {_E(report['generated_at'])}</p>
 <h2>计划指标 / Programme KPIs</h2>
 {_kpi_cards(kpis, currency)}
-<p class="muted">NPS: {kpis['responses']} 份答卷 / responses ({kpis['promoters']} promoters, {kpis['passives']} passives,
-{kpis['detractors']} detractors)</p>
+{_survey_line(kpis)}
 <h2>活动效果 / Campaign results</h2>
 {_campaign_table(report['campaigns'], currency)}
 <h2>活动漏斗 / Funnel per campaign</h2>
@@ -511,6 +650,10 @@ def render_html(report: Mapping) -> str:
 {_sizes_table("分群 / Segment", kpis["segments"], "segment")}
 <h2>指标趋势 / KPI trends (monthly)</h2>
 {_trend_section(report['trend'])}
+<h2>首购同期群留存 / Cohort retention</h2>
+<p class="muted">按首次购买月份分组，每格为其后各月再次购买的客户比例 / customers grouped by the month of their
+first purchase; each cell is the share who bought again that month (month 0: a second purchase in the first month)</p>
+{_cohort_section(report)}
 <h2>定义 / Definitions</h2>
 <dl>{definitions}</dl>
 {f'<ul>{warnings}</ul>' if warnings else ''}

@@ -1,16 +1,37 @@
-"""`loyalty init`: a small workspace that validates clean and reads as a tutorial."""
+"""`loyalty init`: a small workspace that validates clean and reads as a tutorial, with
+CI, a pre-commit hook and editor support ready, so a rule mistake is caught before it is merged.
+
+Beside the rule files, every new workspace gets:
+
+- ``schemas/``: a copy of the JSON Schemas, which editors read for autocompletion and checks;
+- a ``# yaml-language-server: $schema=…`` line at the top of loyalty.yaml and each rule file,
+  pointing at that copy by a relative path (so it works wherever the workspace is cloned);
+- ``.vscode/``: the same schemas wired for VS Code, including rule files added later;
+- ``.github/workflows/loyalty.yml``: `loyalty validate` and `loyalty test` on every push and
+  pull request, with problems shown on the lines of the pull request;
+- ``.pre-commit-config.yaml``: the same two checks before each commit.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from engine.app.demo import build_demo_workspace
 from engine.errors import LoyaltyError
+from engine.resources import schemas_dir
 
+SCHEMA_FOLDER = "schemas"       # committed with the rules, unlike .loyalty/ (see GITIGNORE)
+MODELINE_PREFIX = "# yaml-language-server: $schema="
+SETTINGS_MODELINE = f"{MODELINE_PREFIX}{SCHEMA_FOLDER}/loyalty.schema.json\n"
+RULES_MODELINE = f"{MODELINE_PREFIX}../{SCHEMA_FOLDER}/rules.schema.json\n"
+
+# The modelines are part of the texts below, in place of a line each, so that every line of
+# the tutorial keeps its number (the docs and tests quote rules/programme.yaml:30).
 FILES: dict[str, str] = {
-    "loyalty.yaml": """\
-# Programme settings. Every key is explained in docs/rules.md.
-program:
+    "loyalty.yaml": SETTINGS_MODELINE + """\
+program:                      # programme settings; every key is explained in docs/rules.md
   name: My Rewards            # shown in messages as {{ program.name }}
   timezone: Asia/Shanghai     # days and quiet hours are counted in this timezone
   currency: CNY
@@ -34,10 +55,9 @@ channels:
   sms:   {send: file, path: outbox/sms.jsonl}
   email: {send: file, path: outbox/email.jsonl}
 """,
-    "rules/programme.yaml": """\
+    "rules/programme.yaml": RULES_MODELINE + """\
 # Segments are groups of customers; campaigns say what they get and when.
 # Try: change 5000 to 3000 below, then run `loyalty preview` and see the funnel change.
-
 segments:
   high_value:
     description: 高价值客户 — frequent, big spenders
@@ -177,26 +197,162 @@ state/
 outbox/
 # The partitioned copy of the data, rebuilt automatically (loyalty data convert).
 .loyalty/
+# Customer data is personal data: keep it out of git. Point loyalty.yaml at where it lives
+# (an absolute path, ~/exports/customers.csv or ${CRM_EXPORTS}/customers.csv); the sample
+# data written by `loyalty init` sits in data/ for the tutorial only.
+data/
 """
 
 
+WORKFLOW = """\
+# Checks this loyalty workspace on every push and pull request (written by `loyalty init`).
+# A mistake in a rule file, loyalty.yaml or a template is shown on its line in the pull
+# request, and the golden tests in tests/ must pass. Nothing is sent: no data, no state.
+#
+# Before the first run, say how to install loyalty: see LOYALTY_PACKAGE below.
+# This file assumes the workspace is the root of the repository.
+name: loyalty
+
+on:
+  push:
+  pull_request:
+
+permissions:
+  contents: read
+
+env:
+  # How to install loyalty, in words pip understands. Pin a version, so that every check
+  # uses the same engine as your scheduled runs. Either set a repository variable
+  # (Settings > Secrets and variables > Actions > Variables > New: LOYALTY_PACKAGE),
+  # or replace the value below. For example:
+  #   loyalty @ git+https://github.com/YOUR-ORG/loyalty@v0.1.0
+  #   loyalty==0.1.0                  (from your company's package index)
+  LOYALTY_PACKAGE: ${{ vars.LOYALTY_PACKAGE }}
+
+jobs:
+  check:
+    name: validate and golden tests
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - uses: actions/setup-python@v5
+        with:
+          python-version: "3.12"
+      - name: Install loyalty
+        run: |
+          if [ -z "$LOYALTY_PACKAGE" ]; then
+            echo "::error file=.github/workflows/loyalty.yml::Say how to install loyalty: set LOYALTY_PACKAGE (see the top of this file)"
+            exit 1
+          fi
+          python -m pip install "$LOYALTY_PACKAGE"
+      - name: Check rule files, loyalty.yaml and templates
+        run: loyalty validate --format github
+      - name: Golden tests
+        run: loyalty test
+"""
+
+PRE_COMMIT_CONFIG = """\
+# Runs loyalty's checks before each commit that touches the rules (written by `loyalty init`).
+# Once: `pip install pre-commit && pre-commit install`. Needs `loyalty` on the PATH.
+repos:
+  - repo: local
+    hooks:
+      - id: loyalty-validate
+        name: loyalty validate (rule files, loyalty.yaml, templates)
+        entry: loyalty validate
+        language: system
+        files: ^(loyalty\\.yaml|rules/.*\\.ya?ml|templates/.*)$
+        pass_filenames: false
+      - id: loyalty-test
+        name: loyalty test (golden tests)
+        entry: loyalty test
+        language: system
+        files: ^(loyalty\\.yaml|rules/.*\\.ya?ml|templates/.*|tests/.*\\.ya?ml)$
+        pass_filenames: false
+"""
+
+VSCODE_SETTINGS = {
+    "yaml.schemas": {
+        f"./{SCHEMA_FOLDER}/rules.schema.json": ["rules/*.yaml", "rules/*.yml"],
+        f"./{SCHEMA_FOLDER}/loyalty.schema.json": ["loyalty.yaml"],
+    },
+}
+VSCODE_EXTENSIONS = {"recommendations": ["redhat.vscode-yaml"]}
+
+
+def checks_and_editor_files() -> dict[str, str]:
+    """The CI workflow, the pre-commit hooks, VS Code's settings and the .gitignore, by path."""
+    return {
+        ".gitignore": GITIGNORE,
+        ".github/workflows/loyalty.yml": WORKFLOW,
+        ".pre-commit-config.yaml": PRE_COMMIT_CONFIG,
+        ".vscode/settings.json": json.dumps(VSCODE_SETTINGS, indent=2) + "\n",
+        ".vscode/extensions.json": json.dumps(VSCODE_EXTENSIONS, indent=2) + "\n",
+    }
+
+
 def init_workspace(directory: Path) -> list[str]:
-    """Write the tutorial workspace into ``directory`` (which must be empty or new)."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise LoyaltyError(f"{directory} is not empty; choose a new folder for the workspace")
-    for name, text in {**FILES, ".gitignore": GITIGNORE}.items():
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-    return sorted([*FILES, ".gitignore"])
+    """Write the tutorial workspace into ``directory`` (which must be empty or new); return
+    the files written, relative to it."""
+    directory = _new_folder(directory)
+    _write_files(directory, FILES)
+    return sorted([*FILES, *add_checks_and_editor_support(directory)])
 
 
 def init_example(directory: Path, customers: int = 2000) -> list[str]:
     """The complete example programme with generated sample data, ready to validate and preview."""
+    directory = _new_folder(directory)
+    build_demo_workspace(directory, customers)
+    add_checks_and_editor_support(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def add_checks_and_editor_support(directory: Path) -> list[str]:
+    """Write the .gitignore, CI workflow, pre-commit hooks and editor settings, copy the schemas
+    and put a schema line on top of loyalty.yaml and every rule file; return the files written."""
+    written = _write_files(directory, checks_and_editor_files())
+    written += _copy_schemas(directory)
+    _add_schema_lines(directory)
+    return written
+
+
+def _new_folder(directory: Path) -> Path:
+    """A workspace starts in an empty or new folder, so nothing of the user's is overwritten."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise LoyaltyError(f"{directory} is not empty; choose a new folder for the workspace")
-    build_demo_workspace(directory, customers)
-    (directory / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return directory
+
+
+def _write_files(directory: Path, files: dict[str, str]) -> list[str]:
+    for name, text in files.items():
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return list(files)
+
+
+def _copy_schemas(directory: Path) -> list[str]:
+    """Copy the installed JSON Schemas into the workspace: a relative path from a rule file
+    then reaches them in every clone, whatever Python or folder loyalty is installed in."""
+    target = directory / SCHEMA_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for schema in sorted(schemas_dir().glob("*.schema.json")):
+        shutil.copyfile(schema, target / schema.name)
+        copied.append(f"{SCHEMA_FOLDER}/{schema.name}")
+    return copied
+
+
+def _add_schema_lines(directory: Path) -> None:
+    """Put the editor's schema line on top of loyalty.yaml and each rule file that lacks one.
+    It is a YAML comment: `loyalty validate` reads the file exactly as before."""
+    targets = [(directory / "loyalty.yaml", SETTINGS_MODELINE)]
+    rules = directory / "rules"
+    targets += [(path, RULES_MODELINE) for path in sorted([*rules.glob("*.yaml"), *rules.glob("*.yml")])]
+    for path, modeline in targets:
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith(MODELINE_PREFIX):
+            path.write_text(modeline + text, encoding="utf-8")

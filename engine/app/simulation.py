@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from engine.app.replay import MemoryState, parse_every, replay, seed_from_state, step_times
+from engine.app.report_text import display_width
 from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
 from engine.data.sources import Tables, load_tables
 from engine.decide.totals import OfferTotals
 from engine.execution.dask_engine import cluster, evaluate_on_dask
+from engine.progress import Progress, say
 
 __all__ = ["CampaignForecast", "MemoryState", "Simulation", "compare", "format_text", "parse_every",
            "simulate", "step_times"]
@@ -64,7 +66,7 @@ class Simulation(OfferTotals):
     seconds: float = 0.0
     earlier_runs: int = 0             # runs recorded in the state database before the first step
     last_run: str | None = None       # the latest of them: the simulation continues from there
-    diff: list[dict] | None = None    # with --diff: per campaign, this forecast against the other
+    diff: list[dict] | None = None    # with --diff: per campaign, the other rules (before) -> these (after)
     offers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # one row per simulated offer
 
     def as_dict(self) -> dict:
@@ -78,7 +80,7 @@ class Simulation(OfferTotals):
 def simulate(root: Path | str, start, end, every: str = "1d", diff: Path | str | None = None, *,
              due: bool = False, top: int = TOP_CUSTOMERS, fresh: bool = False,
              engine: str | None = None, scheduler: str | None = None,
-             partitions: int | None = None) -> Simulation:
+             partitions: int | None = None, progress: Progress | None = None) -> Simulation:
     """Forecast the runs from ``start`` to ``end`` (every ``every``, at ``start``'s time of day).
 
     The simulation continues from the runs the state database recorded before ``start``
@@ -86,25 +88,26 @@ def simulate(root: Path | str, start, end, every: str = "1d", diff: Path | str |
     With ``diff``, the other workspace's rules are forecast from the same starting state.
     ``engine``: ``local`` (the default: each step evaluates, here, only the customers who can
     get an offer) or ``dask`` (each step is evaluated on a Dask cluster, started once for the
-    whole simulation, partition by partition, with ``partitions``); the forecast is the same."""
+    whole simulation, partition by partition, with ``partitions``); the forecast is the same.
+    ``progress`` hears of each simulated run ("simulated run 3/31")."""
     started = time.perf_counter()
     workspace = load_workspace(root)
     times = step_times(start, end, every, workspace.settings.timezone)
     if chosen_engine(workspace.settings, engine, scheduler) == "dask":
         with cluster(scheduler or workspace.settings.scheduler) as client:
             result = _simulate(workspace, times, diff, due, top, fresh, start, end, every,
-                               lambda ws: _on_dask(ws, client, partitions or ws.settings.partitions))
+                               lambda ws: _on_dask(ws, client, partitions or ws.settings.partitions), progress)
     else:
-        result = _simulate(workspace, times, diff, due, top, fresh, start, end, every, None)
+        result = _simulate(workspace, times, diff, due, top, fresh, start, end, every, None, progress)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
 
-def _simulate(workspace, times, diff, due, top, fresh, start, end, every, decider) -> Simulation:
+def _simulate(workspace, times, diff, due, top, fresh, start, end, every, decider, progress=None) -> Simulation:
     tables = load_tables(workspace.settings, workspace.root) if decider is None else None
     with seed_from_state(workspace, times[0], fresh) as seed:
         result = _forecast(workspace, tables, times, due, top, start, end, every,
-                           _start_state(seed, workspace, decider), decider and decider(workspace))
+                           _start_state(seed, workspace, decider), decider and decider(workspace), progress)
         if diff is not None:
             other = load_workspace(diff)
             other_tables = None
@@ -112,8 +115,8 @@ def _simulate(workspace, times, diff, due, top, fresh, start, end, every, decide
                 other_tables = tables if dict(other.settings.data) == dict(workspace.settings.data) else \
                     load_tables(other.settings, other.root)
             other_result = _forecast(other, other_tables, times, due, top, start, end, every,
-                                     _start_state(seed, other, decider), decider and decider(other))
-            result.diff = compare(result, other_result)
+                                     _start_state(seed, other, decider), decider and decider(other), progress)
+            result.diff = compare(other_result, result)
     result.earlier_runs = seed.runs
     result.last_run = seed.last_run
     return result
@@ -140,10 +143,12 @@ def _on_dask(workspace: LoadedWorkspace, client, partitions: int | None):
 
 
 def _forecast(workspace: LoadedWorkspace, tables: Tables | None, times, due, top, start, end, every,
-              state: MemoryState, decide=None) -> Simulation:
+              state: MemoryState, decide=None, progress: Progress | None = None) -> Simulation:
     binding: list[dict] = []
+    done = iter(range(1, len(times) + 1))
 
     def watch(as_of, evaluation):
+        say(progress, f"{workspace.root.name}: simulated run {next(done)}/{len(times)} ({as_of:%Y-%m-%d})")
         for campaign, funnel in evaluation.funnels.items():
             if funnel["budget"] < funnel["arbitration"]:
                 binding.append({"as_of": as_of.isoformat(), "campaign": campaign,
@@ -194,10 +199,11 @@ def _money(value) -> float:
     return round(float(value), 2)
 
 
-def compare(mine: Simulation, other: Simulation) -> list[dict]:
-    """Per campaign: offers and cost of this version of the rules (before) and the other (after)."""
-    before = {c.id: c for c in mine.campaigns}
-    after = {c.id: c for c in other.campaigns}
+def compare(before_sim: Simulation, after_sim: Simulation) -> list[dict]:
+    """Per campaign: offers and cost before (the rules given with --diff) and after (this
+    workspace's rules), as in ``preview --diff``."""
+    before = {c.id: c for c in before_sim.campaigns}
+    after = {c.id: c for c in after_sim.campaigns}
     rows = []
     for campaign in sorted(set(before) | set(after)):
         a, b = before.get(campaign), after.get(campaign)
@@ -211,6 +217,20 @@ def compare(mine: Simulation, other: Simulation) -> list[dict]:
     return rows
 
 
+def _table(headers: list[str], rows: list[list[str]], first_left: bool = True) -> list[str]:
+    """Text columns as wide as their widest cell (wide characters count twice): nothing spills
+    into the next column however long a campaign id or a budget note is."""
+    widths = [max(display_width(cell) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, (cell, width) in enumerate(zip(cells, widths)):
+            pad = " " * (width - display_width(cell))
+            out.append(cell + pad if i == 0 and first_left else pad + cell)
+        return "  ".join(out).rstrip()
+    return [line(headers)] + [line(row) for row in rows]
+
+
 def format_text(sim: Simulation) -> str:
     """The forecast as the terminal tables `loyalty simulate` prints."""
     start = f"Continued from {sim.earlier_runs} recorded run(s), the last at {sim.last_run}" \
@@ -218,30 +238,29 @@ def format_text(sim: Simulation) -> str:
     lines = [f"Simulated {len(sim.steps)} runs from {sim.start} to {sim.end} (every {sim.every}) "
              f"for {sim.customers} customers in {sim.seconds:.1f} s: "
              f"{sim.total_offers} offers, cost {sim.total_cost:,.2f}",
-             f"{start}; the state database was not changed.", "",
-             f"{'campaign':<28}{'offers':>8}{'cost':>12}{'discounts':>12}{'points':>10}"
-             f"{'budget bound':>14}"]
-    for c in sim.campaigns:
-        bound = f"{c.budget_bound_runs} runs (-{c.lost_to_budget})" if c.budget_bound_runs else "-"
-        lines.append(f"{c.id:<28}{c.offers:>8}{c.cost:>12,.2f}{c.discount_value:>12,.2f}"
-                     f"{c.points:>10,.0f}{bound:>14}")
+             f"{start}; the state database was not changed.", ""]
+    lines += _table(["campaign", "offers", "cost", "discounts", "points", "budget bound"],
+                    [[c.id, str(c.offers), f"{c.cost:,.2f}", f"{c.discount_value:,.2f}", f"{c.points:,.0f}",
+                      f"{c.budget_bound_runs} runs (-{c.lost_to_budget})" if c.budget_bound_runs else "-"]
+                     for c in sim.campaigns])
     if sim.weeks:
-        lines += ["", f"{'week':<10}{'offers':>8}{'cost':>12}{'points':>10}"]
         per_week: dict[str, list[float]] = {}
         for row in sim.weeks:
             total = per_week.setdefault(row["week"], [0, 0.0, 0.0])
             total[0] += row["offers"]
             total[1] += row["cost"]
             total[2] += row["points"]
-        for week, (offers, cost, points) in per_week.items():
-            lines.append(f"{week:<10}{offers:>8}{cost:>12,.2f}{points:>10,.0f}")
+        lines += [""] + _table(["week", "offers", "cost", "points"],
+                               [[week, str(offers), f"{cost:,.2f}", f"{points:,.0f}"]
+                                for week, (offers, cost, points) in per_week.items()])
     if sim.top_customers:
         lines += ["", "Contacted most:"]
         lines += [f"  {c['customer_id']}: {c['offers']} offers ({', '.join(c['campaigns'])})"
                   for c in sim.top_customers[:10]]
     if sim.diff is not None:
-        lines += ["", f"{'campaign':<28}{'offers':>16}{'cost':>26}"]
-        for d in sim.diff:
-            lines.append(f"{d['campaign']:<28}{d['offers_before']:>7} -> {d['offers_after']:<7}"
-                         f"{d['cost_before']:>12,.2f} -> {d['cost_after']:<12,.2f}")
+        lines += ["", "Before: the rules given with --diff; after: this workspace's rules."]
+        lines += _table(["campaign", "offers before -> after", "cost before -> after", "change"],
+                        [[d["campaign"], f"{d['offers_before']} -> {d['offers_after']}",
+                          f"{d['cost_before']:,.2f} -> {d['cost_after']:,.2f}", f"{d['cost_change']:+,.2f}"]
+                         for d in sim.diff])
     return "\n".join(lines)

@@ -391,6 +391,8 @@ class ProgramBuilder:
             return None
         kind = kinds[0]
         params = dict(body[kind] or {}) if isinstance(body[kind], dict) else {}
+        if kind == "points" and isinstance(body[kind], (int, float, str)) and not isinstance(body[kind], bool):
+            params = {"amount": body[kind]}          # points: 500 is points: {amount: 500}
         amount = None
         if kind == "coupon":
             if "percent_off" in params and "amount_off" in params:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -11,12 +13,67 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from engine.config.model import ChannelDef, ContactPolicy, Settings, SourceDef
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
-from engine.errors import LoyaltyError, Problem
+from engine.errors import LoyaltyError, Problem, SecretNotSet
 
 _DURATION = re.compile(r"^(\d+)([dhw])$")
 _LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|\d{3}))?$")
 
 DEFAULT_ADDRESS = {"email": "email", "sms": "phone", "push": "customer_id"}
+
+# A password in a URL (scheme://user:SECRET@host) and secret-looking query parameters.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s/@:]*:)[^\s/?#]*(?=@)", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|pass|secret|client_secret|token|"
+                           r"access_token|auth|api_?key|key|signature|sig)=)[^&#\s'\"]*", re.IGNORECASE)
+MASK = "***"
+
+
+@dataclass(frozen=True)
+class EnvSecret:
+    """A secret that loyalty.yaml names but does not hold (``{env: NAME}``).
+
+    The value is read from the environment only when it is used, so it never sits in git,
+    in the settings or in a repr; ``key`` and ``where`` say which option wants it."""
+
+    variable: str
+    key: str = ""            # e.g. channels.push.headers.Authorization
+    where: str = ""          # e.g. loyalty.yaml:31:36
+
+    def value(self) -> str:
+        """The secret from the environment; SecretNotSet naming the key and the variable."""
+        if self.variable not in os.environ:
+            place = f"{self.where}: " if self.where else ""
+            raise SecretNotSet(f"{place}{self.key or 'a secret'}: the environment variable {self.variable} "
+                               "is not set (set it where loyalty runs, e.g. in the cron line or the "
+                               "systemd EnvironmentFile)")
+        return os.environ[self.variable]
+
+    def __str__(self) -> str:
+        return f"{{env: {self.variable}}}"
+
+
+def reveal(value: object) -> str:
+    """A plain option value as text, or an EnvSecret's value from the environment."""
+    return value.value() if isinstance(value, EnvSecret) else str(value)
+
+
+def mask_secrets(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
+    """``text`` fit to print: URL passwords (``postgresql://user:***@host``), secret query
+    parameters (``?password=***``) and the given secret values masked."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    return _QUERY_SECRET.sub(lambda m: m.group("head") + MASK, text)
+
+
+def with_secrets(value: object, smap: SourceMap, path: tuple) -> object:
+    """``value`` with every ``{env: NAME}`` mapping in it turned into an EnvSecret that knows
+    its key and where loyalty.yaml writes it."""
+    if isinstance(value, dict):
+        if set(value) == {"env"}:
+            line, column = smap.value_position(path)
+            return EnvSecret(str(value["env"]), ".".join(map(str, path)), f"{smap.file}:{line}:{column}")
+        return {key: with_secrets(item, smap, path + (key,)) for key, item in value.items()}
+    return value
 
 
 def duration_days(text: str) -> float:
@@ -77,6 +134,21 @@ def is_valid_locale(name: str) -> bool:
     return normalise_locale(str(name)) == str(name)
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def data_path(root: Path, text: str) -> tuple[Path | None, str | None]:
+    """Where a data file is: anywhere the operator points, so that customer data can stay out
+    of the git repository. ``${VAR}`` (or ``$VAR``) is taken from the environment, ``~`` is the
+    home folder, a relative path is relative to the workspace, and links are followed. Returns
+    the path, or None and what is wrong (a variable that is not set)."""
+    unset = [first or second for first, second in _VARIABLE.findall(text) if (first or second) not in os.environ]
+    if unset:
+        return None, f"the environment variable {unset[0]} in '{text}' is not set"
+    expanded = Path(_VARIABLE.sub(lambda m: os.environ[m.group(1) or m.group(2)], text)).expanduser()
+    return (root / expanded).resolve(), None
+
+
 def inside(root: Path, relative: str) -> Path | None:
     """Resolve ``relative`` under ``root``; None when it would escape the workspace."""
     candidate = (root / relative).resolve()
@@ -85,6 +157,38 @@ def inside(root: Path, relative: str) -> Path | None:
     except ValueError:
         return None
     return candidate
+
+
+def _source_password_problems(spec: dict, smap: SourceMap, path: tuple) -> list[Problem]:
+    """A data source's ``password`` goes with a database url that does not hold one already."""
+    if "password" not in spec:
+        return []
+    url = spec.get("url")
+    if url is None:
+        return [smap.problem(path + ("password",), "a password is only used with a database url",
+                             "remove it, or give the source a url")]
+    if _URL_PASSWORD.search(url):
+        return [smap.problem(path + ("url",), "the url holds a password as well as password:",
+                             "keep the password out of the url: postgresql://user@host/db")]
+    return []
+
+
+def _smtp_problems(spec: dict, smap: SourceMap, path: tuple) -> list[Problem]:
+    """An SMTP login comes whole (username with password), once; and TLS is chosen once."""
+    problems = []
+    given = [key for key in ("username", "password") if key in spec]
+    if len(given) == 1:
+        missing = "password" if given == ["username"] else "username"
+        problems.append(smap.problem(path + (given[0],), f"{given[0]} needs a {missing} as well",
+                                     "e.g. username: rewards, password: {env: SMTP_PASSWORD}", at_key=True))
+    if given and ("username_env" in spec or "password_env" in spec):
+        problems.append(smap.problem(path + (given[0],), "give the login once: username and password, "
+                                     "or username_env and password_env", at_key=True))
+    if spec.get("ssl") and spec.get("starttls"):
+        problems.append(smap.problem(path + ("ssl",), "ssl and starttls cannot both be on",
+                                     "ssl: true for port 465 (TLS from the start), starttls: true for "
+                                     "port 587", at_key=True))
+    return problems
 
 
 def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | None, list[Problem]]:
@@ -105,19 +209,21 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
     for table, spec in data.get("data", {}).items():
         path = None
         if "path" in spec:
-            path = inside(root, spec["path"])
-            if path is None:
-                problems.append(smap.problem(("data", table, "path"),
-                                             f"'{spec['path']}' is outside the workspace",
-                                             "keep data files inside the workspace folder"))
+            path, wrong = data_path(root, str(spec["path"]))
+            if wrong:
+                problems.append(smap.problem(("data", table, "path"), wrong,
+                                             "set it where loyalty runs (e.g. export CRM_EXPORTS=/srv/crm) "
+                                             "or write the path itself"))
         if "path" not in spec and "url" not in spec:
             problems.append(smap.problem(("data", table), f"the {table} source needs a path or a url",
                                          f"e.g. {table}: {{path: data/{table}.csv}}", at_key=True))
+        problems.extend(_source_password_problems(spec, smap, ("data", table)))
         sources[table] = SourceDef(
             table=table, path=path, url=spec.get("url"), sql_table=spec.get("table"),
             format=spec.get("format"), columns=MappingProxyType(dict(spec.get("columns", {}))),
             encoding=spec.get("encoding", "utf-8"), delimiter=spec.get("delimiter", ","),
-            fields=MappingProxyType(dict(spec.get("fields", {}))))
+            fields=MappingProxyType(dict(spec.get("fields", {}))),
+            password=with_secrets(spec.get("password"), smap, ("data", table, "password")))
 
     state_text = data.get("state", "state/loyalty.db")
     state_path = inside(root, state_text)
@@ -147,7 +253,9 @@ def build_settings(data: dict, smap: SourceMap, root: Path) -> tuple[Settings | 
 
     channels = {}
     for name, spec in data.get("channels", {}).items():
-        options = {k: v for k, v in spec.items() if k not in ("send", "address", "consent")}
+        options = {k: with_secrets(v, smap, ("channels", name, k))
+                   for k, v in spec.items() if k not in ("send", "address", "consent")}
+        problems.extend(_smtp_problems(spec, smap, ("channels", name)))
         if spec["send"] == "file":
             target = spec.get("path", f"outbox/{name}.jsonl")
             resolved = inside(root, target)

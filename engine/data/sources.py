@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from engine.config.catalogue import ACTIVITY_TABLES, BUILTIN_FEATURES, ID_COLUMNS, KNOWN_COLUMNS, REQUIRED_COLUMNS
 from engine.config.model import Settings, SourceDef
-from engine.config.settings import normalise_locale
+from engine.config.settings import mask_secrets, normalise_locale, reveal
 from engine.errors import DataError
 
 # What users commonly call our required columns, for the "map it" hint.
@@ -51,6 +51,8 @@ FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", "
 MAX_EXAMPLES = 3
 TABLE_ORDER = {"customers": 0, "orders": 1, "events": 2}
 TEXT = pd.StringDtype("pyarrow", na_value=np.nan)   # pandas' default "str"
+MAX_NUMBER = 1e12        # numbers in the data (amounts, scores, ...) go from -1e12 to 1e12
+_THOUSANDS = r"^[+-]?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]*)?$"    # 1,234 and 12,345,678.90
 _OFFSET = re.compile(r"\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.I)
 
 
@@ -147,22 +149,16 @@ def _label(source: SourceDef, root: Path, path: Path | None) -> str:
             text = str(path)
         return text + (f" (table {source.sql_table})" if source.sql_table else "")
     try:
-        url = make_url(source.url).render_as_string(hide_password=True)
+        url = mask_secrets(make_url(source.url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - a malformed URL is reported when connecting
         url = "<database>"
     return f"{source.table} table '{source.sql_table or source.table}' at {url}"
 
 
 def _resolve(source: SourceDef, root: Path) -> Path:
-    root = root.resolve()
-    path = Path(source.path)
-    if not path.is_absolute():
-        path = root / path
-    path = path.resolve()
-    if not path.is_relative_to(root):
-        raise DataError(f"data.{source.table}", f"path {source.path} is outside the workspace",
-                        hint="keep data files inside the workspace folder (or use a database url)")
-    return path
+    """The data file: anywhere the operator points (settings resolved ``~`` and ``${VAR}``);
+    relative paths are relative to the workspace, links are followed."""
+    return (root.resolve() / Path(source.path).expanduser()).resolve()
 
 
 def _format(source: SourceDef, path: Path | None, label: str) -> str:
@@ -190,7 +186,8 @@ def _read(source: SourceDef, root: Path, as_source: bool = False) -> _Raw:
     label = _label(source, root.resolve(), path)
     fmt = _format(source, path, label)
     if path is not None and not path.is_file():
-        raise DataError(label, "file not found", hint="paths are relative to the workspace folder")
+        raise DataError(label, "file not found", hint="relative paths are relative to the workspace folder; "
+                        "absolute paths, ~ and ${VARIABLE} work too")
     if fmt == "csv":
         return _Raw(_read_csv(source, path, label), label, 2, _file_hash(path))
     if fmt == "parquet":
@@ -288,13 +285,19 @@ def _read_sqlite(source: SourceDef, path: Path, label: str) -> pd.DataFrame:
 
 
 def _read_sql_url(source: SourceDef, label: str) -> pd.DataFrame:
-
+    """A table from a database URL; the password (``password: {env: NAME}``) is read from
+    the environment here and masked in every message."""
     table = source.sql_table or source.table
+    password = reveal(source.password) if source.password is not None else None
+    secrets = (password,) if password else ()
     try:
-        engine = sqlalchemy.create_engine(source.url)
+        url = make_url(source.url)
+        if password is not None:
+            url = url.set(password=password)
+        engine = sqlalchemy.create_engine(url)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver
-        raise DataError(label, f"cannot open the database: {exc}",
-                        hint="check the url and that its driver is installed") from exc
+        raise DataError(label, f"cannot open the database: {mask_secrets(str(exc), secrets)}",
+                        hint="check the url and that its driver is installed") from None
     try:
         with engine.connect() as conn:
             schema, _, name = table.rpartition(".")
@@ -302,7 +305,7 @@ def _read_sql_url(source: SourceDef, label: str) -> pd.DataFrame:
     except ValueError as exc:
         raise DataError(label, f"no table '{table}' in the database") from exc
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise DataError(label, f"cannot read from the database: {exc}") from exc
+        raise DataError(label, f"cannot read from the database: {mask_secrets(str(exc), secrets)}") from None
     finally:
         engine.dispose()
 
@@ -381,8 +384,9 @@ def _as_text(series: pd.Series) -> pd.Series:
     """Any column as stripped strings (integers without a trailing .0); empty text is NA."""
     if pd.api.types.is_float_dtype(series.dtype):
         values = series.to_numpy(dtype=float, na_value=np.nan)
-        finite = values[~np.isnan(values)]
-        if finite.size and np.all(finite == np.round(finite)):
+        present = values[~np.isnan(values)]
+        # whole numbers without ".0"; infinity and floats past 2**53 cannot become integers
+        if present.size and np.all(np.abs(present) < 2**53) and np.all(present == np.round(present)):
             series = series.astype("Int64")
     array = _arrow(series)
     if pa.types.is_null(array.type):
@@ -547,19 +551,60 @@ def _parse_dates(raw: _Raw, series: pd.Series, column: str, tz: str) -> pd.Serie
     return stamped.dt.tz_localize(None).dt.normalize().astype("datetime64[us]")
 
 
+def _numbers_from_text(text: pd.Series) -> pd.Series:
+    """Text as Float64; NA where it is not a number.
+
+    A comma is a thousands separator only between groups of three digits before the decimal
+    point (``1,234.50``, ``12,345,678``); any other comma (``1,2,3``, ``1,23``, ``1234,5``)
+    makes the value unreadable rather than silently a different number. Out-of-range and
+    infinite values come back as they are: ``_check_range`` refuses them.
+    """
+    if not text.notna().any():
+        return pd.Series(pd.NA, index=text.index, dtype="Float64")
+    array = _arrow(text)
+    comma = np.asarray(pc.match_substring(array, ",").fill_null(False), dtype=bool)
+    if comma.any():
+        grouped = np.asarray(pc.match_substring_regex(array, _THOUSANDS).fill_null(False), dtype=bool)
+        separated = text.str.replace(",", "", regex=False).where(grouped)   # a stray comma: NA
+        text = text.where(~comma, separated)
+    return pd.to_numeric(text, errors="coerce").astype("Float64")
+
+
+def _check_range(raw: _Raw, numbers: pd.Series, column: str, shown: pd.Series | None = None) -> None:
+    """Refuse infinite numbers and numbers beyond ±MAX_NUMBER, naming the first one's row.
+
+    ``1e309`` and ``Infinity`` read as infinity, and an amount of 1e30 is a typing error that
+    would make its customer platinum and turn sums, costs and budgets into nonsense.
+    """
+    values = numbers.to_numpy(dtype=float, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(values) | (np.abs(values) > MAX_NUMBER)
+    if not bad.any():
+        return
+    first = int(np.flatnonzero(bad)[0])
+    written = shown.iat[first] if shown is not None else f"{values[first]:g}"
+    if np.isinf(values[first]):
+        raise DataError(raw.label, f"'{written}' is not a finite number", row=_row(raw, first),
+                        column=column, hint="write an ordinary number, e.g. 1234.5")
+    raise DataError(raw.label, f"'{written}' is out of range", row=_row(raw, first), column=column,
+                    hint=f"numbers in the data go from -{MAX_NUMBER:,.0f} to {MAX_NUMBER:,.0f}")
+
+
 def _parse_numbers(raw: _Raw, series: pd.Series, column: str, required: bool = False) -> pd.Series:
+    """A number column as Float64: finite, within ±MAX_NUMBER, empty as NA (a DataError otherwise)."""
     if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         numbers = series.astype("Float64")
+        _check_range(raw, numbers, column)
     else:
         text = _as_text(series)
-        cleaned = text.str.replace(",", "", regex=False) if text.notna().any() else text
-        numbers = pd.to_numeric(cleaned, errors="coerce").astype("Float64")
+        numbers = _numbers_from_text(text)
         bad = (text.notna() & numbers.isna()).to_numpy()
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise DataError(raw.label, f"cannot read '{text.iat[first]}' as a number",
                             row=_row(raw, first), column=column,
-                            hint="numbers are written like 1234.5, without currency signs")
+                            hint="numbers are written like 1234.5 or 1,234.5, without currency signs")
+        _check_range(raw, numbers, column, text)
     if required:
         missing = numbers.isna().to_numpy()
         if missing.any():
@@ -583,19 +628,31 @@ def _parse_bools(raw: _Raw, series: pd.Series, column: str) -> pd.Series:
     return values
 
 
+def _usable_numbers(numbers: pd.Series) -> bool:
+    """Every value present is finite and within ±MAX_NUMBER (what a number column may hold)."""
+    values = numbers.dropna().to_numpy(dtype=float)
+    return bool(np.all(np.abs(values) <= MAX_NUMBER))
+
+
 def _infer_type(series: pd.Series) -> str:
-    """number, bool, date or string, from the dtype or (for text) from every value present."""
+    """number, bool, date or string, from the dtype or (for text) from every value present.
+
+    An undeclared column is a number only when every value is a usable number (finite, within
+    ±MAX_NUMBER); otherwise, like long codes such as 19-digit card numbers, it stays text
+    instead of failing the load. Declared and known number columns are checked instead.
+    """
     dtype = series.dtype
     if pd.api.types.is_bool_dtype(dtype):
         return "bool"
     if pd.api.types.is_numeric_dtype(dtype):
-        return "number"
+        return "number" if _usable_numbers(series.astype("Float64")) else "string"
     if pd.api.types.is_datetime64_any_dtype(dtype):
         return "date"
     text = _as_text(series).dropna()
     if text.empty:
         return "string"
-    if pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce").notna().all():
+    numbers = _numbers_from_text(text)
+    if numbers.notna().all() and _usable_numbers(numbers):
         return "number"
     lowered = text.str.lower()
     if lowered.isin(TRUE_WORDS | FALSE_WORDS).all():

@@ -26,10 +26,23 @@ CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L
 _ALPHABET_BYTES = np.frombuffer(CODE_ALPHABET.encode("ascii"), dtype=np.uint8)
 
 
+MAX_POINTS = 1_000_000_000   # per offer; the rule-file schema bounds a written amount the same way
+
+
 def _points(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
+    """Whole points per row of ``scope``, from the reward's amount expression.
+
+    Clipped, not refused: a computed amount is floored and kept between 0 and ``MAX_POINTS``
+    (so an overflow to infinity, e.g. `monetary_365d * 1e300`, credits ``MAX_POINTS``), and one
+    that is null or not a number (NaN) credits 0, as a null always has. The data feeding the
+    expression is bounded when it is loaded, so only arithmetic in the rule can get here; one
+    customer's odd value must not stop the whole run, and inf or NaN must never reach costs,
+    budgets or the points ledger (SQLite cannot store them as whole points).
+    """
     values = reward.amount.evaluate(scope, as_of)
-    return np.floor(pd.to_numeric(values, errors="coerce").astype("Float64").fillna(0)
-                    .to_numpy(dtype=float)).clip(min=0)
+    numbers = pd.to_numeric(values, errors="coerce").astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    numbers = np.nan_to_num(numbers, nan=0.0, posinf=MAX_POINTS, neginf=0.0)
+    return np.floor(numbers.clip(min=0, max=MAX_POINTS))
 
 
 def _coupon_cost(reward, scope, settings, as_of):
@@ -63,7 +76,8 @@ def estimate_cost(reward: RewardDef, scope: pd.DataFrame, settings: Settings, as
 
 
 def points_for(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
-    """Points credited per offer (0 for other kinds)."""
+    """Points credited per offer (0 for other kinds): finite whole numbers from 0 to
+    ``MAX_POINTS``, clipped as ``_points`` explains."""
     if reward.kind != "points":
         return np.zeros(len(scope))
     return _points(reward, scope, as_of)
@@ -71,29 +85,33 @@ def points_for(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
 
 DESCRIPTIONS = {
     "zh": {
-        "percent_off": "{v:g}折优惠券", "amount_off": "立减{v:g}元券", "points": "{v:g}积分",
+        "percent_off": "{v:g}折优惠券", "amount_off": "立减{m}券", "points": "{v:g}积分",
         "free_shipping": "免运费", "gift": "礼品 {v}", "tier": "升级为{v}", "message": "关怀消息",
-        "min_spend": "（满{v:g}可用）",
+        "min_spend": "（满{m}可用）",
     },
     "en": {
-        "percent_off": "{v:g}% off coupon", "amount_off": "{v:g} off coupon", "points": "{v:g} points",
+        "percent_off": "{v:g}% off coupon", "amount_off": "{m} off coupon", "points": "{v:g} points",
         "free_shipping": "free shipping", "gift": "gift {v}", "tier": "upgrade to {v}", "message": "message",
-        "min_spend": " (min. spend {v:g})",
+        "min_spend": " (min. spend {m})",
     },
 }
 
+Money = Callable[[float], str]     # an amount in the programme's currency, e.g. 10 -> "¥10"
 
-def describe(kind: str, params: dict, locale: str, points: float = 0) -> str:
-    """A short description of a reward in the customer's language."""
+
+def describe(kind: str, params: dict, locale: str, points: float = 0, money: Money | None = None) -> str:
+    """A short description of a reward in the customer's language; amounts of money in the
+    programme's currency through ``money`` (``¥10``, ``$10``; a bare number without it)."""
     words = DESCRIPTIONS["zh" if str(locale).lower().startswith("zh") else "en"]
+    money = money or (lambda amount: f"{amount:g}")
     if kind == "coupon":
         if "percent_off" in params:
             value = params["percent_off"]
             text = words["percent_off"].format(v=(100 - value) / 10 if words is DESCRIPTIONS["zh"] else value)
         else:
-            text = words["amount_off"].format(v=params["amount_off"])
+            text = words["amount_off"].format(m=money(params["amount_off"]))
         if params.get("min_spend"):
-            text += words["min_spend"].format(v=params["min_spend"])
+            text += words["min_spend"].format(m=money(params["min_spend"]))
         return text
     if kind == "points":
         return words["points"].format(v=points)
@@ -105,8 +123,9 @@ def describe(kind: str, params: dict, locale: str, points: float = 0) -> str:
 
 
 def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp,
-                   code: str | None, locale: str, cost: float) -> dict:
-    """The reward as it is recorded, sent and shown to templates."""
+                   code: str | None, locale: str, cost: float, money: Money | None = None) -> dict:
+    """The reward as it is recorded, sent and shown to templates; ``money`` formats amounts
+    in the programme's currency for the description."""
     payload = {"kind": kind, **{k: v for k, v in params.items() if k not in ("amount",)}}
     payload["cost"] = round(float(cost), 2)
     if kind == "points":
@@ -117,7 +136,7 @@ def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp
         payload["expires_at"] = expires.isoformat()
     if code is not None:
         payload["code"] = code
-    payload["description"] = describe(kind, params, locale, points)
+    payload["description"] = describe(kind, params, locale, points, money)
     return payload
 
 

@@ -15,7 +15,7 @@ from engine.config.model import LoadedWorkspace
 from engine.decide.evaluation import Evaluation
 from engine.decide.rewards import reward_payload
 from engine.errors import TemplateError
-from engine.messages.rendering import Renderer
+from engine.messages.rendering import Renderer, money_in
 
 
 def make_renderer(workspace: LoadedWorkspace) -> Renderer:
@@ -61,19 +61,27 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
                 customers: list[dict], send_at: list, codes: dict | None, records: list[dict],
                 errors: list[dict]) -> None:
     """Render each offer's message: a record per offer into ``records``, a render error per
-    failed offer into ``errors`` (one bad template never stops the others)."""
+    failed offer into ``errors`` (one bad template never stops the others).
+
+    Once the renderer's time for the run is used up, the remaining offers are left out (not
+    recorded, so a later run can still make them), with one error per campaign left out.
+    """
     settings, program = workspace.settings, workspace.program
     explain_names = _explanation_names(workspace)
     rewards = {(c.id, v.name): v.reward for c in program.campaigns.values() for v in c.variants
                if v.reward is not None}
     as_of = evaluation.as_of.isoformat()
     event_columns = [c for c in rows.columns if c.startswith("event.")]
+    left_out: dict[str, int] = {}
     for customer, offer, send_at_local in zip(customers, _offer_records(rows), send_at):
+        if renderer.out_of_time():
+            left_out[offer["campaign"]] = left_out.get(offer["campaign"], 0) + 1
+            continue
         campaign = program.campaigns[offer["campaign"]]
         reward = rewards.get((campaign.id, offer["variant"]), campaign.reward)
         code = (codes or {}).get(offer["offer_id"]) if reward.kind == "coupon" else None
         payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at_local, code,
-                                 offer["locale"], offer["cost"])
+                                 offer["locale"], offer["cost"], money_in(settings.currency, offer["locale"]))
         if reward.kind == "coupon" and code is None:
             payload["code"] = "(assigned at run)"
         channel = settings.channels[campaign.channel]
@@ -83,8 +91,8 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
             "variant": offer["variant"], "reward": payload, "cost": float(offer["cost"]),
             "send_at": send_at_local.isoformat(), "locale": offer["locale"], "template": offer["template"],
             "address": customer.get(channel.address_column), "as_of": as_of,
-            "explanation": {n: _jsonable(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
-            "event": {k[6:]: _jsonable(offer[k]) for k in event_columns},
+            "explanation": {n: explained_value(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
+            "event": {k[6:]: explained_value(offer[k]) for k in event_columns},
         }
         context = {"customer": customer, "reward": payload, "program": renderer.program,
                    "offer": {k: record[k] for k in ("offer_id", "campaign", "campaign_name", "variant",
@@ -100,6 +108,30 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
                       template_file=message.template_file, sms_segments=message.sms_segments,
                       too_long=message.too_long)
         records.append(record)
+    errors.extend(out_of_time_error(campaign, count, renderer.max_render_seconds_per_run)
+                  for campaign, count in left_out.items())
+
+
+def out_of_time_error(campaign: str, count: int, seconds: float) -> dict:
+    """The one render error of a campaign whose offers were left out when the run's rendering
+    time was used up; ``not_rendered`` lets shares rendered in several processes be added up."""
+    message = (f"campaign '{campaign}': {count:,} message{'s' if count != 1 else ''} not rendered: "
+               f"rendering this run's messages took longer than {seconds:g} s; they are not "
+               "recorded, so a later run can still make them (make the slow template faster: "
+               "`loyalty validate` warns about it)")
+    return {"campaign": campaign, "customer_id": None, "error": message, "not_rendered": count}
+
+
+def merge_out_of_time_errors(errors: list[dict], seconds: float) -> list[dict]:
+    """Render errors with one out-of-time error per campaign, however many shares reported one."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        if "not_rendered" in error:
+            counts[error["campaign"]] = counts.get(error["campaign"], 0) + error["not_rendered"]
+    if not counts:
+        return errors
+    kept = [error for error in errors if "not_rendered" not in error]
+    return kept + [out_of_time_error(campaign, count, seconds) for campaign, count in counts.items()]
 
 
 def _offer_records(offers: pd.DataFrame) -> list[dict]:
@@ -108,9 +140,14 @@ def _offer_records(offers: pd.DataFrame) -> list[dict]:
     return [dict(zip(names, values)) for values in zip(*(offers[c].tolist() for c in names))]
 
 
-def _jsonable(value):
+def explained_value(value):
+    """A feature value as an explanation shows it: dates as ISO text, and floats without the
+    noise of binary arithmetic (535.0600000000001 -> 535.06; 12 significant digits kept)."""
+    value = plain_value(value)
     if isinstance(value, (pd.Timestamp, dt.date, dt.datetime)):
         return value.isoformat()
+    if isinstance(value, float) and np.isfinite(value):
+        return float(f"{value:.12g}")
     return value
 
 

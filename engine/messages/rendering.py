@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import time
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -34,6 +35,11 @@ from engine.messages.sandbox import (
 # Per-message limits. A message is short; these leave a wide margin for honest templates.
 MAX_OUTPUT_CHARS = 64 * 1024      # one rendered message (default for Renderer)
 MAX_RENDER_SECONDS = 1.0          # one rendered message (default for Renderer)
+# All the messages of one run or preview, in each process rendering them: a template that
+# stays within the per-message limits but takes 0.3 s a message would otherwise make a run
+# of a few thousand offers take many minutes. Honest templates take well under 1 ms.
+MAX_RENDER_SECONDS_PER_RUN = 120.0
+SLOW_MESSAGE_SECONDS = 0.05       # `validate` warns about a template slower than this per message
 
 # ---------------------------------------------------------------------------- names and locales
 
@@ -125,6 +131,17 @@ def format_money(amount, currency: str, locale: str | None) -> str:
     number = f"{abs(rounded):,.{digits}f}"
     symbol = _locale_rules(locale)["symbols"].get(code)
     return f"{sign}{symbol}{number}" if symbol else f"{sign}{code} {number}"
+
+
+def short_money(amount, currency: str, locale: str | None) -> str:
+    """``format_money`` without zero cents, for descriptions: ``¥10``, ``$12.50``, ``CN¥100``."""
+    text = format_money(amount, currency, locale)
+    return text[:-3] if text.endswith(".00") else text
+
+
+def money_in(currency: str, locale: str | None):
+    """A formatter of amounts in ``currency`` for ``locale`` (for reward descriptions)."""
+    return lambda amount: short_money(amount, currency, locale)
 
 
 def format_number(value, decimals: int = 0) -> str:
@@ -268,6 +285,9 @@ class RenderedMessage:
     sms_encoding: str | None = None
 
 
+SMS_TOO_LONG = "the SMS needs"   # how the over-long SMS warning starts (an error for SMS campaigns)
+
+
 def _no_output(context):
     return iter(())
 
@@ -277,13 +297,17 @@ class Renderer:
 
     def __init__(self, templates_dir: Path, default_locale: str, program: dict, *,
                  max_sms_segments: int = 2, max_output_chars: int = MAX_OUTPUT_CHARS,
-                 max_render_seconds: float = MAX_RENDER_SECONDS):
+                 max_render_seconds: float = MAX_RENDER_SECONDS,
+                 max_render_seconds_per_run: float | None = None):
         self.templates_dir = Path(templates_dir)
         self.default_locale = normalise_locale(default_locale) or "en"
         self.program = dict(program)
         self.max_sms_segments = max_sms_segments
         self.max_output_chars = max_output_chars
         self.max_render_seconds = max_render_seconds
+        self.max_render_seconds_per_run = (MAX_RENDER_SECONDS_PER_RUN if max_render_seconds_per_run is None
+                                           else max_render_seconds_per_run)
+        self.seconds_spent = 0.0    # rendering with this renderer so far, in this process
         self.text_env = make_environment(self.templates_dir)
         self.html_env = make_environment(self.templates_dir, autoescape=True)
         self._prefix = self.templates_dir.name or "templates"
@@ -325,9 +349,18 @@ class Renderer:
         """The template file name (inside the templates folder) used for this locale."""
         return self._find(template, channel, locale)[0]
 
+    def _confine(self, file: str) -> None:
+        """Refuse a template file that links outside the templates folder, before reading it,
+        so that nothing of the file it points to is rendered or quoted in an error."""
+        folder = self.templates_dir.resolve()
+        if not (self.templates_dir / file).resolve().is_relative_to(folder):
+            raise TemplateError(f"{self._prefix}/{file}", "this template is a link to a file outside "
+                                "the templates folder; it was not read")
+
     def _load(self, file: str, html: bool = False) -> jinja2.Template:
         tmpl = self._loaded.get((file, html))
         if tmpl is None:
+            self._confine(file)
             env = self.html_env if html else self.text_env
             try:
                 tmpl = env.get_template(file)
@@ -345,8 +378,16 @@ class Renderer:
         variables = dict(context)
         variables.setdefault("program", self.program)
         variables["locale"] = file_locale
-        with message_budget(self.max_render_seconds, MAX_STEPS):
-            return self._render(file, channel, variables, customer_id)
+        started = time.perf_counter()
+        try:
+            with message_budget(self.max_render_seconds, MAX_STEPS):
+                return self._render(file, channel, variables, customer_id)
+        finally:
+            self.seconds_spent += time.perf_counter() - started
+
+    def out_of_time(self) -> bool:
+        """Whether this run's rendering time (``max_render_seconds_per_run``) is used up."""
+        return self.seconds_spent >= self.max_render_seconds_per_run
 
     def _render(self, file: str, channel: str, variables: dict, customer_id) -> RenderedMessage:
         where = f"{self._prefix}/{file}"
@@ -452,8 +493,12 @@ class Renderer:
                             "create the file, or fix the campaign's template or channel")]
         where = f"{self._prefix}/{file}"
         try:
+            self._confine(file)
             source = (self.templates_dir / file).read_text(encoding="utf-8")
             tree = self.text_env.parse(source, name=file)
+        except TemplateError as exc:
+            return [Problem(where, 1, 1, exc.message, "copy the file into the templates folder "
+                            "instead of linking to it")]
         except UnicodeDecodeError:
             return [Problem(where, 1, 1, "template file is not UTF-8 text")]
         except TemplateSyntaxError as exc:
@@ -470,16 +515,41 @@ class Renderer:
         if problems:
             return problems
         try:
-            message = self.render(template, channel, locale, context)
+            message, seconds = self._timed_render(template, channel, locale, context)
         except TemplateError as exc:
             return [Problem(exc.template, exc.line or 1, 1, exc.message)]
+        if seconds > SLOW_MESSAGE_SECONDS:
+            problems.append(self._slow_problem(where, seconds))
         if message.too_long:
-            return [Problem(where, 1, 1, f"the SMS needs {message.sms_segments} segments "
+            problems.append(Problem(where, 1, 1, f"{SMS_TOO_LONG} {message.sms_segments} segments "
                             f"({message.sms_encoding}, {len(message.body)} characters); the "
                             f"limit is {self.max_sms_segments}",
                             "shorten the text; Chinese or emoji make SMS parts 70/67 "
-                            "characters instead of 160/153", severity="warning")]
-        return []
+                            "characters instead of 160/153", severity="warning"))
+        return problems
+
+    def _timed_render(self, template: str, channel: str, locale: str | None,
+                      context: dict) -> tuple[RenderedMessage, float]:
+        """A trial render and how long one message took. A slow first render is timed again,
+        so that loading and compiling the template are not counted."""
+        seconds = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            message = self.render(template, channel, locale, context)
+            seconds = min(seconds, time.perf_counter() - started)
+            if seconds <= SLOW_MESSAGE_SECONDS:
+                break
+        return message, seconds
+
+    def _slow_problem(self, where: str, seconds: float) -> Problem:
+        """A template that renders, but slowly enough to hold up a run."""
+        per_run = self.max_render_seconds_per_run
+        return Problem(
+            where, 1, 1, f"this template is slow: one message takes more than "
+            f"{SLOW_MESSAGE_SECONDS * 1000:.0f} ms to render",
+            f"it took {seconds * 1000:.0f} ms for a sample customer; a run renders for at most "
+            f"{per_run:g} s, about {per_run / seconds:,.0f} such messages; simplify its loops and "
+            "filters", severity="warning")
 
     def _name_problems(self, tree: nodes.Template, variables: dict, where: str) -> list[Problem]:
         known = set(variables) | set(self.text_env.globals)

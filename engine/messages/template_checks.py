@@ -18,6 +18,7 @@ from engine.config.model import LoadedWorkspace
 from engine.decide.rewards import reward_payload
 from engine.errors import Problem
 from engine.messages.offers import make_renderer
+from engine.messages.rendering import SMS_TOO_LONG, money_in
 
 SAMPLE_VALUES = {
     "number": 128.0, "string": "示例", "bool": True, "date": pd.Timestamp("1990-03-14"), "any": "示例",
@@ -63,7 +64,8 @@ def check_workspace_templates(workspace: LoadedWorkspace) -> list[Problem]:
         for template, reward in unique.values():
             for locale in _locales(workspace, template, campaign.channel):
                 payload = reward_payload(reward.kind, dict(reward.params), 100, send_at,
-                                         "SAMPLE-CODE" if reward.kind == "coupon" else None, locale, 10.0)
+                                         "SAMPLE-CODE" if reward.kind == "coupon" else None, locale, 10.0,
+                                         money_in(workspace.settings.currency, locale))
                 person = customer if locale.lower().startswith("zh") else dict(
                     customer, **ENGLISH_CUSTOMER)
                 context = {
@@ -80,7 +82,7 @@ def check_workspace_templates(workspace: LoadedWorkspace) -> list[Problem]:
 def _as_error(problem: Problem, channel: str) -> Problem:
     """An SMS longer than the channel's ``max_sms_segments`` would be split or refused at
     send time: before sending, it is an error, not a warning."""
-    if channel != "sms" or problem.severity != "warning":
+    if channel != "sms" or problem.severity != "warning" or not problem.message.startswith(SMS_TOO_LONG):
         return problem
     return dataclasses.replace(problem, severity="error",
                                message="rendered for a sample customer, " + problem.message)

@@ -13,6 +13,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import orjson
 import pandas as pd
 
 from engine.decide.evaluation import offer_id
@@ -30,8 +31,9 @@ from engine.state.database import (
     plain,
 )
 
-# Reward fields that legitimately differ between two recordings of the same firing.
-VOLATILE_REWARD_FIELDS = ("code", "expires_at")
+# Reward fields that legitimately differ between two recordings of the same firing: the code
+# and expiry, and the wording (``description``, derived from the other fields).
+VOLATILE_REWARD_FIELDS = ("code", "expires_at", "description")
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)   # payload hashes
 
 
@@ -102,6 +104,18 @@ class OfferBook(Database):
                                          [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 
+    def _same_meaning(self, firing_key: str, new_hash: str) -> bool:
+        """Whether the recorded offer of ``firing_key`` means what a payload hashing to
+        ``new_hash`` means, by the hash of the recorded row as this version computes it (a row
+        recorded by an earlier version, whose hash counted other fields, still matches)."""
+        row = self.db.execute("SELECT campaign, customer_id, channel, variant, reward FROM offers "
+                              "WHERE firing_key = ?", [firing_key]).fetchone()
+        if row is None:
+            return False
+        recorded = dict(zip(("campaign", "customer_id", "channel", "variant"), row[:4]))
+        recorded["reward"] = orjson.loads(row[4]) if row[4] else {}
+        return payload_hash(recorded) == new_hash
+
     @staticmethod
     def prepare_offers(offers: Iterable[Mapping[str, Any]], run_id: str) -> list[tuple[dict, dict]]:
         """The offers-table rows ``record_run`` writes for these offer dicts, with their
@@ -142,7 +156,7 @@ class OfferBook(Database):
                 if prior is None:
                     recorded[row["firing_key"]] = row["payload_hash"]
                     new_rows.append((row, reward))
-                elif prior == row["payload_hash"]:
+                elif prior == row["payload_hash"] or self._same_meaning(row["firing_key"], row["payload_hash"]):
                     existing += 1
                 else:
                     conflicts.append({k: row[k] for k in (

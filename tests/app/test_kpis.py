@@ -9,6 +9,7 @@ import pytest
 
 from engine.app.kpis import (
     Period,
+    cohort_retention,
     compare_means,
     compare_proportions,
     kpi_trend,
@@ -187,3 +188,113 @@ def test_uplift_counts_each_customer_once_and_drops_overlap():
     assert result["spend"]["treated"] == pytest.approx(50.0)
     assert result["spend"]["holdout"] == pytest.approx(25.0)
     assert result["spend"]["difference"] == pytest.approx(25.0)
+
+
+# --------------------------------------------------------------------------- CSAT, CES (issue 19)
+
+SURVEYS = pd.DataFrame({
+    "event_id": [f"S{i}" for i in range(11)],
+    "customer_id": ["A", "A", "B", "C", "D", "E", "A", "B", "C", "D", "E"],
+    "timestamp": pd.to_datetime(["2026-01-02", "2026-01-20", "2026-01-05", "2026-01-06", "2026-01-07",
+                                 "2025-12-30", "2026-01-03", "2026-01-04", "2026-01-05", "2026-01-06",
+                                 "2026-01-07"]).tz_localize(TZ),
+    "type": ["csat_response"] * 6 + ["ces_response"] * 5,
+    "score": [5, 3, 4, 6, 4.5, 5, 2, 7, 5, 8, None],
+})
+
+
+def test_csat_share_of_4_and_5_latest_answer_per_customer_off_scale_ignored():
+    k = period_kpis(ORDERS, SURVEYS, CUSTOMERS, JAN)
+    # A's latest is 3 (not satisfied), B 4 (satisfied); C's 6 and D's 4.5 are off the 1-5 scale
+    # (ignored, counted); E answered in December (outside the period, not counted at all)
+    assert (k["csat"], k["csat_responses"], k["csat_satisfied"], k["csat_ignored"]) == (0.5, 2, 1, 2)
+
+
+def test_ces_mean_score_off_scale_ignored():
+    k = period_kpis(ORDERS, SURVEYS, CUSTOMERS, JAN)
+    # A 2, B 7, C 5 -> mean 14 / 3; D's 8 is off the 1-7 scale, E's answer has no score
+    assert k["ces"] == pytest.approx(14 / 3) and k["ces_responses"] == 3 and k["ces_ignored"] == 2
+    assert k["nps"] is None                                  # no nps_response among these events
+
+
+def test_survey_kpis_without_answers_are_no_data_and_trend_by_month():
+    empty = period_kpis(ORDERS, EVENTS, CUSTOMERS, JAN)
+    assert (empty["csat"], empty["csat_responses"], empty["ces"], empty["ces_ignored"]) == (None, 0, None, 0)
+    trend = kpi_trend(ORDERS, SURVEYS, CUSTOMERS, Period(date(2025, 12, 1), date(2026, 1, 31), TZ))
+    assert [(m["month"], m["csat"], m["ces"]) for m in trend] == [("2025-12", 1.0, None), ("2026-01", 0.5,
+                                                                                          pytest.approx(14 / 3))]
+
+
+# --------------------------------------------------------------------------- cohorts (issue 19)
+
+
+def test_cohort_retention_hand_computed():
+    orders = orders_frame([
+        ("OLD", "2025-12-15 10:00", 50), ("OLD", "2026-01-20 10:00", 50),   # first bought before the period
+        ("A", "2026-01-03 10:00", 100), ("A", "2026-01-25 10:00", 100), ("A", "2026-03-10 10:00", 100),
+        ("B", "2026-01-31 23:30", 100), ("B", "2026-02-05 10:00", 100),
+        ("C", "2026-01-10 10:00", 100), ("C", "2026-02-20 10:00", -100),   # a refund is not a purchase
+        ("D", "2026-01-12 10:00", 100), ("D", "2026-03-20 10:00", 100),
+        ("F", "2026-02-10 10:00", 100), ("F", "2026-02-12 10:00", 100), ("F", "2026-03-05 10:00", 100),
+        ("G", "2026-02-28 10:00", 0),                                       # zero is not a purchase either
+        ("G", "2026-03-01 00:30", 100),
+        ("H", "2026-04-02 10:00", 100),                                     # after the period: ignored
+    ])
+    cohorts = cohort_retention(orders, Period(date(2026, 1, 1), date(2026, 3, 31), TZ))
+    shares = {c["cohort"]: (c["customers"], [(r["month"], r["customers"], r["share"]) for r in c["retention"]])
+              for c in cohorts}
+    # January: A, B, C, D. Month 0 again: A (25 Jan). Month 1: B. Month 2: A, D.
+    # February: F (again in Feb and in March). March: G (its 28 Feb order was for 0).
+    assert shares == {"2026-01": (4, [(0, 1, 0.25), (1, 1, 0.25), (2, 2, 0.5)]),
+                      "2026-02": (1, [(0, 1, 1.0), (1, 1, 1.0)]),
+                      "2026-03": (1, [(0, 0, 0.0)])}
+
+
+def test_cohort_months_are_local_and_empty_data_gives_no_cohorts():
+    # 31 Jan 16:30 UTC is 1 Feb 00:30 in Shanghai: a February customer
+    orders = pd.DataFrame({"order_id": ["O1"], "customer_id": ["A"],
+                           "timestamp": pd.to_datetime(["2026-01-31 16:30"]).tz_localize("UTC"),
+                           "amount": [10.0]})
+    cohorts = cohort_retention(orders, Period(date(2026, 1, 1), date(2026, 2, 28), TZ))
+    assert [(c["cohort"], c["customers"]) for c in cohorts] == [("2026-02", 1)]
+    assert cohort_retention(ORDERS.iloc[0:0], JAN) == []
+
+
+# --------------------------------------------------------------------------- uplift window (issue 19)
+
+
+def _groups(send):
+    treated = pd.DataFrame({"customer_id": [f"T{i}" for i in range(30)], "start": [send] * 30})
+    holdout = pd.DataFrame({"customer_id": [f"H{i}" for i in range(30)], "start": [send] * 30})
+    return treated, holdout
+
+
+def test_uplift_before_any_order_could_happen_says_the_window_is_not_over():
+    send = pd.Timestamp("2026-12-15 10:00", tz=TZ)
+    treated, holdout = _groups(send)
+    orders = orders_frame([("T0", "2026-12-01 10:00", 100)])           # the data ends before the send
+    result = uplift(treated, holdout, orders, days=30, timezone=TZ)
+    assert (result["window_complete"], result["window_ends"]) == (False, "2027-01-14")
+    for metric in ("repurchase_rate", "spend"):
+        figure = result[metric]
+        assert figure["status"] == "window_not_over" and not figure["enough_data"]
+        assert (figure["difference"], figure["low"], figure["high"]) == (None, None, None)
+        assert figure["note"] == "the 30-day window after the send is not over yet (ends 2027-01-14)"
+
+
+def test_uplift_window_part_way_keeps_the_figures_so_far_and_orders_after_the_end_are_ignored():
+    send = pd.Timestamp("2026-01-01 10:00", tz=TZ)
+    treated, holdout = _groups(send)
+    orders = orders_frame([(c, "2026-01-05 12:00", 100) for c in [f"T{i}" for i in range(15)] + ["H0"]] +
+                          [("H1", "2026-01-25 12:00", 100)])
+    part = uplift(treated, holdout, orders, days=30, observed_until=pd.Timestamp("2026-01-20 23:59", tz=TZ),
+                  timezone=TZ)
+    rate = part["repurchase_rate"]
+    assert part["window_complete"] is False and rate["status"] == "measured"
+    assert (rate["treated"], rate["holdout"], rate["difference"]) == (0.5, pytest.approx(1 / 30),
+                                                                      pytest.approx(0.5 - 1 / 30))
+    assert rate["note"] == "so far: the 30-day window after the send is not over yet (ends 2026-01-31)"
+    full = uplift(treated, holdout, orders, days=30, observed_until=pd.Timestamp("2026-02-28", tz=TZ),
+                  timezone=TZ)
+    assert full["window_complete"] is True and full["repurchase_rate"]["note"] == ""
+    assert full["repurchase_rate"]["holdout"] == pytest.approx(2 / 30)     # H1's 25 Jan order now counts

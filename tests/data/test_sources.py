@@ -331,14 +331,21 @@ def test_empty_tables(tmp_path):
     assert any("o.csv: the orders table has no rows" in w for w in tables.warnings)
 
 
-def test_paths_stay_inside_the_workspace(tmp_path):
+def test_data_can_live_outside_the_workspace(tmp_path):
+    """Personal data need not sit next to the rule files in git: a path outside the workspace,
+    or a link to one, is read; errors name the file where it is."""
     root = tmp_path / "ws"
     root.mkdir()
-    write(tmp_path, "secret.csv", "customer_id\n1\n")
-    error = load_error(root, customers=source("customers", "../secret.csv"))
-    assert "outside the workspace" in str(error) and error.source == "data.customers"
-    (root / "link.csv").symlink_to(tmp_path / "secret.csv")
-    assert "outside the workspace" in str(load_error(root, customers=source("customers", "link.csv")))
+    write(tmp_path, "exports/customers.csv", "customer_id,name\nC1,Ann\n")
+    for path in ("../exports/customers.csv", str(tmp_path / "exports" / "customers.csv")):
+        tables = load_tables(settings(customers=source("customers", path)), root)
+        assert tables.customers["customer_id"].tolist() == ["C1"]
+    (root / "link.csv").symlink_to(tmp_path / "exports" / "customers.csv")
+    assert load_tables(settings(customers=source("customers", "link.csv")), root).customers["name"].tolist() \
+        == ["Ann"]
+    write(tmp_path, "exports/bad.csv", "customer_id\nC1\nC1\n")
+    error = load_error(root, customers=source("customers", str(tmp_path / "exports" / "bad.csv")))
+    assert str(tmp_path / "exports" / "bad.csv") in str(error) and "row 3" in str(error)
 
 
 def test_missing_file_unknown_format_and_sqlite_table(tmp_path):

@@ -15,6 +15,7 @@ from test_triggers import customer, make_workspace, run
 from engine.config.expressions import compile_expression
 from engine.config.model import ContactPolicy, RewardDef, Settings
 from engine.decide.rewards import CODE_ALPHABET, describe, estimate_cost, generate_codes, points_for, reward_payload
+from engine.messages.rendering import money_in
 
 SETTINGS = Settings(name="T", timezone="Asia/Shanghai", currency="CNY", default_locale="zh-CN",
                     data=MappingProxyType({}), state_path=Path("state.db"), contact_policy=ContactPolicy(),
@@ -77,6 +78,11 @@ def test_coupon_payloads():
                        "expires_at": "2027-01-14", "code": "ABC234", "description": "8折优惠券（满100可用）"}
     payload = reward_payload("coupon", {"amount_off": 30, "valid_days": 1}, 0, SEND_AT, "X", "en-US", 30)
     assert payload["description"] == "30 off coupon"
+    yuan = money_in("CNY", "zh-CN")
+    assert describe("coupon", {"amount_off": 30, "min_spend": 200}, "zh-CN", money=yuan) == "立减¥30券（满¥200可用）"
+    assert describe("coupon", {"amount_off": 10}, "en-US", money=money_in("USD", "en-US")) == "$10 off coupon"
+    assert describe("coupon", {"amount_off": 12.5, "min_spend": 100}, "en-US",
+                    money=money_in("CNY", "en-US")) == "CN¥12.50 off coupon (min. spend CN¥100)"
     assert payload["expires_at"] == "2027-01-01"
     assert describe("coupon", {"percent_off": 15}, "en-US") == "15% off coupon"
     assert describe("coupon", {"percent_off": 15}, "zh-CN") == "8.5折优惠券"
@@ -131,3 +137,22 @@ def test_costs_and_points_in_evaluation_with_variants(tmp_path):
         else:
             assert row["reward_kind"] == "points" and row["points"] == spend // 10
             assert row["cost"] == pytest.approx(np.floor(spend / 10) * 0.01)
+
+
+def test_a_bare_points_amount_is_shorthand_for_points_amount(tmp_path):
+    """`points: 500` and `points: floor(lifetime_spend / 10)` mean `points: {amount: …}` (issue 19)."""
+    ws = make_workspace(tmp_path / "ws", """\
+        flat:
+          reward: {points: 500}
+          channel: sms
+          template: t
+          variants:
+            - {name: A, weight: 1}
+            - {name: B, weight: 1, reward: {points: floor(lifetime_spend / 10)}}
+        """, "".join(customer(f"C{i:04d}") for i in range(20)),
+        orders="".join(f"O{i},C{i:04d},2026-05-01 10:00:00,{100 * i}\n" for i in range(20)))
+    offers = run(ws, "2026-06-01T10:00").offers.set_index("customer_id")
+    assert set(offers["variant"]) == {"A", "B"}
+    for cid, row in offers.iterrows():
+        assert row["reward_kind"] == "points"
+        assert row["points"] == (500 if row["variant"] == "A" else 10 * int(cid[1:]))

@@ -1,5 +1,7 @@
 """The state store: migrations, idempotent recording, conflicts, atomicity, the run lock."""
 
+import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -113,6 +115,25 @@ def test_a_changed_payload_is_a_conflict_and_keeps_the_recorded_offer(store):
     assert result.conflicts[0]["recorded_payload_hash"] != result.conflicts[0]["payload_hash"]
     assert store.history("c1")[0]["reward"]["percent_off"] == 20
     assert count(store, "offers") == 3
+
+
+def test_a_reworded_description_is_the_same_offer_even_when_recorded_by_an_earlier_version(store):
+    """Descriptions now carry the currency ("立减¥30券"); firings recorded by a version that
+    hashed the old wording ("立减30元券") still count as recorded on a rerun, not as conflicts."""
+    def legacy_hash(offer: dict) -> str:       # how loyalty 0.1 hashed: the description counted
+        reward = {k: v for k, v in offer["reward"].items() if k not in ("code", "expires_at")}
+        text = (f"{offer['campaign']}\x1f{offer['customer_id']}\x1f{offer['channel']}\x1f{offer['variant']}\x1f"
+                + json.dumps(reward, ensure_ascii=False, sort_keys=True, default=str))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    old = make_offer(1, reward={"kind": "coupon", "amount_off": 30, "code": "OLD1", "description": "立减30元券"})
+    old["payload_hash"] = legacy_hash(old)
+    store.record_run(new_run(store), [old])
+    reworded = make_offer(1, reward={"kind": "coupon", "amount_off": 30, "code": "NEW1", "description": "立减¥30券"})
+    result = store.record_run(new_run(store), [reworded])
+    assert (result.new, result.existing, result.conflicts) == (0, 1, [])
+    changed = make_offer(1, reward={"kind": "coupon", "amount_off": 40, "code": "NEW2", "description": "立减¥40券"})
+    assert len(store.record_run(new_run(store), [changed]).conflicts) == 1     # a real change still is one
 
 
 def test_duplicate_firing_keys_within_one_batch_are_recorded_once(store):
