@@ -22,7 +22,8 @@ from engine.app import run as run_stage
 from engine.app.golden import GoldenResult, run_golden_tests
 from engine.app.outputs import check_output
 from engine.app.preview import Preview, write_preview_trace
-from engine.app.reporting import build_report, write_html_report
+from engine.app.report_html import write_html_report
+from engine.app.reporting import build_report
 from engine.app.run import RunResult
 from engine.app.simulation import Simulation, simulate
 from engine.app.validation import load_workspace, validate_workspace

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from cli import main
-from engine.app.reporting import build_report, print_report, render_html, write_html_report
+from engine.app.report_html import render_html, write_html_report
+from engine.app.reporting import build_report, print_report
 from engine.app.scaffold import init_workspace
 from engine.state.store import StateStore
 
