@@ -96,3 +96,16 @@ def test_every_promise_in_operations_names_a_test_that_exists():
             assert f"def {name}(" in (ROOT / module).read_text(encoding="utf-8"), f"{module}::{name}"
             named += 1
     assert named >= 30
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """README "From Python": the front door does what the text says, on the tutorial workspace."""
+    from engine import init_workspace
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    init_workspace(tmp_path / "my-programme")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)      # noqa: S102 - our own documentation
+    assert scope["preview"].total_offers > 0 and scope["result"].new_offers == scope["preview"].total_offers
+    assert (tmp_path / "my-programme" / "state" / "loyalty.db").is_file()
