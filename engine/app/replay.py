@@ -19,13 +19,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
 from engine.data.features import compute_features
 from engine.data.sources import Tables
+from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
 from engine.decide.schedule import due_campaigns
 from engine.decide.step_candidates import customer_index, evaluate_step, no_offers
@@ -53,6 +54,10 @@ class MemoryState:
     previous_as_of: pd.Timestamp | None = None
     schedules: dict[str, str] = field(default_factory=dict)          # campaign -> last scheduled run
     earlier: Callable[[list[str]], dict] | None = None               # firings recorded before the start
+    # offers recorded: campaign, as_of (UTC ISO), cost; and what the database spent before the start
+    spent: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        {"campaign": pd.Series(dtype=object), "as_of": pd.Series(dtype=object), "cost": pd.Series(dtype=float)}))
+    earlier_spent: Callable[[Mapping[str, str], str], dict] | None = None
 
     def context(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> RunContext:
         """The run context a real run at ``as_of`` would read from the database."""
@@ -62,7 +67,23 @@ class MemoryState:
         contacts = self.contacts[self.contacts["contacted_at"] > since]
         self.contacts = contacts.reset_index(drop=True)   # older contacts can never matter again
         return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
-                          recorded=self._recorded)
+                          recorded=self._recorded, budget_used=self._budget_used(workspace, as_of))
+
+    def _budget_used(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> dict[str, tuple[int, float]]:
+        """What runs before ``as_of`` spent in each budget's period, as the database would say."""
+        starts = {c: s.tz_convert("UTC").isoformat(timespec="seconds")
+                  for c, s in budget_periods(workspace, as_of).items()}
+        if not starts:
+            return {}
+        before = as_of.tz_convert("UTC").isoformat(timespec="seconds")
+        used = dict(self.earlier_spent(starts, before)) if self.earlier_spent is not None else {}
+        spent = self.spent
+        for campaign, start in starts.items():
+            mine = spent[(spent["campaign"] == campaign) & (spent["as_of"] >= start) & (spent["as_of"] < before)]
+            if len(mine):
+                offers, cost = used.get(campaign, (0, 0.0))
+                used[campaign] = (offers + len(mine), cost + float(mine["cost"].sum()))
+        return used
 
     def _recorded(self, keys: list[str]) -> dict[str, str]:
         found = {k: self.recorded[k] for k in keys if k in self.recorded}
@@ -83,6 +104,9 @@ class MemoryState:
                 "contacted_at": pd.to_datetime(offers["send_at"], utc=True).reset_index(drop=True)})
             self.contacts = pd.concat([self.contacts, new], ignore_index=True) if len(self.contacts) else new
             self.recorded.update(dict.fromkeys(offers["firing_key"], as_of_key))
+            spent = pd.DataFrame({"campaign": offers["campaign"].to_numpy(dtype=object),
+                                  "as_of": as_of_key, "cost": offers["cost"].to_numpy(dtype=float)})
+            self.spent = pd.concat([self.spent, spent], ignore_index=True) if len(self.spent) else spent
         self.edge_state.update(edge_state)
         self.previous_as_of = evaluation.as_of
 
@@ -111,7 +135,7 @@ class Seed:
             if last is not None and pd.Timestamp(last) < self.before:
                 schedules[campaign] = last
         state = MemoryState(previous_as_of=ctx.previous_as_of, edge_state=dict(ctx.edge_state),
-                            schedules=schedules, earlier=self._recorded_before)
+                            schedules=schedules, earlier=self._recorded_before, earlier_spent=self._spent_before)
         if len(ctx.contacts):
             state.add_contacts(ctx.contacts)
         return state
@@ -122,6 +146,9 @@ class Seed:
 
     def _recorded_before(self, keys: list[str]) -> dict[str, str]:
         return self.store.recorded_at(keys, before=self._before_utc())
+
+    def _spent_before(self, starts: Mapping[str, str], before: str) -> dict[str, tuple[int, float]]:
+        return self.store.budget_used(starts, min(before, self._before_utc()))
 
     def _before_utc(self) -> str:
         return self.before.tz_convert("UTC").isoformat(timespec="seconds")

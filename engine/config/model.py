@@ -160,6 +160,7 @@ class BudgetDef:
     max_offers: int | None = None
     max_cost: float | None = None
     rank_by: Expression | None = None
+    per: str = "run"                 # run | day | week | month | campaign
 
 
 @dataclass(frozen=True)

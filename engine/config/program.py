@@ -435,7 +435,7 @@ class ProgramBuilder:
             else:
                 if rank_by.type not in ("number", "date"):
                     self.problems.append(smap.problem(path + ("rank_by",), "rank_by must give a number or a date"))
-        return BudgetDef(body.get("max_offers"), body.get("max_cost"), rank_by)
+        return BudgetDef(body.get("max_offers"), body.get("max_cost"), rank_by, body.get("per", "run"))
 
     def _check_template(self, template: str, channel: str, smap: SourceMap, path: tuple) -> None:
         if channel not in self.settings.channels:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
+from engine.decide.budgets import apply_budgets, budget_caps
 from engine.decide.policy import cap_remaining, cooling_down, reachable, send_times
 from engine.decide.rewards import estimate_cost, points_for
 from engine.decide.triggers import TRIGGERS, RunContext
@@ -104,7 +105,7 @@ def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: Ru
     stage that stopped it (and "trigger" for segment members who did not fire).
     """
     part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace)
-    return combine_partitions(workspace, ctx.as_of, [part], trace)
+    return combine_partitions(workspace, ctx.as_of, [part], trace, ctx.budget_used)
 
 
 def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
@@ -210,16 +211,17 @@ def _sum_funnels(parts: list[PartitionDecision]) -> dict[str, dict[str, int]]:
 
 
 def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: list[PartitionDecision],
-                       trace: bool = False) -> Evaluation:
+                       trace: bool = False, used: Mapping[str, tuple[int, float]] | None = None) -> Evaluation:
     """The global steps over the partitions' decisions: funnel counts summed, budgets applied
-    per campaign over all candidates, offer ids and send times. ``pos`` in the parts'
-    candidates must already index one common features frame (one partition, or rows kept)."""
+    per campaign over all candidates (less what earlier runs in the budget's period ``used``:
+    ``RunContext.budget_used``), offer ids and send times. ``pos`` in the parts' candidates
+    must already index one common features frame (one partition, or rows kept)."""
     settings = workspace.settings
     funnels = _sum_funnels(parts)
     # empty partitions' frames are untyped: leave them out, or every column turns object
     frames = [p.arbitrated for p in parts if len(p.arbitrated)] or [parts[0].arbitrated]
     arbitrated = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    offers = _apply_budgets(workspace, arbitrated, funnels)
+    offers = apply_budgets(arbitrated, funnels, budget_caps(workspace, used))
     stops = [frame for part in parts for frame in part.stops]
     if trace:
         candidates = [frame for part in parts for frame in part.candidates]
@@ -358,66 +360,3 @@ def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) ->
     for campaign, funnel in funnels.items():
         funnel["arbitration"] = int(counts.get(campaign, 0))
     return frame
-
-
-BUDGET_KEY = ["rank", "tiebreak", "firing_key"]
-
-
-def budget_sorted(group: pd.DataFrame) -> pd.DataFrame:
-    """Candidates in the order a budget keeps them: rank_by (highest first, missing last),
-    then the stable hash of the customer, then the firing key."""
-    return group.sort_values(BUDGET_KEY, ascending=[False, True, True], na_position="last", kind="stable")
-
-
-def budget_caps(workspace: LoadedWorkspace) -> dict[str, tuple[int | None, float | None]]:
-    """Campaign -> (max_offers, max_cost) of every campaign with a budget."""
-    return {c.id: (c.budget.max_offers, c.budget.max_cost) for c in workspace.program.campaigns.values()
-            if c.budget.max_offers is not None or c.budget.max_cost is not None}
-
-
-def within_budgets(arbitrated: pd.DataFrame, caps: dict) -> pd.DataFrame:
-    """One partition's arbitrated candidates without those its campaign's budget cannot keep
-    whatever the other partitions hold: beyond max_offers in the budget order, or past
-    max_cost in its running cost (when costs are never negative, what a budget keeps is a
-    prefix of the order). Applying the budgets to the pooled rest decides the same.
-    ``caps``: ``budget_caps(workspace)``."""
-    if not len(arbitrated) or not caps:
-        return arbitrated
-    keep = np.ones(len(arbitrated), dtype=bool)
-    campaign = arbitrated["campaign"].to_numpy()
-    for campaign_id, (max_offers, max_cost) in caps.items():
-        rows = np.flatnonzero(campaign == campaign_id)
-        if not len(rows):
-            continue
-        ordered = rows[budget_sorted(arbitrated.iloc[rows].reset_index(drop=True)).index.to_numpy()]
-        cut = np.zeros(len(ordered), dtype=bool)
-        if max_offers is not None:
-            cut |= np.arange(len(ordered)) >= max_offers
-        costs = arbitrated["cost"].to_numpy(dtype=float)[ordered]
-        if max_cost is not None and (costs >= 0).all():
-            cut |= np.cumsum(costs) > max_cost + 1e-9
-        keep[ordered[cut]] = False
-    return arbitrated if keep.all() else arbitrated[keep]
-
-
-def _apply_budgets(workspace: LoadedWorkspace, offers: pd.DataFrame, funnels) -> pd.DataFrame:
-    """Per-campaign max_offers / max_cost: who keeps an offer is decided by rank_by
-    (highest first) and then by a stable hash of the customer id."""
-    kept = []
-    for campaign_id, group in offers.groupby("campaign", sort=True):
-        budget = workspace.program.campaigns[campaign_id].budget
-        if budget.max_offers is not None or budget.max_cost is not None:
-            group = budget_sorted(group)
-            keep = np.ones(len(group), dtype=bool)
-            if budget.max_offers is not None:
-                keep &= np.arange(len(group)) < budget.max_offers
-            if budget.max_cost is not None:
-                keep &= np.cumsum(group["cost"].to_numpy()) <= budget.max_cost + 1e-9
-            group = group[keep]
-        funnels[campaign_id]["budget"] = len(group)
-        funnels[campaign_id]["offers"] = len(group)
-        kept.append(group)
-    if not kept:
-        return offers.iloc[0:0]
-    result = pd.concat(kept).sort_values(["campaign", "customer_id", "firing_key"], kind="stable")
-    return result.reset_index(drop=True)

@@ -34,6 +34,8 @@ class RunContext:
     edge_state: Mapping[str, frozenset]     # campaign -> ids for which `becomes` was true last run
     # firing key -> as_of (UTC ISO, seconds) of the run that recorded it, for the given keys
     recorded: Callable[[list[str]], dict] = field(default=lambda keys: {})
+    # campaign -> (offers, cost) that earlier runs of its budget's period recorded (budget.per)
+    budget_used: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -37,7 +37,8 @@ import pandas as pd
 from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import merge_warnings
-from engine.decide.evaluation import budget_caps, combine_partitions
+from engine.decide.budgets import budget_caps
+from engine.decide.evaluation import combine_partitions
 from engine.decide.totals import CampaignTotals, SampledEvaluation, campaign_totals, sample_rows
 from engine.decide.triggers import RunContext
 from engine.errors import ClusterError
@@ -144,7 +145,7 @@ def preview_on_dask(workspace: LoadedWorkspace, ctx: RunContext, sample: int, *,
         frames.append(part.features)
     # the global first offers per campaign, among the partitions' own first ones; budgets
     # keep them all (every one is within its campaign's cut-off)
-    sampled = combine_partitions(workspace, ctx.as_of, decisions)
+    sampled = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
     evaluation = SampledEvaluation(sampled.as_of, sample_rows(sampled.offers, sample).reset_index(drop=True),
                                    funnels, sampled.holdouts, {}, sampled.warnings, totals=totals)
     frames = [frame for frame in frames if len(frame)] or frames[:1]     # one, for the columns
@@ -181,7 +182,7 @@ def _decided_on_cluster(workspace: LoadedWorkspace, ctx: RunContext, store, camp
         job = Job(str(root), rule_version(workspace), count, ctx.as_of, campaigns)
         thresholds = _rfm_thresholds(distributed, client, job, progress)
         contexts = context_slices(ctx, count, recorded)
-        caps = budget_caps(workspace)
+        caps = budget_caps(workspace, ctx.budget_used)
         # the decided partitions stay on their workers. Budgets: each partition's ranked
         # candidates of budgeted campaigns (rank, tiebreak, key, cost) are merged pairwise
         # on the cluster, each merge cut to what the budget keeps, and the client gets one
@@ -212,7 +213,7 @@ def _gathered(workspace: LoadedWorkspace, ctx: RunContext, run: _Run) -> DaskDec
         decisions.append(decision)
         customers += part_customers
         warnings.append(tuple(part_warnings))
-    evaluation = combine_partitions(workspace, ctx.as_of, decisions)
+    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
     del decisions, parts
     features = _offered_rows(client, decided, starts, evaluation, job)
     return DaskDecided(evaluation, features, customers, job.count,

@@ -32,7 +32,7 @@ import pandas as pd
 
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables
-from engine.decide.evaluation import budget_caps
+from engine.decide.budgets import budget_caps
 from engine.decide.triggers import RunContext
 from engine.execution.parts import Decided, combine_parts, decide_part
 from engine.faults import checkpoint
@@ -110,7 +110,7 @@ def evaluate_in_workers(workspace: LoadedWorkspace, tables: Tables, features: pd
     the result are the offered customers' rows (as with several partitions)."""
     # any split decides the same (as partitions do); runs of neighbouring customers are cheapest to cut
     bounds = np.linspace(0, len(features), workers + 1).astype(np.int64)
-    caps = budget_caps(workspace)
+    caps = budget_caps(workspace, ctx.budget_used)
     codes = tables.events["cust_code"].to_numpy(dtype=np.int64)
 
     def decide_slice(number: int):

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from engine.config.model import LoadedWorkspace
 from engine.data.features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from engine.data.sources import Tables, load_tables, merge_warnings
-from engine.decide.evaluation import budget_caps, evaluate
+from engine.decide.budgets import budget_caps
+from engine.decide.evaluation import evaluate
 from engine.decide.triggers import RunContext
 from engine.errors import DataError
 from engine.execution.parallel import evaluate_in_workers, worker_count
@@ -161,7 +162,7 @@ def _evaluate_parts(workspace: LoadedWorkspace, ctx: RunContext, count: int, cam
     scores = dict(zip(inputs, _global_rfm(list(inputs.values()))))
 
     decided, customers = [], 0
-    caps = budget_caps(workspace)
+    caps = budget_caps(workspace, ctx.budget_used)
     for number in inputs:
         say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)

@@ -16,13 +16,8 @@ import pandas as pd
 
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables
-from engine.decide.evaluation import (
-    Evaluation,
-    PartitionDecision,
-    combine_partitions,
-    evaluate_partition,
-    within_budgets,
-)
+from engine.decide.budgets import within_budgets
+from engine.decide.evaluation import Evaluation, PartitionDecision, combine_partitions, evaluate_partition
 from engine.decide.triggers import RunContext
 
 
@@ -61,7 +56,7 @@ def combine_parts(workspace: LoadedWorkspace, ctx: RunContext, decided: list[Par
         kept.append((offset, length, rows))
         offset += length
         decisions.append(decision)
-    evaluation = combine_partitions(workspace, ctx.as_of, decisions)
+    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
     del decisions
     return Decided(evaluation, _offered_rows(evaluation, kept), customers, count)
 

@@ -12,6 +12,7 @@ from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
 from engine.data.features import compute_features
 from engine.data.sources import Tables, load_tables
+from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
 from engine.decide.triggers import RunContext
 from engine.errors import LoyaltyError
@@ -85,8 +86,9 @@ def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
             if len(state) and (state["customer_id"] == EVALUATED).any():
                 true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
-    return RunContext(as_of, previous_as_of, contacts, edge_state,
-                      recorded=store.recorded_at)
+    used = store.budget_used({campaign: _utc_key(start) for campaign, start in budget_periods(workspace, as_of).items()},
+                             _utc_key(as_of))
+    return RunContext(as_of, previous_as_of, contacts, edge_state, recorded=store.recorded_at, budget_used=used)
 
 
 def _utc_key(stamp: pd.Timestamp) -> str:

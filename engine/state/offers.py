@@ -104,6 +104,20 @@ class OfferBook(Database):
                                          [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
         return found
 
+    def budget_used(self, starts: Mapping[str, str], before: str) -> dict[str, tuple[int, float]]:
+        """Campaign -> (offers, cost) recorded by runs at an as_of from its period's start up
+        to, not including, ``before`` (UTC ISO): what a budget longer than a run has spent.
+        Offers suppressed at delivery (an opt-out) cost nothing and do not count."""
+        used: dict[str, tuple[int, float]] = {}
+        for campaign, start in starts.items():
+            count, cost = self.db.execute(
+                "SELECT count(*), coalesce(sum(o.cost), 0) FROM offers o JOIN runs r ON r.run_id = o.run_id "
+                "WHERE o.campaign = ? AND o.status != 'suppressed' AND r.as_of_utc >= ? AND r.as_of_utc < ?",
+                [campaign, start, before]).fetchone()
+            if count:
+                used[campaign] = (int(count), float(cost))
+        return used
+
     def _same_meaning(self, firing_key: str, new_hash: str) -> bool:
         """Whether the recorded offer of ``firing_key`` means what a payload hashing to
         ``new_hash`` means, by the hash of the recorded row as this version computes it (a row

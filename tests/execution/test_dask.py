@@ -130,6 +130,20 @@ def test_after_a_recorded_run_both_engines_see_the_same_history(tight, tmp_path,
     assert again.evaluation.offers["recorded"].all()
 
 
+def test_budgets_per_period_see_what_earlier_runs_spent_on_both_engines(tight, tmp_path, cluster):
+    """A monthly budget: a later run in the same month gets what is left, on either engine."""
+    root = Path(shutil.copytree(tight, tmp_path / "ws"))
+    for path in (root / "rules").glob("*.yaml"):
+        path.write_text(path.read_text(encoding="utf-8").replace("budget: {", "budget: {per: month, "),
+                        encoding="utf-8")
+    first = Workspace(root).run(DEMO_AS_OF, deliver=False)
+    assert first.new_offers > 0
+    local, remote = _both(root, "2026-11-28T10:00:00+08:00", cluster, store=True)   # the same month
+    _assert_same(local, remote)
+    bound = [c for c, f in first.funnels.items() if f["budget"] < f["arbitration"]]
+    assert bound and all(local.evaluation.funnels[c]["offers"] < first.funnels[c]["offers"] for c in bound)
+
+
 def _set_worker_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)
@@ -329,7 +343,8 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     the local engine's one budget step over all of them keeps."""
     import numpy as np
 
-    from engine.decide.evaluation import STAGES, PartitionDecision, _apply_budgets, budget_caps, within_budgets
+    from engine.decide.budgets import apply_budgets, budget_caps, within_budgets
+    from engine.decide.evaluation import STAGES, PartitionDecision
     from engine.execution.partition_tasks import cutoffs_of, merge_ranked, ranked_of, within_cutoffs
     workspace = load_workspace(tight)
     caps = budget_caps(workspace)
@@ -352,7 +367,7 @@ def test_budget_cutoffs_from_ranked_summaries_keep_what_one_pooled_budget_keeps(
     cutoffs = cutoffs_of(ranked[0], caps)
     kept = pd.concat([within_cutoffs(part[0].arbitrated, cutoffs) for part in decided])
     funnels = {c: dict.fromkeys(STAGES, 0) for c in [*caps, free]}
-    expected = _apply_budgets(workspace, candidates, funnels)
+    expected = apply_budgets(candidates, funnels, caps)
     assert sorted(kept["firing_key"]) == sorted(expected["firing_key"])
     assert len(kept) < len(candidates)
 
