@@ -10,7 +10,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -223,24 +223,22 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
 
 def history(root: Path | str, customer_id: str) -> list[dict]:
     """Every offer a customer got, from which campaign and rule version, and why."""
-    workspace = load_workspace(root)
-    store = open_store(workspace.settings.state_path, create=False)
-    if store is None:
-        return []
-    try:
-        with storage_failures(store.label, "read"):
-            return store.history(str(customer_id))
-    finally:
-        store.close()
+    return _from_state(root, lambda store: store.history(str(customer_id)))
 
 
 def runs(root: Path | str, limit: int = 20) -> list[dict]:
+    """The most recent runs, newest first."""
+    return _from_state(root, lambda store: store.runs(limit))
+
+
+def _from_state(root: Path | str, read: Callable[[StateStore], list[dict]]) -> list[dict]:
+    """What ``read`` finds in the workspace's state database (nothing before the first run)."""
     workspace = load_workspace(root)
     store = open_store(workspace.settings.state_path, create=False)
     if store is None:
         return []
     try:
         with storage_failures(store.label, "read"):
-            return store.runs(limit)
+            return read(store)
     finally:
         store.close()

@@ -47,12 +47,6 @@ def make_offer(i: int, channel: str, **changes) -> dict:
     return offer
 
 
-@pytest.fixture
-def store(tmp_path):
-    with StateStore(tmp_path / "state" / "loyalty.db") as opened:
-        yield opened
-
-
 def record(store: StateStore, offers: list[dict]) -> None:
     run_id = store.begin_run(AS_OF, {}, {}, ["winback"])
     store.record_run(run_id, offers)

@@ -24,13 +24,13 @@ import pandas as pd
 import pytest
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner
+from test_delivery import free_port, record, statuses
 
 from cli import main
 from engine import init_example
 from engine.config.model import ChannelDef, ContactPolicy, Settings
 from engine.decide.evaluation import offer_id
 from engine.state.delivery import deliver
-from engine.state.store import StateStore
 
 AS_OF = pd.Timestamp("2024-05-01 10:00", tz="Asia/Shanghai")
 NOW = AS_OF + pd.Timedelta(minutes=5)
@@ -59,28 +59,6 @@ def make_offer(i: int, channel: str, address: str | None = None, **changes) -> d
     }
     offer.update(changes)
     return offer
-
-
-@pytest.fixture
-def store(tmp_path):
-    with StateStore(tmp_path / "state" / "loyalty.db") as opened:
-        yield opened
-
-
-def record(store: StateStore, offers: list[dict]) -> None:
-    run_id = store.begin_run(AS_OF, {}, {}, ["winback"])
-    store.record_run(run_id, offers)
-
-
-def statuses(store: StateStore) -> dict[str, tuple[str, int, str | None]]:
-    rows = store.db.execute("SELECT customer_id, status, attempts, last_error FROM offers")
-    return {row[0]: row[1:] for row in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:        # bound, then closed: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Inbox:

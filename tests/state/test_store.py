@@ -40,12 +40,6 @@ def make_offer(i: int, campaign: str = "winback", code: str | None = None, **cha
     return offer
 
 
-@pytest.fixture
-def store(tmp_path):
-    with StateStore(tmp_path / "state" / "loyalty.db") as opened:
-        yield opened
-
-
 def new_run(store: StateStore, as_of=AS_OF) -> str:
     return store.begin_run(as_of, {"rules/winback.yaml": "abc"}, {"customers": "f1"}, ["winback"])
 
