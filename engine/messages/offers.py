@@ -142,12 +142,15 @@ def _offer_records(offers: pd.DataFrame) -> list[dict]:
 
 def explained_value(value):
     """A feature value as an explanation shows it: dates as ISO text, and floats without the
-    noise of binary arithmetic (535.0600000000001 -> 535.06; 12 significant digits kept)."""
+    noise of binary arithmetic (535.0600000000001 -> 535.06: rounded to 9 decimals, which no
+    amount, count or score needs; cheap enough for every value of every offer)."""
+    if type(value) is float:                     # the common case first: customer records are plain
+        return round(value, 9) if value == value else None
     value = plain_value(value)
     if isinstance(value, (pd.Timestamp, dt.date, dt.datetime)):
         return value.isoformat()
-    if isinstance(value, float) and np.isfinite(value):
-        return float(f"{value:.12g}")
+    if isinstance(value, float):
+        return round(value, 9) if np.isfinite(value) else value
     return value
 
 

@@ -133,6 +133,7 @@ def format_money(amount, currency: str, locale: str | None) -> str:
     return f"{sign}{symbol}{number}" if symbol else f"{sign}{code} {number}"
 
 
+@functools.lru_cache(maxsize=4096)     # a campaign's amounts repeat for every offer
 def short_money(amount, currency: str, locale: str | None) -> str:
     """``format_money`` without zero cents, for descriptions: ``¥10``, ``$12.50``, ``CN¥100``."""
     text = format_money(amount, currency, locale)
