@@ -24,8 +24,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import sqlalchemy
-from sqlalchemy.engine import make_url
 
 from engine.config.catalogue import ACTIVITY_TABLES, BUILTIN_FEATURES, ID_COLUMNS, KNOWN_COLUMNS, REQUIRED_COLUMNS
 from engine.config.model import Settings, SourceDef
@@ -149,7 +147,7 @@ def _label(source: SourceDef, root: Path, path: Path | None) -> str:
             text = str(path)
         return text + (f" (table {source.sql_table})" if source.sql_table else "")
     try:
-        url = mask_secrets(make_url(source.url).render_as_string(hide_password=True))
+        url = mask_secrets(sql().engine.make_url(source.url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - a malformed URL is reported when connecting
         url = "<database>"
     return f"{source.table} table '{source.sql_table or source.table}' at {url}"
@@ -284,27 +282,42 @@ def _read_sqlite(source: SourceDef, path: Path, label: str) -> pd.DataFrame:
         raise DataError(label, f"not a readable SQLite database: {exc}") from exc
 
 
+def sql():
+    """SQLAlchemy, imported when a data source is a database URL: only those sources need it,
+    and every other command would pay its 0.25 s of start-up."""
+    import sqlalchemy  # optional at run time: only for `url:` sources
+    import sqlalchemy.engine
+    return sqlalchemy
+
+
+def open_database(source: SourceDef, label: str):
+    """An SQLAlchemy engine for a ``url:`` source, its password (``password: {env: NAME}``)
+    read from the environment here; and the secrets to mask in messages. DataError when the
+    URL or its driver is wrong."""
+    password = reveal(source.password) if source.password is not None else None
+    secrets = (password,) if password else ()
+    try:
+        url = sql().engine.make_url(source.url)
+        if password is not None:
+            url = url.set(password=password)
+        return sql().create_engine(url), secrets
+    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver
+        raise DataError(label, f"cannot open the database: {mask_secrets(str(exc), secrets)}",
+                        hint="check the url and that its driver is installed") from None
+
+
 def _read_sql_url(source: SourceDef, label: str) -> pd.DataFrame:
     """A table from a database URL; the password (``password: {env: NAME}``) is read from
     the environment here and masked in every message."""
     table = source.sql_table or source.table
-    password = reveal(source.password) if source.password is not None else None
-    secrets = (password,) if password else ()
-    try:
-        url = make_url(source.url)
-        if password is not None:
-            url = url.set(password=password)
-        engine = sqlalchemy.create_engine(url)
-    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver
-        raise DataError(label, f"cannot open the database: {mask_secrets(str(exc), secrets)}",
-                        hint="check the url and that its driver is installed") from None
+    engine, secrets = open_database(source, label)
     try:
         with engine.connect() as conn:
             schema, _, name = table.rpartition(".")
             return pd.read_sql_table(name, conn, schema=schema or None)
     except ValueError as exc:
         raise DataError(label, f"no table '{table}' in the database") from exc
-    except sqlalchemy.exc.SQLAlchemyError as exc:
+    except sql().exc.SQLAlchemyError as exc:
         raise DataError(label, f"cannot read from the database: {mask_secrets(str(exc), secrets)}") from None
     finally:
         engine.dispose()

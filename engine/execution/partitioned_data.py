@@ -27,10 +27,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sqlalchemy
 
 from engine.config.model import Settings, SourceDef
-from engine.data.sources import FIRST_ROW_KEY, FORMATS, LABEL_KEY, ROW_COLUMN, _as_text, _label, _resolve
+from engine.data.sources import FIRST_ROW_KEY, FORMATS, LABEL_KEY, ROW_COLUMN, _as_text, _label, _resolve, open_database
 from engine.decide.assignment import stable_fraction
 from engine.errors import DataError
 
@@ -250,7 +249,7 @@ def _sql_batches(source: SourceDef, path: Path | None, fmt: str) -> Iterator[pa.
     if fmt == "sqlite":
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     else:
-        connection = sqlalchemy.create_engine(source.url).connect()
+        connection = open_database(source, _label(source, Path("."), None))[0].connect()
     try:
         for chunk in pd.read_sql_query(f"select * from {quoted}", connection, chunksize=BATCH_ROWS):
             # SQL columns may mix types between batches: keep every value as its text

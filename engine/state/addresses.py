@@ -17,12 +17,20 @@ from engine.config.model import ChannelDef
 from engine.errors import BadAddress
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")    # line breaks, tabs, escapes, NUL
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# local-part@host as RFC 5322 dot-atoms, ASCII only: a strict subset of what the parser accepts
+_PLAIN_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
 _PHONE = re.compile(r"\+?[0-9]{6,15}")
 
 
 def email_address(text: str) -> str:
     """The one e-mail mailbox ``text`` holds (``name@domain``); BadAddress in plain words
-    otherwise. A line break would add mail headers, a comma a second recipient."""
+    otherwise. A line break would add mail headers, a comma a second recipient. The everyday
+    form (a dot-atom at a host name) is recognised at once; anything else goes through the
+    standard library's parser, which takes some 30 us an address."""
+    if _PLAIN_EMAIL.fullmatch(text):
+        return text
     if CONTROL_CHARACTERS.search(text):
         raise BadAddress("the e-mail address contains a line break or another control character")
     mailboxes = [found for _, found in getaddresses([text]) if found]
