@@ -48,6 +48,12 @@ def edit(workspace: Path, file: str, old: str | None, new: str, value: str) -> s
 
 # (file, old text, new text, the value the column points at, message with hint)
 REFUSED = {
+    "smtp port too big": (SETTINGS, "email: {send: file, path: outbox/email.jsonl}",
+                          "email: {send: smtp, host: localhost, port: 70000, sender: rewards@example.com}", "70000",
+                          "'port' is 70000; it must be at most 65,535"),
+    "webhook retries": (SETTINGS, "sms:   {send: file, path: outbox/sms.jsonl}",
+                        "sms:   {send: webhook, url: 'http://127.0.0.1:9/sms', retries: 1000}", "1000",
+                        "'retries' is 1000; it must be at most 10"),
     "percent_off .nan": (RULES, "percent_off: 20", "percent_off: .nan", ".nan",
                          f"'percent_off' is .nan, which YAML reads as not a number {NAN_HINT}"),
     "percent_off .inf": (RULES, "percent_off: 20", "percent_off: .inf", ".inf",
@@ -181,7 +187,7 @@ def _bounded_numbers():
     rules = load_schema("rules")
     yield from _numbers(rules["$defs"], "rules")
     settings = load_schema("loyalty")["properties"]
-    for section in ("holdout", "contact_policy", "costs", "engine", "coupons"):
+    for section in ("holdout", "contact_policy", "costs", "engine", "coupons", "channels"):
         yield from _numbers(settings[section], f"loyalty.{section}")
 
 
