@@ -25,6 +25,7 @@ DEFAULT_WINDOW_DAYS = 30     # uplift: outcomes within 30 days of the send
 MIN_GROUP = 30               # fewer customers than this in a group: "not enough data"
 Z95 = 1.959963984540054      # standard normal quantile for a 95% interval
 PROMOTER_MIN, DETRACTOR_MAX = 9, 6
+NPS_SCALE = (0, 10)                          # NPS: 0-10, promoters 9-10, detractors 0-6
 CSAT_SCALE, CSAT_SATISFIED_MIN = (1, 5), 4    # CSAT: share of 4s and 5s on a 1-5 scale
 CES_SCALE = (1, 7)                           # CES: mean score on a 1-7 scale
 
@@ -123,23 +124,17 @@ def members_at(customers: pd.DataFrame, day: date) -> int:
 
 
 def nps(events: pd.DataFrame, period: Period) -> dict:
-    """NPS of the period: each customer's latest ``nps_response`` score in it counts once."""
-    empty = {"nps": None, "responses": 0, "promoters": 0, "passives": 0, "detractors": 0}
-    if events.empty or "score" not in events or "type" not in events:
-        return empty
-    scores = pd.to_numeric(events["score"], errors="coerce")
-    keep = (events["type"] == "nps_response").to_numpy(dtype=bool) & period.contains(events["timestamp"]) \
-        & scores.notna().to_numpy()
-    answers = pd.DataFrame({"customer_id": events["customer_id"][keep], "timestamp": events["timestamp"][keep],
-                            "score": scores[keep]})
-    if answers.empty:
-        return empty
-    latest = answers.sort_values("timestamp", kind="stable").drop_duplicates("customer_id", keep="last")["score"]
+    """NPS of the period: each customer's latest ``nps_response`` score in it counts once; a
+    score that is not a whole number from 0 to 10 is ignored and counted (``nps_ignored``)."""
+    latest, ignored = survey_answers(events, period, "nps_response", NPS_SCALE)
+    if latest.empty:
+        return {"nps": None, "responses": 0, "promoters": 0, "passives": 0, "detractors": 0,
+                "nps_ignored": ignored}
     promoters = int((latest >= PROMOTER_MIN).sum())
     detractors = int((latest <= DETRACTOR_MAX).sum())
     n = int(len(latest))
     return {"nps": 100.0 * (promoters - detractors) / n, "responses": n, "promoters": promoters,
-            "passives": n - promoters - detractors, "detractors": detractors}
+            "passives": n - promoters - detractors, "detractors": detractors, "nps_ignored": ignored}
 
 
 def survey_answers(events: pd.DataFrame, period: Period, kind: str,

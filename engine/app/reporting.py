@@ -23,6 +23,7 @@ from engine.app.kpis import (
     CSAT_SCALE,
     DEFAULT_WINDOW_DAYS,
     MIN_GROUP,
+    NPS_SCALE,
     Period,
     cohort_retention,
     kpi_trend,
@@ -202,7 +203,7 @@ def _add_uplift(campaigns: list[dict], offers: pd.DataFrame, holdouts: pd.DataFr
 def _survey_warnings(kpis: Mapping) -> list[str]:
     """Survey answers left out because their score is off the scale, said plainly."""
     warnings = []
-    for key, (kind, (low, high)) in SURVEY_KPIS.items():
+    for key, (kind, (low, high)) in {"nps": ("nps_response", NPS_SCALE), **SURVEY_KPIS}.items():
         if kpis.get(f"{key}_ignored"):
             warnings.append(f"{kpis[f'{key}_ignored']} {kind} answer(s) in the period ignored for "
                             f"{LABELS[key][1]}: the score is not a whole number from {low} to {high}")

@@ -97,8 +97,18 @@ def test_nps_latest_answer_per_customer():
     result = nps(EVENTS, JAN)
     # A's latest is 10 (promoter), B 9 (promoter), C 7 (passive), D 0 (detractor); F answered in Dec
     assert result == {"nps": pytest.approx(100 * (2 - 1) / 4), "responses": 4, "promoters": 2,
-                      "passives": 1, "detractors": 1}
+                      "passives": 1, "detractors": 1, "nps_ignored": 0}
     assert nps(EVENTS.iloc[0:0], JAN)["nps"] is None
+
+
+def test_nps_scores_off_the_0_to_10_scale_are_ignored_and_counted():
+    """A score of 11 is not a promoter and 6.5 not a detractor: a bad export cannot tilt NPS."""
+    odd = pd.DataFrame({"event_id": ["x1", "x2", "x3"], "customer_id": ["P", "Q", "R"],
+                        "timestamp": pd.to_datetime(["2026-01-10 10:00"] * 3).tz_localize("Asia/Shanghai"),
+                        "type": ["nps_response"] * 3, "score": [11, 6.5, -1]})
+    both = pd.concat([EVENTS, odd], ignore_index=True)
+    result = nps(both, JAN)
+    assert result == {**nps(EVENTS, JAN), "nps_ignored": 3}
 
 
 def test_members_without_signup_column():
