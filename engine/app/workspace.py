@@ -27,7 +27,7 @@ from engine.app.reporting import build_report
 from engine.app.run import RunResult
 from engine.app.simulation import Simulation, simulate
 from engine.app.validation import load_workspace, validate_workspace
-from engine.config.loading import ValidationResult
+from engine.config.loading import ValidationResult, load_rules
 from engine.config.model import LoadedWorkspace
 from engine.execution.dask_engine import default_partitions
 from engine.execution.partitioned_data import ensure_partitioned
@@ -56,6 +56,12 @@ class Workspace:
         """The validated programme model; raises ``RuleError`` with every problem."""
         return load_workspace(self.root)
 
+    def _rules(self) -> LoadedWorkspace:
+        """loyalty.yaml and the rule files without the trial render of every template (a
+        tenth of the time): what knows where the state, data and outputs are. A broken
+        template must not stop a backup or an output check."""
+        return load_rules(self.root)
+
     def test(self, paths: list[Path] | None = None) -> GoldenResult:
         """The workspace's golden tests (tests/*.yaml, or ``paths``)."""
         return run_golden_tests(self.root, paths or None)
@@ -69,7 +75,7 @@ class Workspace:
     def check_output(self, path: Path | str) -> Path:
         """``path`` resolved, when an output may be written there: never over the state
         database, loyalty.yaml, rule files, templates, golden tests or data (UsageError, exit 2)."""
-        return check_output(self.load(), path)
+        return check_output(self._rules(), path)
 
     def write_trace(self, preview: Preview, path: Path | str) -> int:
         """The decision trace of a preview made with ``trace=True``; returns the rows written."""
@@ -100,12 +106,13 @@ class Workspace:
 
     def check_state(self) -> StateCheck:
         """SQLite's integrity check of the state database, read-only (`loyalty state check`)."""
-        return check_database(self.load().settings.state_path)
+        return check_database(self._rules().settings.state_path)
 
     def backup_state(self, target: Path | str) -> Path:
         """A consistent copy of the state database (SQLite's online backup, safe during a run),
         checked after copying; never over an existing file or over the programme's own files."""
-        return backup_database(self.load().settings.state_path, self.check_output(target))
+        workspace = self._rules()
+        return backup_database(workspace.settings.state_path, check_output(workspace, target))
 
     def import_redemptions(self, file: Path | str) -> ImportResult:
         """Coupon redemptions from a CSV or Parquet file into the state."""
