@@ -18,6 +18,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "orders": ("order_id", "customer_id", "timestamp", "amount"),
     "events": ("event_id", "customer_id", "timestamp", "type"),
     "redemptions": ("customer_id",),
+    "point_redemptions": ("redemption_id", "customer_id", "timestamp", "points"),
 }
 
 CUSTOMER_COLUMNS: dict[str, str] = {
@@ -50,9 +51,13 @@ REDEMPTION_COLUMNS: dict[str, str] = {
     "customer_id": "string", "coupon_code": "string", "order_id": "string",
     "timestamp": "timestamp", "redeemed_at": "timestamp",
 }
+POINT_REDEMPTION_COLUMNS: dict[str, str] = {
+    "redemption_id": "string", "customer_id": "string", "timestamp": "timestamp", "points": "number",
+}
 KNOWN_COLUMNS = {"customers": CUSTOMER_COLUMNS, "orders": ORDER_COLUMNS,
-                 "events": EVENT_COLUMNS, "redemptions": REDEMPTION_COLUMNS}
-ID_COLUMNS = {"orders": "order_id", "events": "event_id"}
+                 "events": EVENT_COLUMNS, "redemptions": REDEMPTION_COLUMNS,
+                 "point_redemptions": POINT_REDEMPTION_COLUMNS}
+ID_COLUMNS = {"orders": "order_id", "events": "event_id", "point_redemptions": "redemption_id"}
 
 BUILTIN_FEATURES: dict[str, tuple[str, str]] = {
     "days_since_last_order": ("number", "days from the local date of the last order up to as_of to as_of's date; null without orders"),
@@ -74,8 +79,16 @@ BUILTIN_FEATURES: dict[str, tuple[str, str]] = {
     "rfm_score": ("number", "rfm_r + rfm_f + rfm_m (3-15); null without orders"),
     "last_nps_score": ("number", "score of the latest nps_response event up to as_of; null without one"),
     "complaints_90d": ("number", "number of complaint events within 90d"),
+    "points_balance": ("number", "points the member can spend at as_of: earned - redeemed - expired (never below 0)"),
+    "points_earned_365d": ("number", "points earned within 365d, less the points of refunded orders"),
+    "points_redeemed_365d": ("number", "points redeemed (point_redemptions) within 365d"),
+    "points_expiring_30d": ("number", "points of the balance that expire within the next 30 days"),
+    "points_next_expiry": ("date", "the date the oldest points of the balance expire; null when none expire"),
 }
+POINTS_FEATURES = ("points_balance", "points_earned_365d", "points_redeemed_365d", "points_expiring_30d",
+                   "points_next_expiry")
 
+MAX_POINTS = 1_000_000_000   # per credit or offer; the rule-file schema bounds a written amount the same way
 AGGREGATES = ("count", "sum", "avg", "min", "max", "first", "last", "distinct")
 REWARD_KINDS = ("coupon", "points", "free_shipping", "gift", "tier", "message")
 TRIGGER_KINDS = ("birthday", "anniversary", "dates", "event", "inactive_for", "becomes")

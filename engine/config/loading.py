@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -106,6 +106,8 @@ def _validate(root: Path, result: ValidationResult) -> None:
     if program is None or not result.ok:
         return
     hashes.update(template_hashes)
+    if program.points is not None:        # points: value is what a point costs everywhere
+        settings = replace(settings, point_value=program.points.value)
     workspace = LoadedWorkspace(root=root, settings=settings, program=program,
                           rule_hashes=MappingProxyType(hashes), templates_dir=templates_dir)
     result.workspace = workspace

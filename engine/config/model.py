@@ -6,6 +6,7 @@ dataclasses and never touches raw YAML dicts again.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -185,6 +186,33 @@ class CampaignDef:
 
 
 @dataclass(frozen=True)
+class EarnRule:
+    """One way to earn points (``points: earn: NAME``): once per order or per event of a type."""
+
+    name: str
+    source: str                          # orders | events
+    amount: Expression                   # over order.* / event.* and customer columns
+    event_type: str | None = None        # for events
+    where: Expression | None = None
+    multiplier: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    notify_channel: str | None = None
+    notify_template: str | None = None
+    notify_priority: int = 0
+    location: Location = NOWHERE
+
+
+@dataclass(frozen=True)
+class PointsDef:
+    """``points:``: what a point is worth, when credits expire, how members earn them."""
+
+    value: float
+    start: dt.date | None = None
+    expire_days: int | None = None       # None: points never expire
+    earn: Mapping[str, EarnRule] = field(default_factory=lambda: MappingProxyType({}))
+    location: Location = NOWHERE
+
+
+@dataclass(frozen=True)
 class Program:
     """All rule files of a workspace, merged and validated."""
 
@@ -192,6 +220,7 @@ class Program:
     segments: Mapping[str, SegmentDef]
     tiers: Mapping[str, TierDef]
     campaigns: Mapping[str, CampaignDef]
+    points: PointsDef | None = None
 
 
 @dataclass(frozen=True)

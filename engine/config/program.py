@@ -39,6 +39,7 @@ from engine.config.model import (
     TriggerDef,
     VariantDef,
 )
+from engine.config.points_rules import build_points
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.config.settings import duration_days, percentage, whole_days_problem
@@ -63,10 +64,13 @@ class ProgramBuilder:
         # names defined in files that failed earlier checks: known, so that they cause no
         # second-hand "unknown segment" errors in the files that did load
         self.broken: dict[str, set[str]] = {kind: set() for kind in self.kinds}
+        self.points: list[tuple[Any, SourceMap, tuple]] = []     # each file's points: section
 
     # ------------------------------------------------------------------ gathering
 
     def add_file(self, data: dict, smap: SourceMap) -> None:
+        if data.get("points") is not None:
+            self.points.append((data["points"], smap, ("points",)))
         for kind, defs in self.kinds.items():
             for name, body in (data.get(kind) or {}).items():
                 if name in defs.items:
@@ -101,10 +105,16 @@ class ProgramBuilder:
         segments = self._segments(names)
         tiers = self._tiers(names)
         campaigns = self._campaigns(names, segments, tiers)
+        points = build_points(self.points, names, tiers, self.settings, self.problems, self.condition)
+        for rule in (points.earn.values() if points is not None else ()):
+            if rule.notify_template is not None:
+                _, smap, _ = self.points[0]
+                self._check_template(rule.notify_template, rule.notify_channel, smap,
+                                     ("points", "earn", rule.name, "notify", "template"))
         if any(p.severity == "error" for p in self.problems):
             return None
         return Program(features=MappingProxyType(features), segments=MappingProxyType(segments),
-                       tiers=MappingProxyType(tiers), campaigns=MappingProxyType(campaigns))
+                       tiers=MappingProxyType(tiers), campaigns=MappingProxyType(campaigns), points=points)
 
     def _location(self, smap: SourceMap, path: tuple) -> Location:
         line, column = smap.key_position(path)

@@ -16,8 +16,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from engine.config.catalogue import ACTIVITY_PREFIX, BUILTIN_FEATURES
-from engine.config.model import FeatureDef, Program, Settings, TierDef
+from engine.config.catalogue import ACTIVITY_PREFIX, BUILTIN_FEATURES, POINTS_FEATURES
+from engine.config.model import FeatureDef, PointsDef, Program, Settings, TierDef
+from engine.data.points import Accounts, PointsHistory, member_accounts, points_columns
 from engine.data.sources import Tables
 from engine.errors import Problem, RuleError
 
@@ -382,18 +383,33 @@ def _dependencies(feature: FeatureDef, names: set[str]) -> list[str]:
     return sorted((found & names) - {feature.name} | ({feature.name} & set(feature.depends_on)))
 
 
-def feature_order(features: Mapping[str, FeatureDef],
-                  tiers: Mapping[str, TierDef] | None = None) -> list[str]:
-    """Custom features (and "tier", when tiers are given) in an order where dependencies come first.
+def feature_order(features: Mapping[str, FeatureDef], tiers: Mapping[str, TierDef] | None = None,
+                  points: PointsDef | None = None) -> list[str]:
+    """Custom features, "tier" (when tiers are given) and "points" (the points features) in
+    an order where dependencies come first.
 
     Definition order is kept where dependencies allow; a cycle raises RuleError at the
-    first feature of the cycle.
+    first feature of the cycle (or at ``points:`` when a tier and the points depend on each other).
     """
-    names = set(features) | ({"tier"} if tiers else set())
-    graph = {name: _dependencies(feature, names) for name, feature in features.items()}
+    names = set(features) | ({"tier"} if tiers else set()) | {"points"}
+
+    def deps(used: set[str]) -> list[str]:
+        return sorted((used & names) | ({"points"} if used & set(POINTS_FEATURES) else set()))
+
+    graph = {name: [d for d in _dependencies(feature, names) if d != name] +
+             (["points"] if set(_used(feature)) & set(POINTS_FEATURES) else [])
+             for name, feature in features.items()}
+    graph["points"] = []
+    if points is not None:
+        used = set()
+        for rule in points.earn.values():
+            used |= set(rule.amount.names) | (set(rule.where.names) if rule.where is not None else set())
+            if rule.multiplier and tiers:
+                used.add("tier")
+        graph["points"] = [d for d in deps(used) if d != "points"]
     if tiers:
         used = set().union(*(set(t.where.names) for t in tiers.values()))
-        graph["tier"] = sorted(used & set(features))
+        graph["tier"] = deps(used)
     order: list[str] = []
     state: dict[str, int] = {}   # 1 visiting, 2 done
 
@@ -402,9 +418,14 @@ def feature_order(features: Mapping[str, FeatureDef],
             return
         if state.get(name) == 1:
             cycle = path[path.index(name):] + [name]
-            first = features.get(cycle[0]) or features.get(cycle[1])
-            raise RuleError([_problem(first, "features depend on each other in a cycle: "
-                                      + " -> ".join(cycle), "break the cycle")])
+            first = next((features[c] for c in cycle if c in features), None)
+            message = "features depend on each other in a cycle: " + " -> ".join(cycle)
+            if first is None:       # only tier and points: tiers from points that multiply the points
+                where = points.location
+                raise RuleError([Problem(where.file, where.line, where.column, message,
+                                         "a tier decided by the points cannot multiply them: drop the "
+                                         "multiplier or decide the tiers from spending")])
+            raise RuleError([_problem(first, message, "break the cycle")])
         state[name] = 1
         for dep in graph[name]:
             visit(dep, path + [name])
@@ -414,6 +435,10 @@ def feature_order(features: Mapping[str, FeatureDef],
     for name in graph:
         visit(name, [])
     return order
+
+
+def _used(feature: FeatureDef) -> set[str]:
+    return set(feature.depends_on) | (set(feature.expr.names) if feature.expr is not None else set())
 
 
 def _tier(tiers: Mapping[str, TierDef], frame: pd.DataFrame, as_of: pd.Timestamp) -> pd.Series:
@@ -431,10 +456,11 @@ def _tier(tiers: Mapping[str, TierDef], frame: pd.DataFrame, as_of: pd.Timestamp
 
 
 def compute_features(tables: Tables, program: Program, settings: Settings,
-                     as_of: pd.Timestamp) -> pd.DataFrame:
-    """One row per customer (tables.customers order): customer columns, built-ins, tier, RFM, custom."""
+                     as_of: pd.Timestamp, history: PointsHistory | None = None) -> pd.DataFrame:
+    """One row per customer (tables.customers order): customer columns, built-ins, tier, RFM,
+    points, custom. ``history``: what earlier runs granted and recorded (points, tiers)."""
     frame = local_features(tables, program, settings, as_of)
-    return finish_features(frame, program, settings, as_of, rfm_from_inputs(rfm_inputs(frame)))
+    return finish_features(frame, program, settings, as_of, rfm_from_inputs(rfm_inputs(frame)), tables, history)
 
 
 def local_features(tables: Tables, program: Program, settings: Settings,
@@ -447,7 +473,7 @@ def local_features(tables: Tables, program: Program, settings: Settings,
     n = len(customers)
     orders, events = _Activity.of(tables.orders), _Activity.of(tables.events)
     activity = {"orders": orders, "events": events}
-    aggregated = [name for name in feature_order(program.features, program.tiers)
+    aggregated = [name for name in feature_order(program.features, program.tiers, program.points)
                   if name in program.features and program.features[name].expr is None]
     # the groups of features are independent numpy work, which runs outside the GIL: two at a time
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loyalty-features") as pool:
@@ -462,6 +488,7 @@ def local_features(tables: Tables, program: Program, settings: Settings,
         empty = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
         built.update({name: empty for name in ("rfm_r", "rfm_f", "rfm_m", "rfm_score")})  # ranked later
         built["tier"] = pd.array([None] * n, dtype="string")
+        built.update(points_columns(Accounts.empty(n), timezone))      # computed later, in order
         columns = {name: built[name] for name in BUILTIN_FEATURES}
         frame = pd.concat([customers, pd.DataFrame(columns, index=customers.index)], axis=1)
         for name, job in custom.items():      # in dependency order: the first error is the one raised
@@ -470,21 +497,30 @@ def local_features(tables: Tables, program: Program, settings: Settings,
 
 
 def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, as_of: pd.Timestamp,
-                    rfm: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Add RFM (from scores ranked over all customers), computed features and the tier,
-    in dependency order; columns end in the same order whatever the partitioning."""
+                    rfm: dict[str, np.ndarray], tables: Tables | None = None,
+                    history: PointsHistory | None = None) -> pd.DataFrame:
+    """Add RFM (from scores ranked over all customers), computed features, the tier and the
+    points features, in dependency order; columns end in the same order whatever the
+    partitioning. The points need ``tables`` (the same customers' orders, events and point
+    redemptions) and ``history``; without them only what ``history`` granted counts."""
     as_of = local_as_of(as_of, settings.timezone)
     for name, column in rfm_columns(frame, rfm).items():
         frame[name] = column
-    order = feature_order(program.features, program.tiers)
+    order = feature_order(program.features, program.tiers, program.points)
     for name in order:
         if name == "tier":
             frame["tier"] = _tier(program.tiers, frame, as_of)
+            continue
+        if name == "points":
+            if program.points is not None or tables is not None or history is not None:
+                found = member_accounts(program.points, tables, frame, as_of, settings.timezone, history)
+                for column, values in points_columns(found, settings.timezone).items():
+                    frame[column] = values
             continue
         feature = program.features[name]
         if feature.expr is not None:
             value = feature.expr.evaluate(frame, as_of)
             frame[name] = _typed_output(pd.Series(value, index=frame.index).reset_index(drop=True), feature.type) \
                 if feature.type in ("number", "bool", "date", "string") else value
-    custom = [name for name in order if name != "tier"]
+    custom = [name for name in order if name not in ("tier", "points")]
     return frame[[c for c in frame.columns if c not in custom] + custom]

@@ -47,7 +47,7 @@ FALSE_WORDS = {"false", "f", "no", "n", "0", "否", "off"}
 FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet",
            ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite"}
 MAX_EXAMPLES = 3
-TABLE_ORDER = {"customers": 0, "orders": 1, "events": 2}
+TABLE_ORDER = {"customers": 0, "orders": 1, "events": 2, "point_redemptions": 3}
 TEXT = pd.StringDtype("pyarrow", na_value=np.nan)   # pandas' default "str"
 MAX_NUMBER = 1e12        # numbers in the data (amounts, scores, ...) go from -1e12 to 1e12
 _THOUSANDS = r"^[+-]?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]*)?$"    # 1,234 and 12,345,678.90
@@ -65,6 +65,8 @@ class Tables:
     warnings: tuple[str, ...] = ()
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     types: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # table -> column -> type
+    # points spent: redemption_id, customer_id, timestamp, points, source_row, cust_code (None: no table)
+    point_redemptions: pd.DataFrame | None = None
 
     @classmethod
     def read_elsewhere(cls, warnings) -> "Tables":
@@ -840,6 +842,16 @@ def _read_activity(source: SourceDef | None, table: str, root: Path, settings: S
             warnings.append(DataWarning((1, 1), f"{raw.label}: \0count\0 order(s) with a negative amount, "
                                                 f"counted as refunds (e.g. \0examples\0)", negative.size,
                                         _examples(raw, negative, columns['amount'].to_numpy()[negative])))
+    elif table == "point_redemptions":
+        points = _parse_numbers(raw, frame["points"], "points", required=True).astype("float64")
+        negative = np.flatnonzero(points.to_numpy() <= 0)
+        if negative.size:
+            raise DataError(raw.label, f"a redemption of {points.iloc[negative[0]]:g} points",
+                            row=_row(raw, int(negative[0])), column="points",
+                            hint="points redeemed are a positive number; a refund of points is an order")
+        columns["points"], types["points"] = points, "number"
+        rows = np.arange(len(frame)) if raw.rows is None else np.asarray(raw.rows)
+        columns["source_row"] = pd.Series(raw.first_row + rows, dtype="int64")
     else:
         kinds = _as_text(frame["type"])
         empty = kinds.isna().to_numpy()
@@ -929,6 +941,14 @@ def load_tables(settings: Settings, root: Path, *, as_source: bool = False) -> T
             frames[table], types[table] = frame, table_types
             if fingerprint:
                 fingerprints[table] = fingerprint
+    point_redemptions = None
+    if data.get("point_redemptions") is not None:
+        said["point_redemptions"] = []
+        read = _read_activity(data["point_redemptions"], "point_redemptions", root, settings, as_source)
+        said["point_redemptions"].extend(read.warnings)
+        point_redemptions, types["point_redemptions"], fingerprint = _link_activity(
+            read, "point_redemptions", customers, customer_raw, said["point_redemptions"])
+        fingerprints["point_redemptions"] = fingerprint
     warnings = [warning for table in said for warning in said[table]]
     redemptions = None
     if data.get("redemptions") is not None:
@@ -936,4 +956,4 @@ def load_tables(settings: Settings, root: Path, *, as_source: bool = False) -> T
             data["redemptions"], root, settings, customers)
     return Tables(customers=customers, orders=frames["orders"], events=frames["events"],
                   redemptions=redemptions, warnings=tuple(warnings), fingerprints=fingerprints,
-                  types=types)
+                  types=types, point_redemptions=point_redemptions)

@@ -20,13 +20,13 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from engine.config.catalogue import MAX_POINTS
 from engine.config.model import RewardDef, Settings
 
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L
 _ALPHABET_BYTES = np.frombuffer(CODE_ALPHABET.encode("ascii"), dtype=np.uint8)
 
 
-MAX_POINTS = 1_000_000_000   # per offer; the rule-file schema bounds a written amount the same way
 
 
 def _points(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:

@@ -1,0 +1,443 @@
+"""Points accounts: what each member earned, spent, lost to expiry and can still spend.
+
+The account of a member at ``as_of`` is a function of their entries up to ``as_of``:
+
+- credits: each order or event an earn rule (``points: earn:``) counts, at the order's time,
+  multiplied by the member's tier at that time; and the points campaigns granted (recorded
+  by earlier runs, ``PointsHistory.grants``);
+- debits: point redemptions (the ``point_redemptions`` table) and refunds (an order with a
+  negative amount takes back what that order would have earned).
+
+Debits take the oldest credits first. A credit earned at ``t`` is valid at ``as_of`` while
+``t > as_of - expire_after`` (it expires at the same local time ``expire_after`` days later).
+A debit of more points than the balance takes only the balance and is reported.
+
+With FIFO and one expiry period, the amount expired by ``t`` is
+``max(0, max over credits k that expired by t of (C_k - D(e_k)))`` where ``C_k`` is the
+member's cumulative credit through ``k`` and ``D(e_k)`` their cumulative debit before the
+expiry ``e_k``: a per-member cumulative maximum, so the whole account is sorted arrays and
+grouped cumulative sums. Only the members with a debit over their balance are replayed one
+entry at a time (to clip those debits), then computed like the others.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from engine.config.catalogue import MAX_POINTS, POINTS_FEATURES
+from engine.config.model import EarnRule, PointsDef
+
+CREDIT, REDEMPTION, REFUND = 0, 1, 2
+_US = 1_000          # nanoseconds in a microsecond: every instant here is int64 microseconds UTC
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class PointsHistory:
+    """What earlier runs recorded that the accounts need.
+
+    ``grants``: customer_id, points, granted_at (UTC) of the points campaigns granted;
+    ``tiers``: customer_id, tier, since (UTC) of the recorded tier changes (None: none kept).
+    """
+
+    grants: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({
+        "customer_id": pd.Series(dtype=str), "points": pd.Series(dtype=float),
+        "granted_at": pd.Series(dtype="datetime64[us, UTC]")}))
+    tiers: pd.DataFrame | None = None
+
+
+@dataclass
+class Entries:
+    """Every entry of the members of one frame, sorted by member, time, credits first."""
+
+    pos: np.ndarray          # member position in the features frame
+    at: np.ndarray           # int64 microseconds UTC
+    points: np.ndarray       # float64, positive
+    kind: np.ndarray         # CREDIT | REDEMPTION | REFUND
+    source: np.ndarray       # earn rule, "campaign:ID" or the redemption's source row (as text)
+
+    @classmethod
+    def empty(cls) -> "Entries":
+        return cls(np.array([], np.int64), np.array([], np.int64), np.array([], float),
+                   np.array([], np.int8), np.array([], object))
+
+    def sorted(self) -> "Entries":
+        order = np.lexsort((self.kind, self.at, self.pos))
+        return Entries(self.pos[order], self.at[order], self.points[order], self.kind[order], self.source[order])
+
+
+@dataclass
+class Accounts:
+    """Per member (aligned with the features frame) at ``as_of``; ``overdrawn``: the debits
+    that asked for more than the balance (source, customer position, asked, taken)."""
+
+    balance: np.ndarray
+    earned: np.ndarray
+    redeemed: np.ndarray
+    expired: np.ndarray
+    earned_365d: np.ndarray
+    redeemed_365d: np.ndarray
+    expiring_30d: np.ndarray
+    next_expiry: np.ndarray            # int64 microseconds UTC; -1 when nothing expires
+    overdrawn: list[tuple[str, int, float, float]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n: int) -> "Accounts":
+        zeros = np.zeros(n)
+        return cls(zeros, zeros, zeros, zeros, zeros, zeros, zeros, np.full(n, -1, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- time
+
+
+def _micros(stamps) -> np.ndarray:
+    """Instants (a tz-aware Series or DatetimeIndex) as int64 microseconds UTC."""
+    index = pd.DatetimeIndex(stamps)
+    return index.tz_convert("UTC").tz_localize(None).as_unit("us").asi8.astype(np.int64)
+
+
+def _instant(stamp: pd.Timestamp) -> int:
+    return int(stamp.value) // _US
+
+
+def shift_days(at: np.ndarray, days: int, timezone: str) -> np.ndarray:
+    """The same local wall-clock time ``days`` calendar days later (DST-aware, as windows are)."""
+    if not len(at):
+        return at
+    wall = pd.DatetimeIndex(at.view("datetime64[us]")).tz_localize("UTC").tz_convert(timezone).tz_localize(None)
+    later = (wall + pd.Timedelta(days=days)).tz_localize(timezone, ambiguous=np.ones(len(at), dtype=bool),
+                                                          nonexistent="shift_forward")
+    return _micros(later)
+
+
+def _shift(stamp: pd.Timestamp, days: int) -> pd.Timestamp:
+    wall = stamp.tz_localize(None) + pd.Timedelta(days=days)
+    return wall.tz_localize(stamp.tz, ambiguous=True, nonexistent="shift_forward")
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_of: pd.Timestamp,
+                   timezone: str, history: PointsHistory | None) -> Entries:
+    """Every entry up to ``as_of`` of the members in ``features`` (whose row order the
+    tables' ``cust_code`` follows)."""
+    parts: list[Entries] = []
+    now = _instant(as_of)
+    if points is not None:
+        start = None
+        if points.start is not None:
+            start = _instant(pd.Timestamp(points.start).tz_localize(timezone))
+        tier_at = _TierAt(features, history.tiers if history is not None else None)
+        for rule in points.earn.values():
+            table = tables.orders if rule.source == "orders" else tables.events
+            parts.append(_earned(rule, table, features, as_of, now, start, tier_at))
+    if history is not None and len(history.grants):
+        parts.append(_granted(history.grants, features, now))
+    redemptions = getattr(tables, "point_redemptions", None)
+    if redemptions is not None and len(redemptions):
+        at = _micros(redemptions["timestamp"])
+        seen = at <= now
+        parts.append(Entries(redemptions["cust_code"].to_numpy(np.int64)[seen], at[seen],
+                             redemptions["points"].to_numpy(float)[seen],
+                             np.full(int(seen.sum()), REDEMPTION, np.int8),
+                             redemptions["source_row"].astype(str).to_numpy(object)[seen]))
+    parts = [p for p in parts if len(p.pos)]
+    if not parts:
+        return Entries.empty()
+    return Entries(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("pos", "at", "points", "kind", "source"))).sorted()
+
+
+def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: pd.Timestamp, now: int,
+            start: int | None, tier_at: "_TierAt") -> Entries:
+    """The credits (and, for orders, refunds) one earn rule gives."""
+    if not len(table):
+        return Entries.empty()
+    at = _micros(table["timestamp"])
+    keep = at <= now
+    if start is not None:
+        keep &= at >= start
+    if rule.event_type is not None:
+        keep &= (table["type"] == rule.event_type).to_numpy(dtype=bool, na_value=False)
+    rows = table[keep].reset_index(drop=True)
+    at = at[keep]
+    if not len(rows):
+        return Entries.empty()
+    pos = rows["cust_code"].to_numpy(np.int64)
+    refund = np.zeros(len(rows), dtype=bool)
+    if rule.source == "orders":
+        amount = rows["amount"].to_numpy(dtype=float)
+        refund = amount < 0
+        if refund.any():        # a refund takes back what the order would have earned
+            rows["amount"] = np.abs(amount)
+    scope = _scope(rule, rows, features, pos)
+    values = pd.to_numeric(rule.amount.evaluate(scope, as_of), errors="coerce")
+    base = np.nan_to_num(pd.Series(values).astype("Float64").to_numpy(dtype=float, na_value=np.nan),
+                         nan=0.0, posinf=MAX_POINTS, neginf=0.0)
+    base = np.floor(base.clip(min=0, max=MAX_POINTS))
+    if rule.where is not None:
+        base[~rule.where.mask(scope, as_of)] = 0
+    if rule.multiplier:
+        base = np.floor(np.minimum(base * tier_at.multiplier(pos, at, rule.multiplier), MAX_POINTS))
+    given = base > 0
+    kind = np.where(refund, REFUND, CREDIT).astype(np.int8)
+    return Entries(pos[given], at[given], base[given], kind[given],
+                   np.full(int(given.sum()), rule.name, dtype=object))
+
+
+def _scope(rule: EarnRule, rows: pd.DataFrame, features: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:
+    """``order.*``/``event.*`` of each row beside the member's features the rule reads."""
+    prefix = "order." if rule.source == "orders" else "event."
+    used = set(rule.amount.names) | (set(rule.where.names) if rule.where is not None else set())
+    columns = {name: rows[name[len(prefix):]].reset_index(drop=True)
+               for name in used if name.startswith(prefix) and name[len(prefix):] in rows}
+    member = [name for name in used if not name.startswith(prefix) and name in features]
+    scope = features[member].iloc[pos].reset_index(drop=True) if member else pd.DataFrame(index=range(len(rows)))
+    for name, column in columns.items():
+        scope[name] = column
+    return scope
+
+
+def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
+    pos = pd.Index(features["customer_id"].astype(str)).get_indexer(grants["customer_id"].astype(str))
+    at = _micros(grants["granted_at"])
+    keep = (pos >= 0) & (at <= now) & (grants["points"].to_numpy(float) > 0)
+    source = ("campaign:" + grants["campaign"].astype(str)).to_numpy(object) if "campaign" in grants \
+        else np.full(len(grants), "campaign", dtype=object)
+    return Entries(pos[keep].astype(np.int64), at[keep], grants["points"].to_numpy(float)[keep],
+                   np.full(int(keep.sum()), CREDIT, np.int8), source[keep])
+
+
+class _TierAt:
+    """A member's tier at an instant: the last recorded change before it; before the first
+    recorded change, the first recorded tier; never recorded: the tier at ``as_of``."""
+
+    def __init__(self, features: pd.DataFrame, tiers: pd.DataFrame | None):
+        self.current = features["tier"].astype(object).to_numpy() if "tier" in features \
+            else np.full(len(features), None, dtype=object)
+        self.changes = None
+        if tiers is not None and len(tiers):
+            pos = pd.Index(features["customer_id"].astype(str)).get_indexer(tiers["customer_id"].astype(str))
+            keep = pos >= 0
+            self.changes = pd.DataFrame({"pos": pos[keep], "since": _micros(tiers["since"])[keep],
+                                         "tier": tiers["tier"].astype(object).to_numpy()[keep]})
+
+    def multiplier(self, pos: np.ndarray, at: np.ndarray, factors) -> np.ndarray:
+        tier = self.current[pos]
+        if self.changes is not None and len(self.changes):
+            changes = self.changes.sort_values("since", kind="stable")
+            query = pd.DataFrame({"pos": pos, "since": at, "row": np.arange(len(pos))}).sort_values("since",
+                                                                                                    kind="stable")
+            found = pd.merge_asof(query, changes, on="since", by="pos", direction="backward")
+            first = changes.drop_duplicates("pos").set_index("pos")["tier"]
+            fallback = found["pos"].map(first)
+            chosen = found["tier"].where(found["tier"].notna(), fallback)
+            recorded = chosen.notna().to_numpy()
+            rows = found["row"].to_numpy()
+            tier = tier.copy()
+            tier[rows[recorded]] = chosen.to_numpy()[recorded]
+        return pd.Series(tier, dtype=object).map(dict(factors)).fillna(1.0).to_numpy(float)
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+def member_accounts(points: PointsDef | None, tables, features: pd.DataFrame, as_of: pd.Timestamp,
+                    timezone: str, history: PointsHistory | None) -> Accounts:
+    """The account at ``as_of`` of every member of ``features``."""
+    empty = tables is None
+    entries = Entries.empty() if empty and history is None else \
+        member_entries(points, tables if not empty else _NO_TABLES, features, as_of, timezone, history)
+    expire = points.expire_days if points is not None else None
+    return accounts(entries, len(features), as_of, expire, timezone)
+
+
+class _NoTables:
+    orders = events = pd.DataFrame()
+    point_redemptions = None
+
+
+_NO_TABLES = _NoTables()
+
+
+def accounts(entries: Entries, n: int, as_of: pd.Timestamp, expire_days: int | None, timezone: str) -> Accounts:
+    """Every member's account at ``as_of`` from their entries (all at or before ``as_of``)."""
+    debits = entries.kind != CREDIT
+    overdrawn: list[tuple[str, int, float, float]] = []
+    bad = _overdrawn_members(entries, expire_days, timezone)
+    if len(bad):
+        entries, overdrawn = _clip_debits(entries, bad, expire_days, timezone)
+        debits = entries.kind != CREDIT
+    pos, pts = entries.pos, entries.points
+    credit = np.where(debits, 0.0, pts)
+    redemption = np.where(entries.kind == REDEMPTION, pts, 0.0)
+    refund = np.where(entries.kind == REFUND, pts, 0.0)
+    earned = np.bincount(pos, credit, minlength=n) - np.bincount(pos, refund, minlength=n)
+    redeemed = np.bincount(pos, redemption, minlength=n)
+    year_ago = _instant(_shift(as_of, -365))
+    recent = entries.at > year_ago
+    earned_365d = np.bincount(pos[recent], (credit - refund)[recent], minlength=n).clip(min=0)
+    redeemed_365d = np.bincount(pos[recent], redemption[recent], minlength=n)
+    expired = np.zeros(n)
+    expiring = np.zeros(n)
+    next_expiry = np.full(n, -1, dtype=np.int64)
+    if expire_days is not None and len(pos):
+        now, month = _instant(as_of), _instant(_shift(as_of, 30))
+        expired, expiring, next_expiry = _expiry(entries, n, expire_days, timezone, now, month)
+    balance = (earned - redeemed - expired).clip(min=0)
+    return Accounts(np.round(balance, 6), np.round(earned, 6), np.round(redeemed, 6), np.round(expired, 6),
+                    np.round(earned_365d, 6), np.round(redeemed_365d, 6), np.round(expiring, 6), next_expiry,
+                    overdrawn)
+
+
+def _cumulative(pos: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Running sum within each member (``pos`` sorted)."""
+    total = np.cumsum(values)
+    if not len(pos):
+        return total
+    starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    before = np.r_[0.0, total][starts]           # the running sum before each member's first row
+    return total - np.repeat(before, np.diff(np.r_[starts, len(pos)]))
+
+
+def _grouped_cummax(pos: np.ndarray, values: np.ndarray) -> np.ndarray:
+    if not len(values):
+        return values
+    return pd.Series(values).groupby(pos, sort=False).cummax().to_numpy()
+
+
+def _before(pos_q: np.ndarray, at_q: np.ndarray, pos_v: np.ndarray, at_v: np.ndarray, values: np.ndarray,
+            inclusive: bool, reduce: str = "sum") -> np.ndarray:
+    """For each query (member, instant): the sum (or the last running maximum) of the member's
+    ``values`` at instants before it (``inclusive``: at or before). ``pos_v, at_v`` sorted."""
+    nq, nv = len(pos_q), len(pos_v)
+    if not nq:
+        return np.zeros(0)
+    running = _cumulative(pos_v, values) if reduce == "sum" else values
+    # merge queries and values: a value at the same instant counts when inclusive
+    tag = np.r_[np.full(nv, 0 if inclusive else 1), np.full(nq, 1 if inclusive else 0)]
+    all_pos, all_at = np.r_[pos_v, pos_q], np.r_[at_v, at_q]
+    order = np.lexsort((tag, all_at, all_pos))
+    is_value = order < nv
+    last_value = np.where(is_value, np.arange(len(order)), -1)
+    last_value = np.maximum.accumulate(last_value)      # the latest value row at or before each row
+    result = np.zeros(nq)
+    query_rows = np.flatnonzero(~is_value)
+    latest = last_value[query_rows]
+    found = latest >= 0
+    value_index = order[latest[found]]
+    same_member = all_pos[value_index] == pos_q[order[query_rows[found]] - nv]
+    out = np.zeros(len(query_rows))
+    hits = np.flatnonzero(found)[same_member]
+    out[hits] = running[value_index[same_member]]
+    result[order[query_rows] - nv] = out
+    return result
+
+
+def _expiry(entries: Entries, n: int, expire_days: int, timezone: str, now: int,
+            month: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expired by ``now``, expiring by ``month`` (with no further debits), and the next expiry."""
+    credit = entries.kind == CREDIT
+    cpos, cat, cpts = entries.pos[credit], entries.at[credit], entries.points[credit]
+    dpos, dat, dpts = entries.pos[~credit], entries.at[~credit], entries.points[~credit]
+    ends = shift_days(cat, expire_days, timezone)
+    total_credit = _cumulative(cpos, cpts)                            # C_k
+    debit_before_end = _before(cpos, ends, dpos, dat, dpts, inclusive=False)   # D(< e_k)
+    floor = _grouped_cummax(cpos, total_credit - debit_before_end)   # ends are in credit order
+    debited = np.bincount(dpos, dpts, minlength=n)
+    expired = np.zeros(n)
+    due = ends <= now
+    np.maximum.at(expired, cpos[due], floor[due])
+    # by ``month``: the credits ending by then, with every debit up to now
+    soon = (ends > now) & (ends <= month)
+    expiring_floor = expired.copy()
+    np.maximum.at(expiring_floor, cpos[soon], total_credit[soon] - debited[cpos[soon]])
+    expiring = (expiring_floor - expired).clip(min=0)
+    # the first credit not yet used up, among those still to expire
+    used = debited + expired
+    left = (ends > now) & (total_credit > used[cpos] + _EPS)
+    next_expiry = np.full(n, -1, dtype=np.int64)
+    first = np.flatnonzero(left)
+    if len(first):
+        members, at_first = np.unique(cpos[first], return_index=True)
+        next_expiry[members] = ends[first[at_first]]
+    return expired.clip(min=0), expiring, next_expiry
+
+
+def _overdrawn_members(entries: Entries, expire_days: int | None, timezone: str) -> np.ndarray:
+    """Members with a debit larger than their balance just before it."""
+    debit = entries.kind != CREDIT
+    if not debit.any():
+        return np.array([], np.int64)
+    credits = _cumulative(entries.pos, np.where(debit, 0.0, entries.points))
+    debits = _cumulative(entries.pos, np.where(debit, entries.points, 0.0))
+    balance_after = credits - debits
+    if expire_days is not None:
+        credit = ~debit
+        cpos, cat = entries.pos[credit], entries.at[credit]
+        ends = shift_days(cat, expire_days, timezone)
+        total_credit = _cumulative(cpos, entries.points[credit])
+        before_end = _before(cpos, ends, entries.pos[debit], entries.at[debit], entries.points[debit],
+                             inclusive=False)
+        floor = _grouped_cummax(cpos, total_credit - before_end)
+        order = np.lexsort((ends, cpos))
+        # expired by each debit: the running maximum of the floors of the credits ended at or before it
+        expired = _before(entries.pos[debit], entries.at[debit], cpos[order], ends[order],
+                          _grouped_cummax(cpos[order], floor[order]), inclusive=True, reduce="max")
+        balance_after[debit] -= expired.clip(min=0)
+    return np.unique(entries.pos[debit & (balance_after < -_EPS)])
+
+
+def _clip_debits(entries: Entries, members: np.ndarray, expire_days: int | None,
+                 timezone: str) -> tuple[Entries, list[tuple[str, int, float, float]]]:
+    """Replay the given members one entry at a time (oldest credits first, expired lots
+    dropped) and take only the balance where a debit asks for more."""
+    points = entries.points.copy()
+    ends = shift_days(entries.at, expire_days, timezone) if expire_days is not None else None
+    overdrawn = []
+    rows_of = pd.Series(np.arange(len(entries.pos))).groupby(entries.pos).indices
+    for member in members:
+        lots: deque = deque()          # [end, points] of the credits not used up, oldest first
+        for row in rows_of[int(member)]:
+            at = entries.at[row]
+            while lots and ends is not None and lots[0][0] <= at:
+                lots.popleft()
+            if entries.kind[row] == CREDIT:
+                lots.append([ends[row] if ends is not None else np.iinfo(np.int64).max, points[row]])
+                continue
+            wanted, taken = points[row], 0.0
+            while lots and taken < wanted - _EPS:
+                use = min(lots[0][1], wanted - taken)
+                lots[0][1] -= use
+                taken += use
+                if lots[0][1] <= _EPS:
+                    lots.popleft()
+            if taken < wanted - _EPS:
+                overdrawn.append((str(entries.source[row]), int(member), float(wanted), float(taken)))
+                points[row] = taken
+    keep = points > _EPS
+    clipped = Entries(entries.pos[keep], entries.at[keep], points[keep], entries.kind[keep], entries.source[keep])
+    return clipped, overdrawn
+
+
+def points_columns(account: Accounts, timezone: str) -> dict[str, object]:
+    """The points features of ``POINTS_FEATURES`` as nullable columns."""
+    expiry = account.next_expiry
+    none = expiry < 0
+    dates = pd.DatetimeIndex(np.where(none, 0, expiry).view("datetime64[us]")).tz_localize("UTC") \
+        .tz_convert(timezone).tz_localize(None).normalize()
+    next_expiry = pd.Series(dates.as_unit("ns")).where(~none)
+    columns = {
+        "points_balance": pd.array(account.balance, dtype="Float64"),
+        "points_earned_365d": pd.array(account.earned_365d, dtype="Float64"),
+        "points_redeemed_365d": pd.array(account.redeemed_365d, dtype="Float64"),
+        "points_expiring_30d": pd.array(account.expiring_30d, dtype="Float64"),
+        "points_next_expiry": next_expiry.to_numpy(),
+    }
+    assert tuple(columns) == POINTS_FEATURES
+    return columns
