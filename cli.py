@@ -19,6 +19,8 @@ import click
 
 from engine import LoyaltyError, RuleError, Workspace, __version__, init_example, init_workspace, run_demo
 from engine.app.csv_export import csv_safe
+from engine.app.points import COLUMNS as POINTS_COLUMNS
+from engine.app.points import format_points
 from engine.app.report_text import TerminalProgress, display_width, print_preview, print_run, without_escapes
 from engine.app.reporting import print_report
 from engine.app.simulation import format_text
@@ -265,6 +267,30 @@ def history(workspace, customer, fmt):
         why = row.get("explanation") or {}
         if why:
             click.echo(without_escapes("    because " + ", ".join(f"{k}={v}" for k, v in why.items())))
+
+
+@main.command()
+@workspace_argument
+@as_of_option
+@click.option("--customer", default=None, help="One member's account and ledger lines.")
+@format_option("text", "json", "csv")
+@handle_errors
+def points(workspace, as_of, customer, fmt):
+    """Points balances: earned, redeemed, expired and expiring per member; liability."""
+    result = Workspace(workspace).points(as_of, customer)
+    for warning in result.warnings:
+        click.echo(without_escapes(f"warning: {warning}"), err=True)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(POINTS_COLUMNS)
+        for row in result.members[POINTS_COLUMNS].itertuples(index=False):
+            writer.writerow([csv_safe(row[0]), *row[1:]])
+        click.echo(out.getvalue(), nl=False)
+    else:
+        click.echo(without_escapes(format_points(result)))
 
 
 @main.command("runs")

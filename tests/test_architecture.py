@@ -38,7 +38,7 @@ def test_the_cli_goes_through_the_front_door():
     engine_modules = {m for m in imported if m and m.startswith("engine")}
     assert "engine" in engine_modules
     # besides the front door, only presentation helpers (text tables, CSV safety, stage names)
-    assert engine_modules - {"engine"} <= {"engine.app.csv_export", "engine.app.report_text",
+    assert engine_modules - {"engine"} <= {"engine.app.csv_export", "engine.app.points", "engine.app.report_text",
                                            "engine.app.reporting", "engine.app.simulation",
                                            "engine.decide.evaluation", "engine.state.delivery"}
     assert {"Workspace", "LoyaltyError", "RuleError"} <= set(engine.__all__)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from engine.config.model import LoadedWorkspace
 from engine.data.features import compute_features
+from engine.data.points import PointsHistory
 from engine.data.sources import Tables
 from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
@@ -58,6 +59,8 @@ class MemoryState:
     spent: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         {"campaign": pd.Series(dtype=object), "as_of": pd.Series(dtype=object), "cost": pd.Series(dtype=float)}))
     earlier_spent: Callable[[Mapping[str, str], str], dict] | None = None
+    # points granted by points campaigns: customer_id, points, granted_at (UTC), campaign
+    granted: pd.DataFrame = field(default_factory=lambda: PointsHistory().grants)
 
     def context(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> RunContext:
         """The run context a real run at ``as_of`` would read from the database."""
@@ -66,8 +69,10 @@ class MemoryState:
         since = as_of - pd.Timedelta(days=longest + 1)
         contacts = self.contacts[self.contacts["contacted_at"] > since]
         self.contacts = contacts.reset_index(drop=True)   # older contacts can never matter again
+        grants = self.granted[self.granted["granted_at"] < as_of]
         return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
-                          recorded=self._recorded, budget_used=self._budget_used(workspace, as_of))
+                          recorded=self._recorded, budget_used=self._budget_used(workspace, as_of),
+                          points=PointsHistory(grants=grants.reset_index(drop=True)))
 
     def _budget_used(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> dict[str, tuple[int, float]]:
         """What runs before ``as_of`` spent in each budget's period, as the database would say."""
@@ -107,6 +112,16 @@ class MemoryState:
             spent = pd.DataFrame({"campaign": offers["campaign"].to_numpy(dtype=object),
                                   "as_of": as_of_key, "cost": offers["cost"].to_numpy(dtype=float)})
             self.spent = pd.concat([self.spent, spent], ignore_index=True) if len(self.spent) else spent
+            points = offers["points"].to_numpy(dtype=float)
+            given = points > 0
+            if given.any():
+                granted = pd.DataFrame({
+                    "customer_id": offers["customer_id"].astype(str).to_numpy(dtype=object)[given],
+                    "points": points[given], "campaign": offers["campaign"].to_numpy(dtype=object)[given],
+                    "granted_at": pd.Series(evaluation.as_of.tz_convert("UTC"), index=range(int(given.sum())))
+                    .dt.as_unit("us")})
+                self.granted = pd.concat([self.granted, granted], ignore_index=True) if len(self.granted) \
+                    else granted
         self.edge_state.update(edge_state)
         self.previous_as_of = evaluation.as_of
 
@@ -136,6 +151,8 @@ class Seed:
                 schedules[campaign] = last
         state = MemoryState(previous_as_of=ctx.previous_as_of, edge_state=dict(ctx.edge_state),
                             schedules=schedules, earlier=self._recorded_before, earlier_spent=self._spent_before)
+        if ctx.points is not None and len(ctx.points.grants):
+            state.granted = ctx.points.grants
         if len(ctx.contacts):
             state.add_contacts(ctx.contacts)
         return state
@@ -234,7 +251,7 @@ def replay(workspace: LoadedWorkspace, tables: Tables | None, times: list[pd.Tim
         if decide is not None:
             evaluation, edge_state = decide(ctx, selected, state)
         else:
-            features = compute_features(tables, workspace.program, workspace.settings, as_of)
+            features = compute_features(tables, workspace.program, workspace.settings, as_of, ctx.points)
             index = index if index is not None else customer_index(features)
             evaluation, edge_state = evaluate_step(workspace, tables, features, ctx, selected, index=index)
         state.record(evaluation, edge_state)

@@ -21,6 +21,7 @@ from engine.app import preview as preview_stage
 from engine.app import run as run_stage
 from engine.app.golden import GoldenResult, run_golden_tests
 from engine.app.outputs import check_output
+from engine.app.points import PointsReport, points_report
 from engine.app.preview import Preview, write_preview_trace
 from engine.app.report_html import write_html_report
 from engine.app.reporting import build_report
@@ -103,6 +104,11 @@ class Workspace:
     def runs(self, limit: int = 20) -> list[dict]:
         """The most recent runs, newest first."""
         return run_stage.runs(self.root, limit)
+
+    def points(self, as_of: Any = None, customer: str | None = None) -> PointsReport:
+        """Every member's points account at ``as_of`` (balance, earned, redeemed, expired,
+        expiring in 30 days) and the programme's outstanding points and liability."""
+        return points_report(self.root, as_of, customer)
 
     def check_state(self) -> StateCheck:
         """SQLite's integrity check of the state database, read-only (`loyalty state check`)."""

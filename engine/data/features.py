@@ -434,7 +434,8 @@ def feature_order(features: Mapping[str, FeatureDef], tiers: Mapping[str, TierDe
 
     for name in graph:
         visit(name, [])
-    return order
+    needed = points is not None or any("points" in deps for deps in graph.values())
+    return order if needed else [name for name in order if name != "points"]
 
 
 def _used(feature: FeatureDef) -> set[str]:
@@ -507,6 +508,8 @@ def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, a
     for name, column in rfm_columns(frame, rfm).items():
         frame[name] = column
     order = feature_order(program.features, program.tiers, program.points)
+    if "points" not in order:       # nothing reads them: grants and redemptions alone, first
+        order = ["points"] + order
     for name in order:
         if name == "tier":
             frame["tier"] = _tier(program.tiers, frame, as_of)

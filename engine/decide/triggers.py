@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef
+from engine.data.points import PointsHistory
 
 EVENT_LOOKBACK = pd.Timedelta(days=1)   # first run ever: events of the last day fire
 
@@ -36,6 +37,8 @@ class RunContext:
     recorded: Callable[[list[str]], dict] = field(default=lambda keys: {})
     # campaign -> (offers, cost) that earlier runs of its budget's period recorded (budget.per)
     budget_used: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    # what earlier runs granted (points campaigns) and recorded (tiers), for the points features
+    points: PointsHistory | None = None
 
 
 @dataclass

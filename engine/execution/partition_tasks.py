@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from engine.config.loading import load_rules, rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.features import finish_features, local_features, rfm_inputs
+from engine.data.points import PointsHistory
 from engine.data.sources import load_tables
 from engine.decide.budgets import BUDGET_KEY, budget_sorted, within_budgets
 from engine.decide.evaluation import PartitionDecision, evaluate_partition
@@ -90,13 +91,29 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
     for campaign, ids in ctx.edge_state.items():
         listed = sorted(ids)
         states[campaign] = (listed, partition_numbers(pd.Series(listed, dtype=object), count) if listed else [])
+    points = _points_by_partition(ctx.points, count)
     slices = []
     for number in range(count):
         edge_state = {campaign: frozenset(i for i, n in zip(listed, mine) if n == number)
                       for campaign, (listed, mine) in states.items()}
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
-                              edge_state=edge_state, recorded=Recorded(recorded[number])))
+                              edge_state=edge_state, recorded=Recorded(recorded[number]),
+                              points=points[number]))
     return slices
+
+
+def _points_by_partition(history: PointsHistory | None, count: int) -> list[PointsHistory | None]:
+    """The points history of each partition's customers (grants and recorded tiers)."""
+    if history is None:
+        return [None] * count
+
+    def split(frame: pd.DataFrame | None) -> list[pd.DataFrame | None]:
+        if frame is None:
+            return [None] * count
+        numbers = partition_numbers(frame["customer_id"].astype(str), count) if len(frame) else np.zeros(0)
+        return [frame[numbers == number].reset_index(drop=True) for number in range(count)]
+
+    return [PointsHistory(grants, tiers) for grants, tiers in zip(split(history.grants), split(history.tiers))]
 
 
 # --------------------------------------------------------------------------- in a task
@@ -204,7 +221,7 @@ def decide_partition(job: Job, number: int, ctx: RunContext, thresholds: dict,
         return None, None, 0, []
     workspace, tables, frame = _local_features(job, number)
     features = finish_features(frame, workspace.program, workspace.settings, job.as_of,
-                               _scores_from(frame, thresholds))
+                               _scores_from(frame, thresholds), tables, ctx.points)
     decision = evaluate_partition(workspace, tables, features, ctx, job.campaigns)
     decision.arbitrated = within_budgets(decision.arbitrated, caps)
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))

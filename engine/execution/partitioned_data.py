@@ -33,7 +33,7 @@ from engine.data.sources import FIRST_ROW_KEY, FORMATS, LABEL_KEY, ROW_COLUMN, _
 from engine.decide.assignment import stable_fraction
 from engine.errors import DataError
 
-TABLES = ("customers", "orders", "events")    # redemptions are not evaluated
+TABLES = ("customers", "orders", "events", "point_redemptions")    # coupon redemptions are not evaluated
 BATCH_ROWS = 1_000_000
 FOLDER = Path(".loyalty") / "partitioned"
 MANIFEST = "manifest.json"

@@ -94,9 +94,10 @@ def partition_tables(tables: Tables, numbers: np.ndarray, number: int) -> Tables
     members = np.flatnonzero(numbers == number)
     local = np.full(len(numbers), -1, dtype=np.int64)
     local[members] = np.arange(len(members))
+    points = tables.point_redemptions
     return replace(tables, customers=tables.customers.iloc[members].reset_index(drop=True),
                    orders=_rows_of(tables.orders, local), events=_rows_of(tables.events, local),
-                   redemptions=None)
+                   redemptions=None, point_redemptions=None if points is None else _rows_of(points, local))
 
 
 def _rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
@@ -123,7 +124,7 @@ def evaluate_in_partitions(workspace: LoadedWorkspace, tables: Tables, ctx: RunC
     customers = len(tables.customers)
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
-        features = compute_features(tables, program, settings, ctx.as_of)
+        features = compute_features(tables, program, settings, ctx.as_of, ctx.points)
         workers = 1 if trace else worker_count(customers, workers)
         if workers > 1:
             decided = evaluate_in_workers(workspace, tables, features, ctx, workers, campaigns, progress)
@@ -166,7 +167,7 @@ def _evaluate_parts(workspace: LoadedWorkspace, ctx: RunContext, count: int, cam
     for number in inputs:
         say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
-        features = finish_features(local, program, settings, ctx.as_of, scores[number])
+        features = finish_features(local, program, settings, ctx.as_of, scores[number], part, ctx.points)
         customers += len(features)
         decision, rows = decide_part(workspace, part, features, ctx, campaigns, caps)
         length = len(rows)
@@ -223,8 +224,9 @@ def evaluate_streamed(workspace: LoadedWorkspace, ctx: RunContext, count: int | 
             tables = load_tables(partition_settings(settings, folder, number), workspace.root, as_source=True)
             warnings.append(tables.warnings)
             local = local_features(tables, program, settings, ctx.as_of)
-            # evaluation needs the events (event triggers), never the orders again
-            kept = replace(tables, orders=tables.orders.iloc[0:0], redemptions=None)
+            # evaluation needs the events (event triggers) and the points the orders (earn rules)
+            earns = program.points is not None and any(r.source == "orders" for r in program.points.earn.values())
+            kept = replace(tables, orders=tables.orders if earns else tables.orders.iloc[0:0], redemptions=None)
             with open(Path(temp) / f"part-{number}.pickle", "wb") as handle:
                 pickle.dump((kept, local), handle, protocol=pickle.HIGHEST_PROTOCOL)
             return rfm_inputs(local)

@@ -11,6 +11,7 @@ import pandas as pd
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
 from engine.data.features import compute_features
+from engine.data.points import PointsHistory
 from engine.data.sources import Tables, load_tables
 from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
@@ -88,7 +89,9 @@ def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
     used = store.budget_used({campaign: _utc_key(start) for campaign, start in budget_periods(workspace, as_of).items()},
                              _utc_key(as_of))
-    return RunContext(as_of, previous_as_of, contacts, edge_state, recorded=store.recorded_at, budget_used=used)
+    points = PointsHistory(grants=store.points_granted(before=_utc_key(as_of)))
+    return RunContext(as_of, previous_as_of, contacts, edge_state, recorded=store.recorded_at, budget_used=used,
+                      points=points)
 
 
 def _utc_key(stamp: pd.Timestamp) -> str:
@@ -128,8 +131,9 @@ def edge_state_rows(evaluation: Evaluation, previous: dict) -> list[dict]:
 
 def prepare(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None, tables=None) -> Prepared:
     tables = tables if tables is not None else load_tables(workspace.settings, workspace.root)
-    features = compute_features(tables, workspace.program, workspace.settings, as_of)
-    return Prepared(tables, features, run_context(workspace, as_of, store, since))
+    context = run_context(workspace, as_of, store, since)
+    features = compute_features(tables, workspace.program, workspace.settings, as_of, context.points)
+    return Prepared(tables, features, context)
 
 
 def prepare_and_evaluate(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None,

@@ -17,6 +17,27 @@ class Ledger(Database):
         return self._frame("SELECT customer_id, sum(points) FROM points_ledger "
                            "GROUP BY customer_id", [], ["customer_id", "points"])
 
+    def points_granted(self, before: str | None = None, through: str | None = None) -> pd.DataFrame:
+        """customer_id, points, granted_at (UTC), campaign of the points campaigns granted by
+        runs at instants before ``before`` (or at or before ``through``), UTC ISO keys."""
+        where, params = [], []
+        if before is not None:
+            where.append("granted < ?")
+            params.append(before)
+        if through is not None:
+            where.append("granted <= ?")
+            params.append(through)
+        rows = self._frame(
+            "SELECT customer_id, points, granted, campaign FROM (SELECT l.customer_id, l.points, "
+            "coalesce(r.as_of_utc, l.as_of) AS granted, coalesce(o.campaign, '') AS campaign "
+            "FROM points_ledger l LEFT JOIN offers o ON o.offer_id = l.offer_id "
+            "LEFT JOIN runs r ON r.run_id = o.run_id)" + (" WHERE " + " AND ".join(where) if where else ""),
+            params, ["customer_id", "points", "granted_at", "campaign"])
+        rows["customer_id"] = rows["customer_id"].astype(str)
+        rows["points"] = pd.to_numeric(rows["points"]).astype(float)
+        rows["granted_at"] = pd.to_datetime(rows["granted_at"], utc=True, format="ISO8601").dt.as_unit("us")
+        return rows
+
     def coupon_codes(self) -> pd.DataFrame:
         """code, offer_id, campaign, customer_id, expires_at of every issued code."""
         columns = ["code", "offer_id", "campaign", "customer_id", "expires_at"]
