@@ -250,14 +250,18 @@ def deliver(workspace, now):
 @format_option("table", "json")
 @handle_errors
 def history(workspace, customer, fmt):
-    """Every offer a customer got, and why."""
-    rows = Workspace(workspace).history(customer)
-    if fmt == "json":
-        _echo_json(rows)
+    """Every offer a customer got, and why; and the changes of their tier."""
+    programme = Workspace(workspace)
+    rows = programme.history(customer)
+    changes = programme.tier_history(customer)
+    if fmt == "json":           # the offers, then the tier changes (items with "kind": "tier_change")
+        _echo_json(rows + [{"kind": "tier_change", **change} for change in changes])
+        return
+    if not rows and not changes:
+        click.echo(f"No offers recorded for customer {customer}.")
         return
     if not rows:
         click.echo(f"No offers recorded for customer {customer}.")
-        return
     for row in rows:
         reward = row.get("reward") or {}
         click.echo(without_escapes(
@@ -267,6 +271,13 @@ def history(workspace, customer, fmt):
         why = row.get("explanation") or {}
         if why:
             click.echo(without_escapes("    because " + ", ".join(f"{k}={v}" for k, v in why.items())))
+    if changes:
+        click.echo("Tier changes:")
+    for change in changes:
+        dates = "".join(f", {label} {change[key]}" for key, label in (
+            ("review_at", "review"), ("grace_until", "grace until"), ("trial_until", "trial until")) if change.get(key))
+        click.echo(without_escapes(f"{change['as_of']}  {change['from_tier'] or '-'} -> {change['to_tier'] or '-'}  "
+                                   f"({change['reason']}{dates})"))
 
 
 @main.command()

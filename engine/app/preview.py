@@ -11,6 +11,7 @@ import pandas as pd
 from engine.app.trace import write_trace
 from engine.app.validation import check_campaigns, load_workspace
 from engine.config.model import LoadedWorkspace
+from engine.data.tiers import TierRules, add_counts, move_counts
 from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
 from engine.decide.totals import CampaignTotals, OfferTotals, SampledEvaluation, campaign_totals, sample_rows
 from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
@@ -43,6 +44,8 @@ class Preview(OfferTotals):
     explanation: dict | None = None
     diff: list[dict] | None = None
     shown: list[str] | None = None    # --campaign: only these are shown, decided with every campaign
+    # stored tiers: members this run would move up into, down into and join each tier (None: computed tiers)
+    tier_moves: dict | None = None
 
     def as_dict(self) -> dict:
         return self.with_totals(asdict(self))
@@ -202,6 +205,7 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
     warnings = list(prepared.tables.warnings) + evaluation.warnings
     totals = evaluation.totals if isinstance(evaluation, SampledEvaluation) else None
     result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings, totals)
+    result.tier_moves = tier_move_counts(workspace, evaluation, totals)
     if campaigns:
         result.shown = list(campaigns)
         result.campaigns = [c for c in result.campaigns if c.id in campaigns]
@@ -218,6 +222,22 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
     result._evaluation = evaluation  # for --trace export and tests
     result._features = prepared.features
     return result
+
+
+def tier_move_counts(workspace: LoadedWorkspace, evaluation: Evaluation,
+                     totals: dict[str, CampaignTotals] | None = None) -> dict | None:
+    """What a run at this instant would move: the stored tiers' own moves (qualifying, reviews,
+    trials) and the tier rewards that move a member up; None with computed tiers."""
+    if not workspace.program.stored_tiers:
+        return None
+    totals = totals if totals is not None else campaign_totals(evaluation.offers, list(evaluation.funnels))
+    rewards = {"up": {}}
+    for total in totals.values():
+        rewards = add_counts(rewards, {"up": total.tier_up})
+    rules = TierRules.of(workspace.program, workspace.settings.timezone)
+    counts = add_counts(move_counts(rules, evaluation.tier_moves), rewards)
+    return {kind: dict(sorted(found.items(), key=lambda item: rules.rank([item[0]])[0]))
+            for kind, found in counts.items()}
 
 
 def _only(offers: pd.DataFrame, campaigns: list[str] | None) -> pd.DataFrame:

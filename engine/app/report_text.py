@@ -75,6 +75,8 @@ def print_preview(preview: Preview, console: Console | None = None) -> None:
                 console.print(f"  | {terminal_text(line)}")
             if sample.get("why"):
                 console.print("  why: " + terminal_text(", ".join(f"{k}={v}" for k, v in sample["why"].items())))
+    if preview.tier_moves is not None:
+        console.print(tier_moves_line(preview.tier_moves, "Tier moves this run would make"))
     for warning in preview.warnings:
         console.print(f"[yellow]warning:[/yellow] {terminal_text(warning)}")
     if preview.explanation:
@@ -106,6 +108,13 @@ def _print_explanation(console: Console, explanation: dict) -> None:
                           f"-> {terminal_text(condition['value'])}")
 
 
+def tier_moves_line(moves: dict, title: str) -> str:
+    """``Tier moves: up gold 3, silver 1; down silver 2; joined bronze 40`` (or none)."""
+    parts = [f"{kind} " + ", ".join(f"{terminal_text(name)} {count}" for name, count in found.items())
+             for kind, found in moves.items() if found]
+    return f"{title}: " + ("; ".join(parts) if parts else "none") + "."
+
+
 def print_run(result, console: Console | None = None) -> None:
     console = console or _console()
     if result.run_id is None:
@@ -117,6 +126,8 @@ def print_run(result, console: Console | None = None) -> None:
     for campaign, funnel in result.funnels.items():
         table.add_row(campaign, *[str(funnel[s]) for s in STAGES])
     console.print(table)
+    if result.tier_moves:
+        console.print(tier_moves_line(result.tier_moves, "Tier moves recorded"))
     for conflict in result.conflicts[:10]:
         console.print(f"[red]conflict[/red]: {conflict['firing_key']} was recorded with a different "
                       "payload (the rules changed since); nothing new sent for it")

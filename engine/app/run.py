@@ -1,6 +1,7 @@
 """Runs: evaluate at an instant, record the offers in one transaction, deliver what is due.
 
-Also the state's read side for people: a customer's offer history and the recent runs.
+Also the state's read side for people: a customer's offer history (and tier changes) and the
+recent runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from engine.app.validation import check_campaigns, load_workspace
 from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables, load_tables
+from engine.data.tiers import TierRules, TierRun
 from engine.decide.policy import reachable
 from engine.decide.rewards import generate_codes
 from engine.decide.schedule import due_campaigns
@@ -47,6 +49,7 @@ class RunResult:
     delivery: DeliveryResult | None = None
     campaigns: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    tier_moves: dict = field(default_factory=dict)      # stored tiers: members moved up/down/joined per tier
 
     def as_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k != "delivery"}
@@ -115,7 +118,8 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             with _failing_run(store, run_id):
                 state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
                 recorded = store.record_run(run_id, trigger_state_rows=state_rows,
-                                            holdouts=_holdout_rows(evaluation, run_id), prepared=rows)
+                                            holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
+                                            tiers=_tier_run(workspace, evaluation))
                 if due:
                     for campaign in result.campaigns:
                         store.set_schedule_last_run(campaign, as_of.isoformat())
@@ -125,6 +129,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result.new_offers = recorded.new
             result.already_recorded = recorded.existing
             result.conflicts = recorded.conflicts
+            result.tier_moves = recorded.tier_moves
             result.holdouts = len(evaluation.holdouts)
             result.funnels = evaluation.funnels
             result.render_errors = errors
@@ -183,6 +188,15 @@ def _customers_only(workspace: LoadedWorkspace):
     return load_tables(only, workspace.root)
 
 
+def _tier_run(workspace: LoadedWorkspace, evaluation) -> TierRun | None:
+    """The stored tiers' moves this run records (with those of its tier rewards); None with
+    computed tiers."""
+    if not workspace.program.stored_tiers:
+        return None
+    return TierRun(evaluation.as_of, TierRules.of(workspace.program, workspace.settings.timezone),
+                   evaluation.tier_moves)
+
+
 def _holdout_rows(evaluation, run_id) -> list[dict]:
     frame = evaluation.holdouts
     if frame.empty:
@@ -224,6 +238,12 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
 def history(root: Path | str, customer_id: str) -> list[dict]:
     """Every offer a customer got, from which campaign and rule version, and why."""
     return _from_state(root, lambda store: store.history(str(customer_id)))
+
+
+def tier_history(root: Path | str, customer_id: str) -> list[dict]:
+    """Every change of a member's stored tier (as_of, from_tier, to_tier, reason, run_id and
+    the review, grace and trial dates after it), oldest first."""
+    return _from_state(root, lambda store: store.tier_history(str(customer_id)))
 
 
 def runs(root: Path | str, limit: int = 20) -> list[dict]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.data.tiers import MOVE_COLUMNS, TierRules, decide_tiers, empty_states
 from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
 from engine.decide.budgets import apply_budgets, budget_caps
 from engine.decide.policy import cap_remaining, cooling_down, reachable, send_times
@@ -38,6 +39,8 @@ class Evaluation:
     edge_state: dict[str, frozenset] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     stops: pd.DataFrame | None = None                     # with trace: campaign, pos, firing_key, stage
+    # stored tiers: this run's moves by qualifying, reviews and trials (data.tiers.MOVE_COLUMNS)
+    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))
 
     def stopped_at(self, position: int) -> dict[str, str]:
         """For a traced evaluation: campaign -> the stage that stopped this customer."""
@@ -95,23 +98,35 @@ class PartitionDecision:
     same_run: set[str]
     candidates: list[pd.DataFrame]
     stops: list[pd.DataFrame]
+    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))
 
 
 def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
-             campaigns: list[str] | None = None, trace: bool = False) -> Evaluation:
+             campaigns: list[str] | None = None, trace: bool = False, tier_moves: bool = True) -> Evaluation:
     """Decide, for ``ctx.as_of``, who gets which offer and why.
 
     With ``trace``, also record for every firing that did not become an offer the
     stage that stopped it (and "trigger" for segment members who did not fire).
+    ``tier_moves``: also give the stored tiers' moves of the customers of ``features``.
     """
-    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace)
+    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace, tier_moves)
     return combine_partitions(workspace, ctx.as_of, [part], trace, ctx.budget_used)
 
 
+def member_tier_moves(workspace: LoadedWorkspace, features: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
+    """The stored tiers' moves of this run for the customers of ``features`` (the moves the
+    features' ``tier`` column already shows); none with computed tiers."""
+    if not workspace.program.stored_tiers:
+        return empty_states(MOVE_COLUMNS)
+    return decide_tiers(workspace.program, features, ctx.as_of, workspace.settings.timezone, ctx.tiers).moves
+
+
 def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
-                       campaigns: list[str] | None = None, trace: bool = False) -> PartitionDecision:
+                       campaigns: list[str] | None = None, trace: bool = False,
+                       tier_moves: bool = True) -> PartitionDecision:
     """Segment, trigger, contact policy, holdout and arbitration for the customers of
-    ``features``: everything decided per customer, so a partition decides it alone."""
+    ``features``: everything decided per customer, so a partition decides it alone; and,
+    with ``tier_moves``, the moves of their stored tiers."""
     settings = workspace.settings
     as_of = ctx.as_of
     ids = features["customer_id"].astype(str)
@@ -189,8 +204,9 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
             candidates.append(_candidates(workspace, campaign, features, positions, keys, events, as_of))
 
     arbitrated = _arbitrate(candidates, capacity, funnels)
+    moves = member_tier_moves(workspace, features, ctx) if tier_moves else empty_states(MOVE_COLUMNS)
     return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
-                             warnings, same_run, candidates if trace else [], stops)
+                             warnings, same_run, candidates if trace else [], stops, moves)
 
 
 HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
@@ -252,8 +268,11 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
             edge_state[campaign] = edge_state.get(campaign, frozenset()) | state
     warnings = list(dict.fromkeys(w for p in parts for w in p.warnings))
     stop_frame = pd.concat(stops, ignore_index=True) if stops else None
+    moves = [p.tier_moves for p in parts if len(p.tier_moves)]
+    tier_moves = pd.concat(moves, ignore_index=True) if len(moves) > 1 else \
+        moves[0].reset_index(drop=True) if moves else empty_states(MOVE_COLUMNS)
     return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
-                      warnings, stop_frame)
+                      warnings, stop_frame, tier_moves)
 
 
 def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -291,6 +310,7 @@ def _candidates(workspace, campaign: CampaignDef, features, positions, keys, eve
         frame["variant"] = ""
     cost = np.zeros(len(frame))
     points = np.zeros(len(frame))
+    tier_up = np.full(len(frame), "", dtype=object)
     template = np.full(len(frame), campaign.template, dtype=object)
     kind = np.full(len(frame), campaign.reward.kind, dtype=object)
     groups = [(None, campaign.reward, campaign.template)] + [
@@ -304,8 +324,11 @@ def _candidates(workspace, campaign: CampaignDef, features, positions, keys, eve
         points[rows] = points_for(reward, sub, as_of)
         template[rows] = template_name
         kind[rows] = reward.kind
+        if reward.kind == "tier" and workspace.program.stored_tiers:
+            tier_up[rows] = _upgrades(workspace, reward.params["to"], sub)
     frame["cost"] = cost
     frame["points"] = points
+    frame["tier_up"] = tier_up
     frame["template"] = template
     frame["reward_kind"] = kind
     if "locale" in scope:
@@ -322,10 +345,17 @@ def _candidates(workspace, campaign: CampaignDef, features, positions, keys, eve
     return frame
 
 
+def _upgrades(workspace: LoadedWorkspace, to: str, scope: pd.DataFrame) -> np.ndarray:
+    """``to`` where a tier reward moves the member up from their (stored) tier, else ""."""
+    rules = TierRules.of(workspace.program, workspace.settings.timezone)
+    held = rules.rank(scope["tier"].astype(object).where(scope["tier"].notna(), None).to_numpy(dtype=object))
+    return np.where(rules.rank([to])[0] < held, to, "").astype(object)
+
+
 def _scope_columns(campaign: CampaignDef, features: pd.DataFrame) -> list[str]:
     """The feature columns an offer's reward, cost, budget rank and locale read: taking only
     these for the fired customers, not every feature, is most of the candidates' cost."""
-    needed = {"customer_id", "locale", "timezone", "avg_order_value"}
+    needed = {"customer_id", "locale", "timezone", "avg_order_value", "tier"}
     for reward in [campaign.reward, *(v.reward for v in campaign.variants if v.reward is not None)]:
         if reward.amount is not None:
             needed |= reward.amount.names
@@ -348,7 +378,7 @@ def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) ->
     """At most ``capacity`` offers per customer: highest priority, then campaign id, then key."""
     if not candidates:
         return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
-                                     "variant", "cost", "points", "template", "reward_kind", "locale"])
+                                     "variant", "cost", "points", "tier_up", "template", "reward_kind", "locale"])
     frame = pd.concat(candidates, ignore_index=True)
     # a customer has at most one candidate per campaign: position, priority and campaign order them
     campaign_rank = pd.Index(sorted(frame["campaign"].unique())).get_indexer(frame["campaign"])

@@ -30,6 +30,7 @@ from engine.config.loading import load_rules, rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.features import finish_features, local_features, rfm_inputs
 from engine.data.points import PointsHistory
+from engine.data.tiers import TierState
 from engine.data.sources import load_tables
 from engine.decide.budgets import BUDGET_KEY, budget_sorted, within_budgets
 from engine.decide.evaluation import PartitionDecision, evaluate_partition
@@ -84,7 +85,8 @@ class Recorded:
 
 
 def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[RunContext]:
-    """The run context restricted to each partition's customers (contacts, edge state, keys)."""
+    """The run context restricted to each partition's customers (contacts, edge state, keys,
+    points history and stored tiers)."""
     contacts = ctx.contacts.reset_index(drop=True)
     numbers = partition_numbers(contacts["customer_id"].astype(str), count) if len(contacts) else np.zeros(0)
     states = {}
@@ -92,14 +94,23 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
         listed = sorted(ids)
         states[campaign] = (listed, partition_numbers(pd.Series(listed, dtype=object), count) if listed else [])
     points = _points_by_partition(ctx.points, count)
+    tiers = _tiers_by_partition(ctx.tiers, count)
     slices = []
     for number in range(count):
         edge_state = {campaign: frozenset(i for i, n in zip(listed, mine) if n == number)
                       for campaign, (listed, mine) in states.items()}
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
                               edge_state=edge_state, recorded=Recorded(recorded[number]),
-                              points=points[number]))
+                              points=points[number], tiers=tiers[number]))
     return slices
+
+
+def _tiers_by_partition(state: TierState | None, count: int) -> list[TierState | None]:
+    """The stored tiers of each partition's customers."""
+    if state is None:
+        return [None] * count
+    ids = state.members["customer_id"].astype(str)
+    return state.split(partition_numbers(ids, count) if len(ids) else np.zeros(0), count)
 
 
 def _points_by_partition(history: PointsHistory | None, count: int) -> list[PointsHistory | None]:
@@ -221,7 +232,7 @@ def decide_partition(job: Job, number: int, ctx: RunContext, thresholds: dict,
         return None, None, 0, []
     workspace, tables, frame = _local_features(job, number)
     features = finish_features(frame, workspace.program, workspace.settings, job.as_of,
-                               _scores_from(frame, thresholds), tables, ctx.points)
+                               _scores_from(frame, thresholds), tables, ctx.points, ctx.tiers)
     decision = evaluate_partition(workspace, tables, features, ctx, job.campaigns)
     decision.arbitrated = within_budgets(decision.arbitrated, caps)
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))

@@ -124,7 +124,7 @@ def evaluate_in_partitions(workspace: LoadedWorkspace, tables: Tables, ctx: RunC
     customers = len(tables.customers)
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
-        features = compute_features(tables, program, settings, ctx.as_of, ctx.points)
+        features = compute_features(tables, program, settings, ctx.as_of, ctx.points, ctx.tiers)
         workers = 1 if trace else worker_count(customers, workers)
         if workers > 1:
             decided = evaluate_in_workers(workspace, tables, features, ctx, workers, campaigns, progress)
@@ -167,7 +167,7 @@ def _evaluate_parts(workspace: LoadedWorkspace, ctx: RunContext, count: int, cam
     for number in inputs:
         say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
-        features = finish_features(local, program, settings, ctx.as_of, scores[number], part, ctx.points)
+        features = finish_features(local, program, settings, ctx.as_of, scores[number], part, ctx.points, ctx.tiers)
         customers += len(features)
         decision, rows = decide_part(workspace, part, features, ctx, campaigns, caps)
         length = len(rows)

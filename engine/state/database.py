@@ -34,7 +34,7 @@ log = logging.getLogger("loyalty.store")
 RESTORE_HINT = ("Restore the latest backup over it (`loyalty state backup FILE` makes one; see "
                 "docs/operations.md), then run again; `loyalty state check` tells whether a file is sound")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OFFER_STATUSES = ("pending", "sent", "failed", "suppressed")
 JSON_OFFER_COLUMNS = ("reward", "explanation")
 
@@ -88,8 +88,23 @@ CREATE INDEX holdouts_customer ON holdouts (customer_id);
 CREATE TABLE schedules (campaign TEXT PRIMARY KEY, last_run_at TEXT)
 """
 
+# Stored tiers: each member's tier state now (member_tiers) and every change of it, with the
+# state after it (tier_history), so that a rerun at an earlier instant reads the state of then.
+_TIERS_V2 = """
+CREATE TABLE member_tiers (
+    customer_id TEXT PRIMARY KEY, tier TEXT, since TEXT, review_at TEXT, grace_until TEXT,
+    trial_until TEXT, trial_from TEXT, run_id TEXT, as_of_utc TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX member_tiers_as_of ON member_tiers (as_of_utc);
+CREATE TABLE tier_history (
+    customer_id TEXT NOT NULL, from_tier TEXT, to_tier TEXT, reason TEXT NOT NULL, run_id TEXT,
+    as_of TEXT NOT NULL, as_of_utc TEXT NOT NULL, seq INTEGER NOT NULL,
+    since TEXT, review_at TEXT, grace_until TEXT, trial_until TEXT, trial_from TEXT,
+    PRIMARY KEY (customer_id, as_of_utc, seq)) WITHOUT ROWID;
+CREATE INDEX tier_history_as_of ON tier_history (as_of_utc)
+"""
+
 # (version, DDL) in order; a database at version N gets every later entry applied.
-MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1)]
+MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (2, _TIERS_V2)]
 # --------------------------------------------------------------------------- helpers
 
 

@@ -54,24 +54,25 @@ def count(store: StateStore, table: str) -> int:
 def test_new_file_is_created_at_the_current_schema_version(tmp_path):
     path = tmp_path / "state" / "loyalty.db"
     with StateStore(path) as store:
-        assert store.schema_version() == database.SCHEMA_VERSION == 1
+        assert store.schema_version() == database.SCHEMA_VERSION == 2
         tables = set(store.db.table_names())
         assert {"meta", "runs", "offers", "points_ledger", "trigger_state", "coupon_codes",
-                "redemptions", "schedules", "holdouts"} <= tables
+                "redemptions", "schedules", "holdouts", "member_tiers", "tier_history"} <= tables
         assert "contacts" in store.db.view_names()
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with StateStore(path) as again:          # reopening migrates nothing
-        assert again.schema_version() == 1
+        assert again.schema_version() == 2
 
 
 def test_pending_migrations_are_applied_in_order(tmp_path, monkeypatch):
     path = tmp_path / "loyalty.db"
     StateStore(path).close()
+    later = database.SCHEMA_VERSION + 1
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS + [
-        (2, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+        (later, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
+    monkeypatch.setattr(database, "SCHEMA_VERSION", later)
     with StateStore(path) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == later
         assert store.db.execute("SELECT note FROM notes").fetchone() == ("hello",)
 
 
