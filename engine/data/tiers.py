@@ -86,9 +86,8 @@ class TierRules:
 
     def rank(self, names) -> np.ndarray:
         """Each tier name's place (0: highest); ``len(order)`` for none or an unknown name."""
-        codes = pd.Categorical(pd.Series(np.asarray(names, dtype=object), dtype=object),
-                               categories=list(self.order)).codes.astype(np.int64)
-        return np.where(codes < 0, len(self.order), codes)
+        codes = pd.Index(list(self.order), dtype=object).get_indexer(pd.Index(np.asarray(names, dtype=object)))
+        return np.where(codes < 0, len(self.order), codes).astype(np.int64)
 
     def name(self, ranks: np.ndarray) -> np.ndarray:
         names = np.array([*self.order, None], dtype=object)
