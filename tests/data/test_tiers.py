@@ -333,3 +333,10 @@ def test_a_trial_needs_stored_tiers(tmp_path):
     result = validate_workspace(tmp_path / "ws")
     assert any(str(p).startswith("rules/programme.yaml:6:31: a trial (for:) needs stored tiers")
                for p in result.errors), "\n".join(map(str, result.problems))
+
+
+def test_the_report_counts_the_recorded_tiers(tmp_path):
+    ws = programme(tmp_path / "ws", ["M1", "M2"], [("M1", 0, 25000), ("M2", 0, 100)])
+    run_days(ws, range(14))
+    assert ws.report(end="2026-12-14")["kpis"]["tiers"] == {"platinum": 0, "gold": 1, "silver": 0, "bronze": 1}
+    assert ws.report(end="2026-12-05")["kpis"]["tiers"] == {"platinum": 1, "gold": 0, "silver": 0, "bronze": 1}
