@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from engine.config.model import LoadedWorkspace
 from engine.data.tiers import TierRules, add_counts, move_counts
 from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
 from engine.decide.totals import CampaignTotals, OfferTotals, SampledEvaluation, campaign_totals, sample_rows
-from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
+from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare, run_context
 from engine.messages.offers import explained_value, make_renderer
 from engine.progress import Progress
 from engine.state.database import storage_failures
@@ -213,10 +213,13 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
         result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
     if diff is not None:
         other = load_workspace(diff)
-        other_prepared = prepare(other, as_of, None, since_ts or prepared.context.previous_as_of,
-                                 tables=prepared.tables if _same_data(workspace, other) else None)
-        other_prepared.context = prepared.context
-        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context)
+        context = prepared.context
+        if store is not None and other.program.stored_tiers:     # the other rules' tiers from the same state
+            recorded = run_context(other, as_of, store, since_ts)
+            context = replace(context, points=recorded.points, tiers=recorded.tiers)
+        other_prepared = prepare(other, as_of, tables=prepared.tables if _same_data(workspace, other) else None,
+                                 context=context)
+        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, context)
         result.diff = [row for row in diff_offers(other_eval, evaluation)
                        if not campaigns or row["campaign"] in campaigns]
     result._evaluation = evaluation  # for --trace export and tests

@@ -22,8 +22,8 @@ from engine.app.report_text import display_width
 from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
-from engine.data.tiers import MOVE_COLUMNS, TierRules, empty_states, move_counts
 from engine.data.sources import Tables, load_tables
+from engine.data.tiers import MOVE_COLUMNS, TierRules, empty_states, move_counts
 from engine.decide.totals import OfferTotals
 from engine.execution.dask_engine import cluster, evaluate_on_dask
 from engine.progress import Progress, say

@@ -526,6 +526,8 @@ def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, a
     as_of = local_as_of(as_of, settings.timezone)
     if program.stored_tiers and (history is None or history.tiers is None):
         history = replace(history or PointsHistory(), tiers=PointsHistory.no_tier_changes())
+    elif not program.stored_tiers and history is not None and history.tiers is not None:
+        history = replace(history, tiers=None)          # computed tiers multiply at the tier of as_of
     for name, column in rfm_columns(frame, rfm).items():
         frame[name] = column
     order = feature_order(program.features, program.tiers, program.points)

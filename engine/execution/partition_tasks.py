@@ -30,8 +30,8 @@ from engine.config.loading import load_rules, rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.features import finish_features, local_features, rfm_inputs
 from engine.data.points import PointsHistory
-from engine.data.tiers import TierState
 from engine.data.sources import load_tables
+from engine.data.tiers import TierState
 from engine.decide.budgets import BUDGET_KEY, budget_sorted, within_budgets
 from engine.decide.evaluation import PartitionDecision, evaluate_partition
 from engine.decide.totals import CampaignTotals, campaign_totals

@@ -91,7 +91,7 @@ def _cli_run(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.
     if crash_at is not None:
         env["LOYALTY_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-m", "cli", "run", str(root), "--as-of", as_of, "--no-deliver"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
 
-from test_tiers import day, tables  # noqa: E402
-from test_tiers_everywhere import busy, offers, recorded_moves, simulated_moves  # noqa: E402
+from test_tiers import day, tables
+from test_tiers_everywhere import busy, offers, recorded_moves, simulated_moves
 
 
 @pytest.fixture(scope="module")
