@@ -17,6 +17,7 @@ from cli import main
 from engine import Workspace
 from engine.app.scaffold import init_workspace
 from engine.app.validation import validate_workspace
+from engine.errors import RuleError
 from engine.execution.pipeline import parse_as_of, prepare
 from engine.state.store import StateStore
 
@@ -340,3 +341,16 @@ def test_the_report_counts_the_recorded_tiers(tmp_path):
     run_days(ws, range(14))
     assert ws.report(end="2026-12-14")["kpis"]["tiers"] == {"platinum": 0, "gold": 1, "silver": 0, "bronze": 1}
     assert ws.report(end="2026-12-05")["kpis"]["tiers"] == {"platinum": 1, "gold": 0, "silver": 0, "bronze": 1}
+
+
+def test_stored_tiers_may_qualify_on_the_points_they_multiply(tmp_path):
+    earn = "points:\n  earn:\n    purchases: {on: order, amount: floor(order.amount), multiplier: {gold: 2}}\n"
+    stored = "tiers:\n  gold: {qualify: points_earned_365d >= 8000}\n  bronze: {where: true}\n"
+    ws = programme(tmp_path / "stored", ["M1"], [("M1", 0, 9000), ("M1", 2, 100)], tiers=stored, extra=earn)
+    run_days(ws, range(4))
+    assert moves(ws, "M1") == [(0, None, "gold", "qualified")]
+    assert features_at(ws, day(4)).loc["M1", "points_balance"] == 9000 + 200
+    computed = "tiers:\n  gold: {where: points_earned_365d >= 8000}\n  bronze: {where: true}\n"
+    programme(tmp_path / "computed", ["M1"], [], tiers=computed, extra=earn)
+    with pytest.raises(RuleError, match="cycle"):
+        Workspace(tmp_path / "computed").run(day(0), deliver=False)

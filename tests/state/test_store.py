@@ -367,3 +367,17 @@ def test_a_big_commit_is_copied_into_the_database_file_and_the_log_cut_back(tmp_
         assert time.monotonic() < deadline, "the log was never cut back"   # from the top, cut
         store.mark_sent(next(ids))                     # back to its limit: it never piles up
     store.close()
+
+
+def test_a_file_of_schema_1_gains_the_tier_tables_and_keeps_its_runs(tmp_path, monkeypatch):
+    path = tmp_path / "loyalty.db"
+    with monkeypatch.context() as old:
+        old.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
+        old.setattr(database, "SCHEMA_VERSION", 1)
+        with StateStore(path) as store:
+            store.record_run(new_run(store), [make_offer(1)])
+            assert "member_tiers" not in store.db.table_names()
+    with StateStore(path) as store:
+        assert store.schema_version() == 2
+        assert {"member_tiers", "tier_history"} <= set(store.db.table_names())
+        assert count(store, "offers") == 1 and store.tier_history("c1") == []
