@@ -144,99 +144,131 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) | (np.isnat(a) & np.isnat(b))
 
 
+@dataclass
+class _Members:
+    """The members of a features frame as this run moves them, one array per state field;
+    ``rank`` is the tier's place (``len(order)``: none), dates are ``datetime64[D]``."""
+
+    has: np.ndarray              # a stored state of a tier the rules know (or of none)
+    stored: np.ndarray           # the stored tier's name (None without one)
+    rank: np.ndarray
+    since: np.ndarray            # datetime64[us], UTC
+    review: np.ndarray
+    grace_until: np.ndarray
+    trial_until: np.ndarray
+    trial_from: np.ndarray
+    reason: np.ndarray           # why the state changed this run (None: it did not)
+
+    @classmethod
+    def of(cls, rules: TierRules, frame: pd.DataFrame, state: TierState | None) -> _Members:
+        n, none = len(frame), len(rules.order)
+        members = (state.members if state is not None else empty_states()).reset_index(drop=True)
+        pos = pd.Index(frame["customer_id"].astype(str).to_numpy(dtype=object)).get_indexer(
+            members["customer_id"].astype(str).to_numpy(dtype=object))
+        members, pos = members[pos >= 0].reset_index(drop=True), pos[pos >= 0]
+
+        def aligned(column: str, dates: bool = False) -> np.ndarray:
+            out = np.full(n, _NAT if dates else None, dtype="datetime64[D]" if dates else object)
+            out[pos] = _dates(members[column]) if dates else members[column].to_numpy(dtype=object)
+            return out
+
+        stored = aligned("tier")
+        has = np.zeros(n, dtype=bool)
+        has[pos] = True
+        has &= (rules.rank(stored) < none) | pd.isna(stored)      # a tier the rules no longer have: enter again
+        since = np.full(n, np.datetime64("NaT", "us"), dtype="datetime64[us]")
+        since[pos] = members["since"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+        return cls(has, stored, np.where(has, rules.rank(stored), none), since, aligned("review_at", True),
+                   aligned("grace_until", True), aligned("trial_until", True), aligned("trial_from"),
+                   np.full(n, None, dtype=object))
+
+    def copy(self) -> _Members:
+        return _Members(*(getattr(self, name).copy() for name in self.__dataclass_fields__))
+
+    def move(self, rows: np.ndarray, target: np.ndarray, why, rules: TierRules, today: np.datetime64) -> None:
+        """Members ``rows`` reach ``target`` (up, or down at a review): a new review date."""
+        self.rank[rows] = target[rows]
+        self.review[rows] = np.where(rules.is_reviewed(target[rows]),
+                                     today + np.timedelta64(rules.every_days, "D"), _NAT)
+        self.grace_until[rows] = _NAT
+        self.reason[rows] = why[rows] if isinstance(why, np.ndarray) else why
+
+
+def _end_trials(m: _Members, rules: TierRules, best: np.ndarray, today: np.datetime64) -> None:
+    """Trials that end: back to the tier held before, or higher when its qualify holds."""
+    ending = m.has & ~np.isnat(m.trial_until) & (m.trial_until <= today)
+    before = rules.rank(m.trial_from)
+    back = np.minimum(before, best)
+    m.rank[ending] = back[ending]
+    m.reason[ending] = "trial ended"
+    m.move(ending & (back < before), back, "qualified", rules, today)
+    m.trial_until[ending], m.trial_from[ending] = _NAT, None
+
+
+def _qualify(m: _Members, rules: TierRules, best: np.ndarray, today: np.datetime64) -> None:
+    """Up to the highest tier whose qualify holds (ending a trial of a lower one); a member
+    without a stored tier enters it, or the base tier."""
+    none = len(rules.order)
+    up = ((best < m.rank) | ~m.has) & (best < none)
+    base = ~rules.is_reviewed(best)
+    m.move(up, best, np.where(base, "joined", "qualified"), rules, today)
+    m.trial_until[up], m.trial_from[up] = _NAT, None
+
+
+def _review(m: _Members, rules: TierRules, best: np.ndarray, keeps: np.ndarray, today: np.datetime64,
+            moved: np.ndarray) -> None:
+    """Reviews that are due (not during a trial): retained, into the grace, or stepped down at
+    its end. ``moved``: members whose tier this run already changed (their reason stays)."""
+    none, n = len(rules.order), len(m.rank)
+    every, grace = np.timedelta64(rules.every_days, "D"), np.timedelta64(rules.grace_days, "D")
+    due = m.has & (m.rank < none) & rules.is_reviewed(m.rank) & ~np.isnat(m.review) & (m.review <= today) \
+        & np.isnat(m.trial_until)
+    kept = keeps[m.rank, np.arange(n)] if n else np.zeros(0, dtype=bool)
+    retained = due & kept
+    if retained.any():        # the next review is `every` after the review date (after today)
+        periods = (today - m.review[retained]).astype(np.int64) // rules.every_days + 1
+        m.review[retained] = m.review[retained] + periods * every
+        m.grace_until[retained] = _NAT
+    failing = due & ~kept
+    starts = failing & np.isnat(m.grace_until)
+    m.grace_until[starts] = m.review[starts] + grace
+    m.reason[retained & ~moved] = "retained"
+    m.reason[starts & (m.grace_until > today) & ~moved] = "grace"
+    target = np.minimum(m.rank + 1, none) if rules.step_down == "one" else np.maximum(best, m.rank + 1)
+    m.move(failing & (m.grace_until <= today), np.minimum(target, none), "stepped down", rules, today)
+
+
 def decide_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, timezone: str,
                  state: TierState | None) -> TierDecision:
     """This run's moves of stored tiers for the members of ``frame`` (the features computed so
     far: every feature a ``qualify:`` or ``retain:`` reads), from what ``state`` recorded."""
     rules = TierRules.of(program, timezone)
-    n, none = len(frame), len(rules.order)
-    today = rules.today(as_of)
-    every, grace = np.timedelta64(rules.every_days, "D"), np.timedelta64(rules.grace_days, "D")
+    none, today = len(rules.order), rules.today(as_of)
     qualify, keeps = _masks(program.tiers, frame, as_of)
-    best = np.where(qualify[:none].any(axis=0), qualify[:none].argmax(axis=0), none) if none else np.zeros(n, int)
-    members = (state.members if state is not None else empty_states()).reset_index(drop=True)
-    pos = pd.Index(frame["customer_id"].astype(str).to_numpy(dtype=object)).get_indexer(
-        members["customer_id"].astype(str).to_numpy(dtype=object))
-    found = pos >= 0
-    members, pos = members[found].reset_index(drop=True), pos[found]
-
-    def aligned(column, fill, kind=object):
-        out = np.full(n, fill, dtype=kind)
-        out[pos] = members[column].to_numpy(dtype=kind) if kind is object else _dates(members[column])
-        return out
-
-    stored_name = aligned("tier", None)
-    has = np.zeros(n, dtype=bool)
-    has[pos] = True
-    old_rank = rules.rank(stored_name)
-    has &= (old_rank < none) | pd.isna(stored_name)          # a tier the rules no longer have: enter again
-    since = np.full(n, np.datetime64("NaT", "us"), dtype="datetime64[us]")
-    since[pos] = members["since"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
-    old = {"review_at": aligned("review_at", _NAT, "datetime64[D]"),
-           "grace_until": aligned("grace_until", _NAT, "datetime64[D]"),
-           "trial_until": aligned("trial_until", _NAT, "datetime64[D]")}
-    trial_from = aligned("trial_from", None)
-    rank = np.where(has, old_rank, none)
-    review, grace_until, trial_until = (old[k].copy() for k in DATES)
-    reason = np.full(n, None, dtype=object)
-
-    def move_to(rows: np.ndarray, target: np.ndarray, why) -> None:
-        """Members ``rows`` reach ``target`` (up, or down at a review): a new review date."""
-        rank[rows] = target[rows]
-        review[rows] = np.where(rules.is_reviewed(target[rows]), today + every, _NAT)
-        grace_until[rows] = _NAT
-        reason[rows] = why[rows] if isinstance(why, np.ndarray) else why
-
-    # 1. trials that end: back to the tier held before, or higher when its qualify holds
-    ending = has & ~np.isnat(trial_until) & (trial_until <= today)
-    back = np.minimum(rules.rank(trial_from), best)
-    qualified_back = ending & (back < rules.rank(trial_from))
-    rank[ending] = back[ending]
-    reason[ending] = "trial ended"
-    move_to(qualified_back, back, "qualified")
-    trial_until[ending], trial_from[ending] = _NAT, None
-    # 2. qualifying for a higher tier (or entering, without a stored tier)
-    up = (best < rank) | ~has
-    entering = np.where(rules.is_reviewed(np.minimum(best, none - 1)) if none else False, "qualified", "joined")
-    move_to(up & (best < none), best, entering)
-    trial_until[up & (best < none)], trial_from[up & (best < none)] = _NAT, None
-    # 3. reviews that are due (not during a trial)
-    due = has & (rank < none) & rules.is_reviewed(rank) & ~np.isnat(review) & (review <= today) & np.isnat(trial_until)
-    kept = keeps[rank, np.arange(n)] if n else np.zeros(0, dtype=bool)
-    retained = due & kept
-    if retained.any():
-        late = (today - review[retained]).astype(np.int64) // rules.every_days + 1
-        review[retained] = review[retained] + late * every
-        grace_until[retained] = _NAT
-        reason[retained] = "retained"
-    failing = due & ~kept
-    starts = failing & np.isnat(grace_until)
-    grace_until[starts] = review[starts] + grace
-    in_grace = starts & (grace_until > today)
-    reason[in_grace] = "grace"
-    down = failing & (grace_until <= today)
-    target = np.minimum(rank + 1, none) if rules.step_down == "one" else np.maximum(best, rank + 1)
-    move_to(down, np.minimum(target, none), "stepped down")
-
-    changed = ~has & (rank < none)
-    changed |= has & ((rank != np.where(has, old_rank, none)) | ~_same(review, old["review_at"])
-                      | ~_same(grace_until, old["grace_until"]) | ~_same(trial_until, old["trial_until"]))
-    new_tier = rank != np.where(has, old_rank, none)
-    since[new_tier | (~has & (rank < none))] = np.datetime64(as_of.tz_convert("UTC").tz_localize(None), "us")
-    since[rank == none] = np.datetime64("NaT", "us")
-    names = rules.name(rank)
+    best = np.where(qualify[:none].any(axis=0), qualify[:none].argmax(axis=0), none)
+    old = _Members.of(rules, frame, state)
+    m = old.copy()
+    _end_trials(m, rules, best, today)
+    _qualify(m, rules, best, today)
+    _review(m, rules, best, keeps, today, moved=m.rank != old.rank)
+    new_tier = (m.rank != old.rank) | (~old.has & (m.rank < none))
+    changed = new_tier | (old.has & (~_same(m.review, old.review) | ~_same(m.grace_until, old.grace_until)
+                                     | ~_same(m.trial_until, old.trial_until)))
+    m.since[new_tier] = np.datetime64(as_of.tz_convert("UTC").tz_localize(None), "us")
+    m.since[m.rank == none] = np.datetime64("NaT", "us")
+    names = rules.name(m.rank)
     rows = np.flatnonzero(changed)
     moves = pd.DataFrame({
         "customer_id": frame["customer_id"].astype(str).to_numpy(dtype=object)[rows],
         "tier": names[rows],
-        "since": pd.DatetimeIndex(since[rows]).tz_localize("UTC"),
+        "since": pd.DatetimeIndex(m.since[rows]).tz_localize("UTC"),
         **{name: values[rows].astype("datetime64[s]") for name, values in
-           zip(DATES, (review, grace_until, trial_until))},
-        "trial_from": trial_from[rows],
-        "from_tier": stored_name[rows],
-        "reason": reason[rows],
+           zip(DATES, (m.review, m.grace_until, m.trial_until))},
+        "trial_from": m.trial_from[rows],
+        "from_tier": old.stored[rows],
+        "reason": m.reason[rows],
     }, columns=MOVE_COLUMNS)
-    local_since = pd.DatetimeIndex(since).tz_localize("UTC").tz_convert(timezone).tz_localize(None).normalize()
+    local_since = pd.DatetimeIndex(m.since).tz_localize("UTC").tz_convert(timezone).tz_localize(None).normalize()
     return TierDecision(pd.Series(names, index=frame.index, dtype="string"),
                         local_since.as_unit("ns").to_numpy(), moves)
 

@@ -354,3 +354,16 @@ def test_stored_tiers_may_qualify_on_the_points_they_multiply(tmp_path):
     programme(tmp_path / "computed", ["M1"], [], tiers=computed, extra=earn)
     with pytest.raises(RuleError, match="cycle"):
         Workspace(tmp_path / "computed").run(day(0), deliver=False)
+
+
+def test_a_review_due_during_a_trial_happens_when_it_ends(tmp_path):
+    trial = TRIAL.replace('tier == "bronze" and orders_total >= 1', 'tier == "silver"')
+    ws = programme(tmp_path / "ws", ["M1", "M2"], [("M1", -4, 2500), ("M2", 0, 2500), ("M2", 6, 500)],
+                   campaigns=trial)
+    run_days(ws, range(8))
+    # silver's review (day 5) waits for the end of the gold trial (day 7), and then keeps M2 in silver
+    # for another 5 days from it; M1, whose spend left the window, gets silver's grace instead
+    assert moves(ws, "M2")[1:] == [(0, "silver", "gold", "campaign gold_trial"), (7, "gold", "silver", "trial ended")]
+    assert ws.tier_history("M2")[-1]["review_at"] == "2026-12-11"
+    assert moves(ws, "M1")[-1] == (7, "gold", "silver", "trial ended")
+    assert ws.tier_history("M1")[-1]["grace_until"] == "2026-12-09"
