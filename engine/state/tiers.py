@@ -102,9 +102,8 @@ class TierBook(Database):
             return
         at, at_utc = iso(run.as_of), iso_utc(run.as_of)
         zone = run.rules.timezone
-        since = [None if pd.isna(value) else iso(value.tz_convert(zone)) for value in moves["since"]]
-        dates = {name: [None if pd.isna(value) else value.strftime("%Y-%m-%d") for value in moves[name]]
-                 for name in DATES}
+        since = _texts(moves["since"], lambda value: iso(value.tz_convert(zone)))
+        dates = {name: _texts(moves[name], lambda value: value.strftime("%Y-%m-%d")) for name in DATES}
         ids, tiers = moves["customer_id"].astype(str).tolist(), moves["tier"].tolist()
         trial_from, from_tier, reason = (moves[name].tolist() for name in ("trial_from", "from_tier", "reason"))
         Database._insert(conn, "tier_history", _HISTORY_COLUMNS, zip(
@@ -119,6 +118,14 @@ class TierBook(Database):
             "WHERE (excluded.as_of_utc, excluded.seq) > (member_tiers.as_of_utc, member_tiers.seq)",
             zip(ids, tiers, since, dates["review_at"], dates["grace_until"], dates["trial_until"], trial_from,
                 [run_id] * len(ids), [at_utc] * len(ids), seqs))
+
+
+def _texts(values: pd.Series, text) -> list:
+    """``text`` of each instant or date (None for none), formatting each distinct value once:
+    a run's moves share a handful of them."""
+    codes, uniques = pd.factorize(values)
+    texts = [text(value) for value in uniques] + [None]
+    return [texts[code] for code in codes.tolist()]
 
 
 def _states(frame: pd.DataFrame) -> pd.DataFrame:
