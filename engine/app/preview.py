@@ -125,6 +125,8 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
     row = features.iloc[position]
     interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
                    "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
+    if program.stored_tiers:
+        interesting.insert(1, "tier_since")
     return {"customer_id": customer_id, "found": True,
             "features": {k: explained_value(row[k]) for k in interesting if k in row.index},
             "campaigns": result}

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from engine.app.replay import MemoryState, parse_every, replay, seed_from_state, step_times
-from engine.app.report_text import display_width
+from engine.app.report_text import display_width, tier_moves_line
 from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
@@ -266,6 +266,8 @@ def format_text(sim: Simulation) -> str:
         lines += [""] + _table(["week", "offers", "cost", "points"],
                                [[week, str(offers), f"{cost:,.2f}", f"{points:,.0f}"]
                                 for week, (offers, cost, points) in per_week.items()])
+    if sim.tier_moves is not None:
+        lines += ["", tier_moves_line(sim.tier_moves, "Tier moves over the simulation")]
     if sim.top_customers:
         lines += ["", "Contacted most:"]
         lines += [f"  {c['customer_id']}: {c['offers']} offers ({', '.join(c['campaigns'])})"

@@ -130,6 +130,8 @@ def test_qualify_moves_a_member_up_at_the_first_run_where_it_holds(tmp_path):
     seen = features_at(ws, day(4))
     assert seen.loc["M1", "tier"] == "gold" and seen.loc["M1", "tier_since"] == pd.Timestamp("2026-12-04")
     assert seen.loc["M2", "tier_since"] == pd.Timestamp("2026-12-01")
+    explained = ws.preview(day(4), customer="M1", sample=0).explanation["features"]
+    assert (explained["tier"], explained["tier_since"][:10]) == ("gold", "2026-12-04")
 
 
 def test_a_member_is_kept_through_the_grace_then_steps_down_one_tier(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from test_tiers import TRIAL, day, programme, tables
 
 from engine import Workspace
+from engine.app.simulation import format_text
 from engine.faults import CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +137,7 @@ def test_a_simulation_of_sixty_days_agrees_with_sixty_runs(tmp_path):
     made = {key for key, _ in offers(tmp_path / "real")}
     assert set(simulated.offers["firing_key"]) == made
     assert simulated.as_dict()["tier_moves"]["down"]
+    assert "Tier moves over the simulation: up " in format_text(simulated)
 
 
 def test_a_simulation_continues_from_the_recorded_tiers(tmp_path):
