@@ -31,14 +31,13 @@ from engine.config.model import LoadedWorkspace
 from engine.data.features import finish_features, local_features, rfm_inputs
 from engine.data.points import PointsHistory
 from engine.data.sources import load_tables
-from engine.data.tiers import TierState
 from engine.decide.budgets import BUDGET_KEY, budget_sorted, within_budgets
 from engine.decide.evaluation import PartitionDecision, evaluate_partition
 from engine.decide.totals import CampaignTotals, campaign_totals
 from engine.decide.triggers import RunContext
 from engine.errors import WorkerSetupError
 from engine.execution.partitioned_data import partition_folder, partition_settings, partitioned_folder
-from engine.execution.partitions import partition_numbers
+from engine.execution.partitions import partition_numbers, tiers_by_partition
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
         listed = sorted(ids)
         states[campaign] = (listed, partition_numbers(pd.Series(listed, dtype=object), count) if listed else [])
     points = _points_by_partition(ctx.points, count)
-    tiers = _tiers_by_partition(ctx.tiers, count)
+    tiers = tiers_by_partition(ctx.tiers, count)
     slices = []
     for number in range(count):
         edge_state = {campaign: frozenset(i for i, n in zip(listed, mine) if n == number)
@@ -103,14 +102,6 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
                               edge_state=edge_state, recorded=Recorded(recorded[number]),
                               points=points[number], tiers=tiers[number]))
     return slices
-
-
-def _tiers_by_partition(state: TierState | None, count: int) -> list[TierState | None]:
-    """The stored tiers of each partition's customers."""
-    if state is None:
-        return [None] * count
-    ids = state.members["customer_id"].astype(str)
-    return state.split(partition_numbers(ids, count) if len(ids) else np.zeros(0), count)
 
 
 def _points_by_partition(history: PointsHistory | None, count: int) -> list[PointsHistory | None]:
