@@ -258,3 +258,30 @@ def test_points_defined_in_two_files_is_an_error(programme):
     code, out, _ = invoke("validate", str(programme))
     assert code == 1
     assert "rules/programme.yaml:19:1: points: is defined twice (it is already defined at rules/more.yaml:1" in out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_the_report_shows_the_liability_and_what_the_period_earned_redeemed_and_expired(programme):
+    code, out, err = invoke("report", str(programme), "--from", "2026-03-01", "--to", "2026-05-31",
+                            "--format", "json")
+    assert code == 0, err
+    points = json.loads(out)["points"]
+    end = accounts_csv(programme, "2026-05-31T23:59:59.999999+08:00")
+    before = accounts_csv(programme, "2026-02-28T23:59:59.999999+08:00")
+
+    def total(rows, column):
+        return sum(int(r[column]) for r in rows.values())
+
+    assert points["outstanding"] == total(end, "balance")
+    assert points["liability"] == pytest.approx(points["outstanding"] * 0.01)
+    assert points["period"] == {column: total(end, column) - total(before, column)
+                                for column in ("earned", "redeemed", "expired")}
+    assert points["period"]["expired"] == 40       # what was left of C1's January credit, on May 10
+    assert points["breakage"] == pytest.approx(total(end, "expired") / total(end, "earned"), abs=1e-4)
+    code, out, _ = invoke("report", str(programme), "--from", "2026-03-01", "--to", "2026-05-31",
+                          "--html", str(programme / "report.html"))
+    assert code == 0
+    html = (programme / "report.html").read_text(encoding="utf-8")
+    assert "积分负债 / Liability" in html
