@@ -169,6 +169,13 @@ def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFram
     pos, at, points, and the order's or event's columns (for the message announcing them)."""
     start = _instant(pd.Timestamp(points.start).tz_localize(timezone)) if points.start is not None else None
     table = tables.orders if rule.source == "orders" else tables.events
+    if len(table):
+        # only the rows since the previous run, linked to ``features`` by id: the rows a trigger
+        # sees may be a subset of the customers the tables were loaded with
+        at = _micros(table["timestamp"])
+        table = table[(at > _instant(since)) & (at <= _instant(as_of))]
+        codes = pd.Index(features["customer_id"].astype(str)).get_indexer(table["customer_id"].astype(str))
+        table = table[codes >= 0].assign(cust_code=codes[codes >= 0])
     tier_at = _TierAt(features, history.tiers if history is not None else None)
     rows = _rule_rows(rule, table, features, as_of, _instant(as_of), start, tier_at, keep_columns=True)
     if rows is None:
