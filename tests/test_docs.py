@@ -15,7 +15,7 @@ from engine.config.schema import validate_document
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RULE_KEYS = {"features", "segments", "tiers", "tier_review", "campaigns"}
+RULE_KEYS = {"features", "segments", "tiers", "tier_review", "campaigns", "points"}
 CONDITION_KEYS = {"where", "becomes", "expr", "rank_by", "qualify", "retain"}
 
 

@@ -49,6 +49,8 @@ _EXPECTATION = {
                                {"type": "array", "items": {"type": "string"}}]},
         "suppressed_by": {"enum": STOP_STAGES},
         "campaign": {"type": "string", "description": "with suppressed_by: the campaign concerned"},
+        "points_balance": {"type": "number", "description": "the member's points balance at as_of"},
+        "points_expiring_30d": {"type": "number", "description": "the member's points expiring within 30 days"},
     },
 }
 SCHEMA = {
@@ -66,6 +68,8 @@ SCHEMA = {
                 "id": {"type": ["string", "integer"]},
                 "orders": {"type": "array", "items": _ACTIVITY},
                 "events": {"type": "array", "items": {**_ACTIVITY, "required": ["type"]}},
+                "redemptions": {"type": "array", "items": {**_ACTIVITY, "required": ["points"]},
+                                "description": "points the member spent (the point_redemptions table)"},
                 "contacts": {"type": "array", "items": {"type": "object", "required": ["campaign"],
                                                         "properties": {"campaign": {"type": "string"}}}},
                 "features": {"type": "object"},
@@ -222,11 +226,13 @@ def _run_file(workspace: LoadedWorkspace, data: dict, smap: SourceMap) -> tuple[
         if earlier >= as_of:
             line, _ = smap.value_position(("previous_runs",))
             return 0, [Failure(smap.file, line, f"previous run {earlier.isoformat()} is not before as_of")]
-        features = fixture_features(workspace, tables, data, earlier)
-        evaluation = evaluate(workspace, tables, features, state.context(workspace, earlier), campaigns)
+        context = state.context(workspace, earlier)
+        features = fixture_features(workspace, tables, data, earlier, context.points)
+        evaluation = evaluate(workspace, tables, features, context, campaigns)
         state.record(evaluation, evaluation.edge_state)
-    features = fixture_features(workspace, tables, data, as_of)
-    evaluation = evaluate(workspace, tables, features, state.context(workspace, as_of), campaigns, trace=True)
+    context = state.context(workspace, as_of)
+    features = fixture_features(workspace, tables, data, as_of, context.points)
+    evaluation = evaluate(workspace, tables, features, context, campaigns, trace=True)
     records, errors = build_messages(workspace, evaluation, features, make_renderer(workspace))
     stages = trace_frame(evaluation, features)[["customer_id", "campaign", "stage"]]
     outcome = _Outcome(evaluation, features, stages, records, errors, state)
@@ -276,6 +282,12 @@ def _judge(customer_id: str, expect, outcome: _Outcome) -> str | None:
             return problem
     if "suppressed_by" in expect:
         return _suppressed(customer_id, expect["suppressed_by"], expect.get("campaign"), outcome, got_text)
+    for feature in ("points_balance", "points_expiring_30d"):
+        if feature in expect:
+            row = outcome.features[outcome.features["customer_id"].astype(str) == customer_id]
+            value = float(row[feature].iloc[0]) if len(row) else 0.0
+            if value != float(expect[feature]):
+                return f"expected {feature} {expect[feature]:g}, got {value:g}"
     return None
 
 

@@ -14,10 +14,11 @@ from engine.config.model import LoadedWorkspace, SourceDef
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.data.features import assign_tiers, compute_features, feature_order
+from engine.data.points import PointsHistory
 from engine.data.sources import Tables, load_tables
 from engine.execution.pipeline import parse_as_of
 
-RESERVED = {"id", "orders", "events", "contacts", "features", "expect"}   # keys that are no customer column
+RESERVED = {"id", "orders", "events", "redemptions", "contacts", "features", "expect"}   # keys that are no customer column
 
 
 def _timestamp(entry: dict, as_of: pd.Timestamp, timezone: str) -> str:
@@ -54,7 +55,7 @@ def fixture_tables(workspace: LoadedWorkspace, data: dict, as_of: pd.Timestamp, 
         if channel.address_column != "customer_id":
             defaults[channel.address_column] = f"fixture-{channel.address_column}"
     defaults.update(data.get("defaults") or {})
-    customers, orders, events = [], [], []
+    customers, orders, events, redemptions = [], [], [], []
     for customer in data["customers"]:
         cid = str(customer["id"])
         row = {"customer_id": cid, **defaults}
@@ -68,8 +69,12 @@ def fixture_tables(workspace: LoadedWorkspace, data: dict, as_of: pd.Timestamp, 
             extra = {k: v for k, v in event.items() if k not in ("at", "days_ago", "type")}
             events.append({"event_id": f"{cid}-E{n}", "customer_id": cid, "type": event["type"],
                            "timestamp": _timestamp(event, as_of, settings.timezone), **extra})
+        for n, spent in enumerate(customer.get("redemptions") or [], 1):
+            redemptions.append({"redemption_id": f"{cid}-R{n}", "customer_id": cid, "points": spent["points"],
+                                "timestamp": _timestamp(spent, as_of, settings.timezone)})
     sources = {}
-    for table, rows in (("customers", customers), ("orders", orders), ("events", events)):
+    for table, rows in (("customers", customers), ("orders", orders), ("events", events),
+                        ("point_redemptions", redemptions)):
         if not rows:
             continue
         _write_csv(folder / f"{table}.csv", rows)
@@ -80,10 +85,12 @@ def fixture_tables(workspace: LoadedWorkspace, data: dict, as_of: pd.Timestamp, 
     return load_tables(fixture_settings, folder)
 
 
-def fixture_features(workspace: LoadedWorkspace, tables: Tables, data: dict, as_of: pd.Timestamp) -> pd.DataFrame:
-    """Features from the fixture data, then the fixture's feature values; tiers and expression
-    features are computed again from them (RFM scores are not)."""
-    features = compute_features(tables, workspace.program, workspace.settings, as_of)
+def fixture_features(workspace: LoadedWorkspace, tables: Tables, data: dict, as_of: pd.Timestamp,
+                     history: PointsHistory | None = None) -> pd.DataFrame:
+    """Features from the fixture data (and the points granted by earlier runs), then the
+    fixture's feature values; tiers and expression features are computed again from them
+    (RFM scores are not)."""
+    features = compute_features(tables, workspace.program, workspace.settings, as_of, history)
     overrides = [(i, c.get("features") or {}) for i, c in enumerate(data["customers"])]
     if not any(values for _, values in overrides):
         return features

@@ -16,7 +16,7 @@ from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.data.features import compute_features
 from engine.data.points import CREDIT, REDEMPTION, Accounts, PointsHistory, accounts, member_entries, shift_days
-from engine.data.sources import load_tables
+from engine.data.sources import Tables, load_tables
 from engine.errors import LoyaltyError
 from engine.execution.pipeline import parse_as_of
 from engine.state.database import storage_failures
@@ -52,12 +52,9 @@ def points_report(root: Path | str, as_of=None, customer: str | None = None) -> 
     settings = workspace.settings
     as_of = parse_as_of(as_of, settings.timezone)
     tables = load_tables(settings, workspace.root)
-    history = _history(workspace, as_of)
-    features = compute_features(tables, workspace.program, settings, as_of, history)
     points = workspace.program.points
-    entries = member_entries(points, tables, features, as_of, settings.timezone, history)
     expire = points.expire_days if points is not None else None
-    found = accounts(entries, len(features), as_of, expire, settings.timezone)
+    features, entries, found = _accounts_at(workspace, tables, as_of)
     ids = features["customer_id"].astype(str).to_numpy(dtype=object)
     members = _members(found, ids, settings.timezone)
     source = settings.data.get("point_redemptions")
@@ -74,6 +71,33 @@ def points_report(root: Path | str, as_of=None, customer: str | None = None) -> 
     value = points.value if points is not None else settings.point_value
     return PointsReport(as_of.isoformat(), value, settings.currency, members.reset_index(drop=True),
                         _totals(found, value), lines, warnings)
+
+
+def _accounts_at(workspace: LoadedWorkspace, tables: Tables, as_of: pd.Timestamp):
+    """(features, entries, accounts) of every member at ``as_of``."""
+    settings, points = workspace.settings, workspace.program.points
+    history = _history(workspace, as_of)
+    features = compute_features(tables, workspace.program, settings, as_of, history)
+    entries = member_entries(points, tables, features, as_of, settings.timezone, history)
+    expire = points.expire_days if points is not None else None
+    return features, entries, accounts(entries, len(features), as_of, expire, settings.timezone)
+
+
+def points_summary(workspace: LoadedWorkspace, tables: Tables, first: pd.Timestamp, last: pd.Timestamp) -> dict | None:
+    """The report's points: what was outstanding at the end of the period (and its value),
+    what expires in the next 30 days, what was earned, redeemed and expired in the period,
+    and breakage (the share of all points earned that expired unused). None without points."""
+    _, entries, end = _accounts_at(workspace, tables, last)
+    if workspace.program.points is None and not len(entries.pos):
+        return None
+    _, _, start = _accounts_at(workspace, tables, first)
+    value = workspace.program.points.value if workspace.program.points is not None else workspace.settings.point_value
+    totals = _totals(end, value)
+    totals["period"] = {"earned": int(round(float(end.earned.sum() - start.earned.sum()))),
+                        "redeemed": int(round(float(end.redeemed.sum() - start.redeemed.sum()))),
+                        "expired": int(round(float(end.expired.sum() - start.expired.sum())))}
+    totals["point_value"] = value
+    return totals
 
 
 def _history(workspace: LoadedWorkspace, as_of: pd.Timestamp) -> PointsHistory:

@@ -17,6 +17,7 @@ from engine.app.reporting import (
     format_value,
     kind_of,
     label_of,
+    points_rows,
     trended_kpis,
     uplift_rows,
     uplift_text,
@@ -148,6 +149,15 @@ def _sizes_table(title: str, sizes: Mapping[str, int], kind: str) -> str:
     return f'<table class="{kind}s"><tr><th>{escape(title)}</th><th>客户数 / Customers</th></tr>{rows}</table>'
 
 
+def _points_section(report: Mapping, currency: str) -> str:
+    points = report.get("points")
+    if not points:
+        return ""
+    rows = "".join(f"<tr><td>{escape(label)}</td><td>{escape(value)}</td></tr>"
+                   for label, value in points_rows(points, currency))
+    return f'<h2>积分 / Points</h2>\n<table class="points"><tbody>{rows}</tbody></table>'
+
+
 def render_html(report: Mapping) -> str:
     """The report as one self-contained HTML page (inline CSS and SVG, no scripts, no links)."""
     programme, period, kpis = report["programme"], report["period"], report["kpis"]
@@ -174,6 +184,7 @@ def render_html(report: Mapping) -> str:
  '<p class="muted">期间内没有核销 / no redemptions in this period</p>'}
 <h2>相对对照组的提升 / Uplift over holdout ({report['window_days']} 天 / days after the send)</h2>
 {_uplift_section(report)}
+{_points_section(report, currency)}
 <h2>等级分布 / Tier distribution</h2>
 {bar_chart("tiers", tiers, "等级分布 / Tier distribution") if tiers else ''}
 {_sizes_table("等级 / Tier", kpis["tiers"], "tier")}

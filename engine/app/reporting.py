@@ -33,6 +33,7 @@ from engine.app.kpis import (
     tier_and_segment_sizes,
     uplift,
 )
+from engine.app.points import points_summary
 from engine.app.validation import load_workspace
 from engine.data.points import PointsHistory
 from engine.data.sources import load_tables
@@ -186,6 +187,7 @@ def build_report(root: Path | str, start: Any = None, end: Any = None, *,
         "campaigns_without_offers": quiet,
         "redemptions_by_day": _redemptions_by_day(redemptions, period),
         "cohorts": cohort_retention(orders, period),
+        "points": points_summary(workspace, tables, period.start - pd.Timedelta(microseconds=1), period.as_of),
         "warnings": warnings,
     })
 
@@ -332,8 +334,34 @@ def print_report(report: Mapping, console=None) -> None:
         trend.add_row(month["month"], *(format_value(month.get(k), kind_of(k)) for k in keys))
     console.print(trend)
     _print_cohorts(report.get("cohorts", []), console)
+    _print_points(report.get("points"), currency, console)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def points_rows(points: Mapping, currency: str) -> list[tuple[str, str]]:
+    """(label, value) lines of the report's points section."""
+    period = points["period"]
+    breakage = "-" if points["breakage"] is None else format_value(points["breakage"], "percent")
+    return [
+        ("积分余额 / Points outstanding", f"{points['outstanding']:,}"),
+        ("积分负债 / Liability", format_value(points["liability"], "money", currency)),
+        ("30天内到期 / Expiring in 30 days", f"{points['expiring_30d']:,} "
+                                            f"({format_value(points['expiring_30d_value'], 'money', currency)})"),
+        ("期间获得 / Earned in the period", f"{period['earned']:,}"),
+        ("期间兑换 / Redeemed in the period", f"{period['redeemed']:,}"),
+        ("期间过期 / Expired in the period", f"{period['expired']:,}"),
+        ("过期率 / Breakage (expired / earned, all time)", breakage),
+    ]
+
+
+def _print_points(points: Mapping | None, currency: str, console) -> None:
+    if not points:
+        return
+    table = Table("", "value", title=f"Points / 积分 (1 point = {points['point_value']:g} {currency})")
+    for label, value in points_rows(points, currency):
+        table.add_row(label, value)
+    console.print(table)
 
 
 def _print_cohorts(cohorts: list[dict], console) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.config.catalogue import POINTS_FEATURES, table_columns
 from engine.config.expressions import Expression, compile_expression
-from engine.config.model import EarnRule, Location, PointsDef, Settings
+from engine.config.model import CampaignDef, EarnRule, Location, PointsDef, RewardDef, Settings, TriggerDef
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.config.settings import duration_days, whole_days_problem
@@ -111,6 +111,22 @@ def _amount(value, smap: SourceMap, path, scope, problems: list[Problem]) -> Exp
 
 
 def _points_hint(message: str) -> str:
-    if any(f"`{name}`" in message for name in POINTS_FEATURES):
+    if any(f"'{name}'" in message or f"`{name}`" in message for name in POINTS_FEATURES):
         return message + " (earn rules cannot read the points features: a credit cannot depend on the balance)"
     return message
+
+
+def notice_id(rule: str) -> str:
+    """The campaign id of an earn rule's message: ``points.NAME`` (no campaign id has a dot)."""
+    return f"points.{rule}"
+
+
+def notice_campaign(points: PointsDef, rule: EarnRule) -> CampaignDef:
+    """The campaign announcing an earn rule's credits (``notify:``): it fires once per credit
+    (trigger ``earned``) and gives nothing itself (reward ``earned``): the points are credited
+    whether or not this message goes, which obeys consent, caps, quiet hours and holdouts."""
+    trigger = TriggerDef("earned", MappingProxyType({"rule": rule, "points": points}), location=rule.location)
+    return CampaignDef(id=notice_id(rule.name), name=f"积分到账 · {rule.name}", segment=None, exclude=(),
+                       where=None, trigger=trigger, reward=RewardDef("earned", location=rule.location),
+                       channel=rule.notify_channel, template=rule.notify_template, priority=rule.notify_priority,
+                       location=rule.location)

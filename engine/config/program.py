@@ -38,7 +38,7 @@ from engine.config.model import (
     TriggerDef,
     VariantDef,
 )
-from engine.config.points_rules import build_points
+from engine.config.points_rules import build_points, notice_campaign, notice_id
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.config.settings import duration_days, percentage, whole_days_problem
@@ -118,6 +118,7 @@ class ProgramBuilder:
                 _, smap, _ = self.points[0]
                 self._check_template(rule.notify_template, rule.notify_channel, smap,
                                      ("points", "earn", rule.name, "notify", "template"))
+                campaigns[notice_id(rule.name)] = notice_campaign(points, rule)
         if any(p.severity == "error" for p in self.problems):
             return None
         return Program(features=MappingProxyType(features), segments=MappingProxyType(segments),

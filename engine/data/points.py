@@ -164,8 +164,41 @@ def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_
 def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: pd.Timestamp, now: int,
             start: int | None, tier_at: "_TierAt") -> Entries:
     """The credits (and, for orders, refunds) one earn rule gives."""
-    if not len(table):
+    rows = _rule_rows(rule, table, features, as_of, now, start, tier_at)
+    if rows is None:
         return Entries.empty()
+    return Entries(rows["pos"].to_numpy(np.int64), rows["at"].to_numpy(np.int64), rows["points"].to_numpy(float),
+                   rows["kind"].to_numpy(np.int8), np.full(len(rows), rule.name, dtype=object))
+
+
+def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFrame, as_of: pd.Timestamp,
+                since: pd.Timestamp, timezone: str, history: PointsHistory | None) -> pd.DataFrame:
+    """The credits (not refunds) ``rule`` gave for orders or events in ``(since, as_of]``:
+    pos, at, points, and the order's or event's columns (for the message announcing them)."""
+    start = _instant(pd.Timestamp(points.start).tz_localize(timezone)) if points.start is not None else None
+    table = tables.orders if rule.source == "orders" else tables.events
+    if len(table):
+        # only the rows since the previous run, linked to ``features`` by id: the rows a trigger
+        # sees may be a subset of the customers the tables were loaded with
+        at = _micros(table["timestamp"])
+        table = table[(at > _instant(since)) & (at <= _instant(as_of))]
+        codes = pd.Index(features["customer_id"].astype(str)).get_indexer(table["customer_id"].astype(str))
+        table = table[codes >= 0].assign(cust_code=codes[codes >= 0])
+    tier_at = _TierAt(features, history.tiers if history is not None else None)
+    rows = _rule_rows(rule, table, features, as_of, _instant(as_of), start, tier_at, keep_columns=True)
+    if rows is None:
+        return pd.DataFrame({"pos": pd.Series(dtype=np.int64), "at": pd.Series(dtype=np.int64),
+                             "points": pd.Series(dtype=float)})
+    rows = rows[(rows["kind"] == CREDIT) & (rows["at"] > _instant(since))]
+    return rows.drop(columns=["kind"]).reset_index(drop=True)
+
+
+def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: pd.Timestamp, now: int,
+               start: int | None, tier_at: "_TierAt", keep_columns: bool = False) -> pd.DataFrame | None:
+    """pos, at, points, kind (CREDIT or REFUND) of the rows ``rule`` gives points for (None:
+    none); with ``keep_columns``, also the table's own columns (amounts as written)."""
+    if not len(table):
+        return None
     at = _micros(table["timestamp"])
     keep = at <= now
     if start is not None:
@@ -175,14 +208,15 @@ def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: 
     rows = table[keep].reset_index(drop=True)
     at = at[keep]
     if not len(rows):
-        return Entries.empty()
+        return None
+    written = rows
     pos = rows["cust_code"].to_numpy(np.int64)
     refund = np.zeros(len(rows), dtype=bool)
     if rule.source == "orders":
         amount = rows["amount"].to_numpy(dtype=float)
         refund = amount < 0
         if refund.any():        # a refund takes back what the order would have earned
-            rows["amount"] = np.abs(amount)
+            rows = rows.assign(amount=np.abs(amount))
     scope = _scope(rule, rows, features, pos)
     values = pd.to_numeric(rule.amount.evaluate(scope, as_of), errors="coerce")
     base = np.nan_to_num(pd.Series(values).astype("Float64").to_numpy(dtype=float, na_value=np.nan),
@@ -193,9 +227,12 @@ def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: 
     if rule.multiplier:
         base = np.floor(np.minimum(base * tier_at.multiplier(pos, at, rule.multiplier), MAX_POINTS))
     given = base > 0
-    kind = np.where(refund, REFUND, CREDIT).astype(np.int8)
-    return Entries(pos[given], at[given], base[given], kind[given],
-                   np.full(int(given.sum()), rule.name, dtype=object))
+    found = pd.DataFrame({"pos": pos[given], "at": at[given], "points": base[given],
+                          "kind": np.where(refund, REFUND, CREDIT).astype(np.int8)[given]})
+    if keep_columns:
+        own = written[given].drop(columns=["cust_code"]).reset_index(drop=True)
+        found = pd.concat([found, own], axis=1)
+    return found
 
 
 def _scope(rule: EarnRule, rows: pd.DataFrame, features: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:

@@ -67,6 +67,8 @@ data:
     path: data/crm.db
     table: events
     fields: {{score: number, amount: number, category: string}}
+  point_redemptions:            # points members spent (rules/campaigns_points.yaml: points:)
+    path: data/point_redemptions.csv
 
 state: state/loyalty.db
 
@@ -112,18 +114,21 @@ def write_sample_workspace(target: Path, customers: int = 2000, seed: int = 7,
     orders = _orders(rng, people, now)
     events = _events(rng, people, orders, now)
     dirty_orders = _dirty_orders(rng, people, orders)
+    spent = _point_redemptions(rng, orders, now)
 
     paths = {
         "loyalty_yaml": target / "loyalty.yaml",
         "customers": data_dir / "customers.csv",
         "orders": data_dir / "orders.parquet",
         "events": data_dir / "crm.db",
+        "point_redemptions": data_dir / "point_redemptions.csv",
     }
     paths["loyalty_yaml"].write_text(LOYALTY_YAML.format(), encoding="utf-8")
     _write_customers(people, paths["customers"])
     all_orders = pd.concat([orders, dirty_orders], ignore_index=True)
     _write_orders(all_orders, paths["orders"])
     _write_events(events, paths["events"])
+    _write_point_redemptions(spent, paths["point_redemptions"])
 
     by_type = events["type"].value_counts().sort_index()
     return {
@@ -135,6 +140,7 @@ def write_sample_workspace(target: Path, customers: int = 2000, seed: int = 7,
             "orders": len(all_orders),
             "events": len(events),
             "events_by_type": {str(k): int(v) for k, v in by_type.items()},
+            "point_redemptions": len(spent),
         },
         "dirty": {
             "unknown_customer_orders": int((dirty_orders["kind"] == "unknown_customer").sum()),
@@ -359,6 +365,28 @@ def _dirty_orders(rng: np.random.Generator, people: pd.DataFrame, orders: pd.Dat
     })
     rows.insert(0, "order_id", [f"O{len(orders) + k:08d}" for k in range(1, 6)])
     return rows
+
+
+def _point_redemptions(rng: np.random.Generator, orders: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
+    """About one order in five is followed, 1 to 20 days later, by a redemption of half its
+    points in hundreds (at least 100): always within the balance that order alone earned."""
+    chosen = orders.iloc[np.flatnonzero(rng.random(len(orders)) < 0.2)]
+    points = np.floor(chosen["amount"].to_numpy() * 0.5 / 100) * 100
+    when = chosen["local_time"].to_numpy() + (rng.integers(1, 21, len(chosen)) * SECONDS_PER_DAY
+                                             ).astype("timedelta64[s]")
+    keep = (points >= 100) & (when <= np.datetime64(_local_seconds(now), "s"))
+    frame = pd.DataFrame({"customer_id": chosen["customer_id"].to_numpy()[keep], "local_time": when[keep],
+                          "points": points[keep].astype(np.int64)})
+    frame = frame.sort_values(["local_time", "customer_id"], kind="stable", ignore_index=True)
+    frame.insert(0, "redemption_id", [f"R{i:07d}" for i in range(1, len(frame) + 1)])
+    return frame
+
+
+def _write_point_redemptions(spent: pd.DataFrame, path: Path) -> None:
+    stamps = np.datetime_as_string(spent["local_time"].to_numpy().astype("datetime64[s]"), unit="s")
+    pd.DataFrame({"redemption_id": spent["redemption_id"], "customer_id": spent["customer_id"],
+                  "timestamp": [s.replace("T", " ") + "+08:00" for s in stamps],
+                  "points": spent["points"]}).to_csv(path, index=False)
 
 
 def _write_orders(orders: pd.DataFrame, path: Path) -> None:

@@ -63,6 +63,8 @@ COSTS: dict[str, Callable] = {
     "free_shipping": lambda r, scope, s, as_of: np.full(len(scope), s.shipping_cost),
     "gift": lambda r, scope, s, as_of: np.zeros(len(scope)),
     "tier": lambda r, scope, s, as_of: np.zeros(len(scope)),
+    # the message announcing points an earn rule credited: the points are not the campaign's to give
+    "earned": lambda r, scope, s, as_of: np.zeros(len(scope)),
     "message": lambda r, scope, s, as_of: np.zeros(len(scope)),
 }
 
@@ -88,13 +90,13 @@ DESCRIPTIONS = {
     "zh": {
         "percent_off": "{v:g}折优惠券", "amount_off": "立减{m}券", "points": "{v:g}积分",
         "free_shipping": "免运费", "gift": "礼品 {v}", "tier": "升级为{v}", "tier_trial": "体验{v} {d}天",
-        "message": "关怀消息",
+        "message": "关怀消息", "earned": "获得{v:g}积分",
         "min_spend": "（满{m}可用）",
     },
     "en": {
         "percent_off": "{v:g}% off coupon", "amount_off": "{m} off coupon", "points": "{v:g} points",
         "free_shipping": "free shipping", "gift": "gift {v}", "tier": "upgrade to {v}",
-        "tier_trial": "{v} for {d} days", "message": "message",
+        "tier_trial": "{v} for {d} days", "message": "message", "earned": "{v:g} points earned",
         "min_spend": " (min. spend {m})",
     },
 }
@@ -116,8 +118,8 @@ def describe(kind: str, params: dict, locale: str, points: float = 0, money: Mon
         if params.get("min_spend"):
             text += words["min_spend"].format(m=money(params["min_spend"]))
         return text
-    if kind == "points":
-        return words["points"].format(v=points)
+    if kind in ("points", "earned"):
+        return words[kind].format(v=points)
     if kind == "gift":
         return words["gift"].format(v=params.get("name", params.get("sku", "")))
     if kind == "tier" and params.get("for"):
@@ -133,7 +135,7 @@ def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp
     in the programme's currency for the description."""
     payload = {"kind": kind, **{k: v for k, v in params.items() if k not in ("amount",)}}
     payload["cost"] = round(float(cost), 2)
-    if kind == "points":
+    if kind in ("points", "earned"):     # earned: credited by an earn rule, announced here
         payload["points"] = int(points)
     valid_days = params.get("valid_days")
     if valid_days:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef
-from engine.data.points import PointsHistory
+from engine.data.points import PointsHistory, earned_rows
 from engine.data.tiers import TierState
 
 EVENT_LOOKBACK = pd.Timedelta(days=1)   # first run ever: events of the last day fire
@@ -168,6 +168,23 @@ def event(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> F
                    np.array([], dtype=str), frame)
 
 
+def earned(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> Firings:
+    """The credits of one earn rule (``points: earn: NAME: notify:``) since the previous run,
+    each announced once: key the order or event id; ``event.points`` the points credited and
+    ``event.*`` the order's or event's own columns."""
+    rule, points = campaign.trigger.params["rule"], campaign.trigger.params["points"]
+    since = ctx.previous_as_of if ctx.previous_as_of is not None else ctx.as_of - EVENT_LOOKBACK
+    rows = earned_rows(points, rule, tables, features, ctx.as_of, since, settings.timezone, ctx.points)
+    if not len(rows):
+        return Firings(np.array([], dtype=int), np.array([], dtype=str), pd.DataFrame())
+    rows = rows[eligible[rows["pos"].to_numpy(np.int64)]]
+    id_column = "order_id" if rule.source == "orders" else "event_id"
+    rows = rows.sort_values(["pos", "at", id_column], kind="stable").reset_index(drop=True)
+    positions = rows["pos"].to_numpy(np.int64)
+    frame = rows.drop(columns=["pos", "at"]).rename(columns=lambda c: f"event.{c}")
+    return Firings(positions, rows[id_column].astype(str).to_numpy(), frame)
+
+
 def inactive_for(campaign: CampaignDef, eligible, features, tables, ctx, settings) -> Firings:
     days = features["days_since_last_order"].astype("Float64")
     hit = eligible & (days >= campaign.trigger.params["days"]).fillna(False).to_numpy(dtype=bool)
@@ -202,6 +219,7 @@ TRIGGERS: dict[str, Callable[..., Firings]] = {
     "anniversary": anniversary,
     "dates": dates,
     "event": event,
+    "earned": earned,
     "inactive_for": inactive_for,
     "becomes": becomes,
 }

@@ -112,14 +112,22 @@ def evaluate_in_workers(workspace: LoadedWorkspace, tables: Tables, features: pd
     bounds = np.linspace(0, len(features), workers + 1).astype(np.int64)
     caps = budget_caps(workspace, ctx.budget_used)
     codes = tables.events["cust_code"].to_numpy(dtype=np.int64)
+    points = workspace.program.points
+    # the messages announcing points (earn rules on orders) read the orders too
+    order_codes = tables.orders["cust_code"].to_numpy(dtype=np.int64) if points is not None and any(
+        rule.source == "orders" and rule.notify_template for rule in points.earn.values()) else None
 
     def decide_slice(number: int):
         start, stop = int(bounds[number]), int(bounds[number + 1])
         mine = (codes >= start) & (codes < stop)
         events = tables.events[mine].reset_index(drop=True).assign(cust_code=codes[mine] - start)
+        orders = tables.orders.iloc[0:0]
+        if order_codes is not None:
+            own = (order_codes >= start) & (order_codes < stop)
+            orders = tables.orders[own].reset_index(drop=True).assign(cust_code=order_codes[own] - start)
         # deciding reads the customers' features and, for event triggers, their events
         part = replace(tables, customers=tables.customers.iloc[start:stop].reset_index(drop=True),
-                       orders=tables.orders.iloc[0:0], events=events, redemptions=None)
+                       orders=orders, events=events, redemptions=None)
         return decide_part(workspace, part, features.iloc[start:stop].reset_index(drop=True), ctx, campaigns,
                            caps)
 

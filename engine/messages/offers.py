@@ -80,7 +80,8 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
         campaign = program.campaigns[offer["campaign"]]
         reward = rewards.get((campaign.id, offer["variant"]), campaign.reward)
         code = (codes or {}).get(offer["offer_id"]) if reward.kind == "coupon" else None
-        payload = reward_payload(reward.kind, dict(reward.params), offer["points"], send_at_local, code,
+        points = offer["event.points"] if reward.kind == "earned" else offer["points"]
+        payload = reward_payload(reward.kind, dict(reward.params), points, send_at_local, code,
                                  offer["locale"], offer["cost"], money_in(settings.currency, offer["locale"]))
         if reward.kind == "coupon" and code is None:
             payload["code"] = "(assigned at run)"

@@ -58,6 +58,12 @@ def check_workspace_templates(workspace: LoadedWorkspace) -> list[Problem]:
     send_at = pd.Timestamp("2026-11-23T10:00:00", tz=workspace.settings.timezone)
     problems: dict[tuple, Problem] = {}
     for campaign in workspace.program.campaigns.values():
+        if campaign.trigger.kind == "earned":     # an earn rule's message: the order's or event's columns
+            rule = campaign.trigger.params["rule"]
+            columns = table_columns(workspace.settings, rule.source)
+            sample_event = {c: SAMPLE_VALUES.get(t, "示例") for c, t in columns.items()} | {"points": 100}
+        else:
+            sample_event = event
         pairs = [(campaign.template, campaign.reward)] + [
             (v.template or campaign.template, v.reward or campaign.reward) for v in campaign.variants]
         unique = {(t, id(r)): (t, r) for t, r in pairs}
@@ -69,7 +75,7 @@ def check_workspace_templates(workspace: LoadedWorkspace) -> list[Problem]:
                 person = customer if locale.lower().startswith("zh") else dict(
                     customer, **ENGLISH_CUSTOMER)
                 context = {
-                    "customer": dict(person, locale=locale), "reward": payload, "event": event,
+                    "customer": dict(person, locale=locale), "reward": payload, "event": sample_event,
                     "offer": {"offer_id": "of_sample", "campaign": campaign.id, "campaign_name": campaign.name,
                               "variant": "A", "channel": campaign.channel, "send_at": send_at.isoformat()},
                 }

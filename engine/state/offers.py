@@ -186,7 +186,7 @@ class OfferBook(Database):
             self._insert_codes(conn, new_rows)
             if points_rows is None:
                 points_rows = [self._points_row(row, reward) for row, reward in new_rows
-                               if reward and reward.get("points") is not None]
+                               if reward and reward.get("kind") == "points" and reward.get("points") is not None]
             new_ids = {row["offer_id"] for row, _ in new_rows}
             self._insert(conn, "points_ledger",
                          ("entry_id", "offer_id", "customer_id", "points", "reason", "as_of"),

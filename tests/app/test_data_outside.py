@@ -35,7 +35,7 @@ def test_the_tour_runs_with_data_from_an_env_variable_and_the_home_folder(tmp_pa
 
     for args in (["validate"], ["preview", "--as-of", AS_OF], ["preview", "--as-of", AS_OF, "--customer", "C002"],
                  ["test"], ["run", "--as-of", AS_OF, "--no-deliver"], ["history", "--customer", "C002"],
-                 ["report", "--to", AS_OF]):
+                 ["report", "--to", AS_OF], ["points", "--as-of", AS_OF]):
         result = loyalty(*args)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     assert "C002" in loyalty("preview", "--as-of", AS_OF, "--customer", "C002").stdout

@@ -193,6 +193,11 @@ def test_a_run_killed_at_any_checkpoint_is_completed_by_the_rerun(checkpoint, cr
     assert all(n == 1 for _, n in codes)
     coupon_offers = query(workspace, "SELECT count(*) FROM offers WHERE reward LIKE '%\"code\"%'")[0][0]
     assert len(codes) == coupon_offers > 0
+    # every points offer credited exactly once, whatever the crash: the credit is in the offers' transaction
+    credits = query(workspace, "SELECT offer_id, count(*) FROM points_ledger GROUP BY offer_id")
+    assert all(n == 1 for _, n in credits)
+    points_offers = query(workspace, "SELECT count(*) FROM offers WHERE json_extract(reward, '$.kind') = 'points'")[0][0]
+    assert len(credits) == points_offers > 0
     runs = query(workspace, "SELECT status, count(*) FROM runs GROUP BY status")
     assert dict(runs).get("delivered") == 1
 

@@ -103,7 +103,7 @@ def test_forecast_adds_up_per_campaign_and_week(forecast):
     assert sum(w["offers"] for w in forecast.weeks) == forecast.total_offers
     assert round(sum(w["cost"] for w in forecast.weeks), 2) == pytest.approx(forecast.total_cost)
     assert {w["week"] for w in forecast.weeks} >= {"2026-W39", "2026-W40"}
-    points = next(c for c in forecast.campaigns if c.id == "points_on_purchase")
+    points = next(c for c in forecast.campaigns if c.id == "membership_anniversary")
     assert points.points > 0 and points.points_value == pytest.approx(points.points * 0.01, abs=0.01)
     coupons = next(c for c in forecast.campaigns if c.id == "winback_at_risk")
     assert coupons.discount_value == coupons.cost

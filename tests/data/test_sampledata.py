@@ -28,6 +28,7 @@ BUILTIN_FEATURES = {
     "avg_order_value", "orders_365d", "monetary_365d", "orders_last_90d", "orders_prev_90d",
     "days_since_signup", "days_to_birthday", "age", "tier", "rfm_r", "rfm_f", "rfm_m",
     "rfm_score", "last_nps_score", "complaints_90d",
+    "points_balance", "points_earned_365d", "points_redeemed_365d", "points_expiring_30d", "points_next_expiry",
 }
 CUSTOMER_COLUMNS = {
     "customer_id", "name", "email", "phone", "birthday", "signup_date", "locale", "timezone",
@@ -56,7 +57,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_same_seed_gives_the_same_bytes(tmp_path, sample):
     write_sample_workspace(tmp_path / "again", customers=400, seed=7, as_of=AS_OF)
     first, second = _files(sample["workspace"]), _files(tmp_path / "again")
-    assert set(first) == {"loyalty.yaml", "data/customers.csv", "data/orders.parquet", "data/crm.db"}
+    assert set(first) == {"loyalty.yaml", "data/customers.csv", "data/orders.parquet", "data/crm.db",
+                          "data/point_redemptions.csv"}
     assert first == second
 
 
@@ -270,6 +272,11 @@ RENDER_LOCALES = ("zh-CN", "en-US", "en-GB")
 
 
 def _template_uses():
+    for name, rule in PROGRAMME.get("points", {}).get("earn", {}).items():   # the messages announcing credits
+        if "notify" in rule:
+            for locale in RENDER_LOCALES:
+                yield f"points.{name}", rule["notify"]["template"], rule["notify"]["channel"], locale, \
+                    {"earned": {}}
     for cid, campaign in CAMPAIGNS.items():
         names = {campaign["template"]} | {v["template"] for v in campaign.get("variants", []) if "template" in v}
         rewards = [campaign["reward"]] + [v["reward"] for v in campaign.get("variants", []) if "reward" in v]
@@ -343,6 +350,8 @@ def _context(reward_def: dict, locale: str) -> dict:
                       **{k: v for k, v in params.items() if k in ("percent_off", "amount_off", "min_spend")})
     elif kind == "points":
         reward["points"] = params["amount"] if isinstance(params["amount"], (int, float)) else 1234
+    elif kind == "earned":
+        reward["points"] = 25680
     elif kind == "gift":
         reward.update(sku=params["sku"], name=params.get("name", params["sku"]))
     elif kind == "free_shipping":
@@ -350,7 +359,8 @@ def _context(reward_def: dict, locale: str) -> dict:
     customer = {c: "" for c in CUSTOMER_COLUMNS} | {f: 0 for f in BUILTIN_FEATURES | set(PROGRAMME["features"])}
     customer.update(name="欧阳梦琪" if locale.startswith("zh") else "Charlotte Thompson", tier="gold",
                     monetary_365d=12345.6, lifetime_spend=10230.5, spend_to_gold=420.0,
-                    days_since_signup=1096, locale=locale)
+                    days_since_signup=1096, locale=locale, points_balance=24800, points_expiring_30d=12600,
+                    points_next_expiry=date(2026, 12, 5))
     offer = {"offer_id": "of_1", "campaign": "c", "campaign_name": "c", "variant": "A",
              "channel": "sms", "send_at": "2026-11-23T10:00:00+08:00"}
     return {"customer": customer, "offer": offer, "reward": reward,

@@ -93,7 +93,8 @@ def _assert_same(local, remote) -> None:
     assert remote.evaluation.edge_state == local.evaluation.edge_state
     assert remote.customers == local.customers
     # the feature rows shipped back are the offered customers' own, RFM ranked over everybody
-    columns = ["customer_id", "rfm_r", "rfm_f", "rfm_m", "tier", "lifetime_spend"]
+    columns = ["customer_id", "rfm_r", "rfm_f", "rfm_m", "tier", "lifetime_spend", "points_balance",
+               "points_expiring_30d", "points_next_expiry"]
     mine = remote.features.iloc[remote.evaluation.offers["pos"]][columns].reset_index(drop=True)
     theirs = local.features.iloc[local.evaluation.offers["pos"]][columns].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, theirs)
