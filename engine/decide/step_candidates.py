@@ -3,7 +3,9 @@
 A simulation evaluates with the same ``engine.decide.evaluation.evaluate`` a run uses, but only on
 the customers who can possibly get an offer in the step: those a trigger kind can fire for
 (the birthday window, new events, inactivity reached, ...; see ``CANDIDATES``), in the
-segment, reachable, under the frequency cap, out of cooldown and not held out. Every stage
+segment, or with a firing still pending (``decide.pending``), reachable and under the
+frequency cap (unless the campaign's reward needs no message), out of cooldown and not held
+out. Every stage
 is per customer except arbitration and budgets, which only ever look at those who fired, so
 the offers are exactly those of evaluating everybody (``bench/bench_simulate.py --check``).
 """
@@ -21,6 +23,7 @@ from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.data.sources import Tables
 from engine.decide.assignment import in_holdout
 from engine.decide.evaluation import Evaluation, evaluate, segment_mask
+from engine.decide.pending import by_campaign, expired_outcomes, is_expired
 from engine.decide.policy import cap_remaining, reachable
 from engine.decide.triggers import EVENT_LOOKBACK, RunContext
 
@@ -179,17 +182,20 @@ def evaluate_step(workspace: LoadedWorkspace, tables: Tables, features: pd.DataF
     edge_state = {c.id: frozenset(ids[c.trigger.expr.mask(features, ctx.as_of)])
                   for c in selected if c.trigger.kind == "becomes"}
     room = cap_remaining(features, ctx.contacts, ctx.as_of, settings.contact_policy) > 0
-    open_to_offers = room & ~in_holdout(ids, settings.salt, "global", settings.holdout)
+    not_held = ~in_holdout(ids, settings.salt, "global", settings.holdout)
+    waiting = by_campaign(ctx.pending[~is_expired(ctx.pending, ctx.as_of)]) if len(ctx.pending) else {}
     union = np.zeros(len(features), dtype=bool)
     active = []
     for campaign in selected:
-        may_get = _may_get_offer(step, campaign, open_to_offers)
+        pending = waiting.get(campaign.id) if campaign.one_off else None
+        may_get = _may_get_offer(step, campaign, room, not_held, pending)
         if may_get.any():
             union |= may_get
             active.append(campaign.id)
     rows = np.flatnonzero(union)
     if not active:
-        return Evaluation(ctx.as_of, no_offers(), {}, pd.DataFrame()), edge_state
+        return Evaluation(ctx.as_of, no_offers(), {}, pd.DataFrame(),
+                          pending=expired_outcomes(ctx.pending, ctx.as_of)), edge_state
     subset = features.iloc[rows, _needed_columns(workspace, features)].reset_index(drop=True)
     # the contact history of the others cannot change the decisions about these customers
     contacts = ctx.contacts[ctx.contacts["customer_id"].astype(object).isin(set(ids.iloc[rows])).to_numpy()]
@@ -221,16 +227,29 @@ def _needed_columns(workspace: LoadedWorkspace, features: pd.DataFrame) -> list[
     return [i for i, column in enumerate(features.columns) if column in names]
 
 
-def _may_get_offer(step: _Step, campaign: CampaignDef, open_to_offers: np.ndarray) -> np.ndarray:
-    """Who may get this campaign's offer: a superset of the evaluation's candidates, from the
-    same per-customer stages (trigger, segment, consent, cap, cooldown, holdouts)."""
+def _may_get_offer(step: _Step, campaign: CampaignDef, room: np.ndarray, not_held: np.ndarray,
+                   pending: pd.DataFrame | None) -> np.ndarray:
+    """Who may get this campaign's offer, or whose firing the evaluation must see: a superset
+    of the evaluation's candidates, from the same per-customer stages (trigger or a pending
+    firing, segment, consent, cap, cooldown, holdouts). A reward that needs no message is
+    granted whatever consent and the cap say. A firing that waits when it is stopped
+    (``pending:``), and a pending firing coming back, matter even when they are stopped: those
+    customers are kept whatever the contact policy and the holdouts say."""
     settings = step.workspace.settings
     ctx = step.ctx
-    may = np.asarray(CANDIDATES.get(campaign.trigger.kind, _everyone)(step, campaign), dtype=bool)
-    may = may & open_to_offers & step.reachable(campaign.channel)
-    if not may.any():
-        return may
-    may &= segment_mask(step.workspace, campaign, step.features, ctx.as_of)
+    open_to = not_held if campaign.needs_no_message else room & not_held & step.reachable(campaign.channel)
+    fired = np.array(CANDIDATES.get(campaign.trigger.kind, _everyone)(step, campaign), dtype=bool)
+    if not campaign.keeps_pending:
+        fired &= open_to
+    if fired.any():
+        fired &= segment_mask(step.workspace, campaign, step.features, ctx.as_of)
+    waiting = step.isin(set(pending["customer_id"].astype(str))) if pending is not None \
+        else np.zeros(len(fired), dtype=bool)
+    if campaign.keeps_pending or waiting.any():
+        may = fired & open_to     # the contact policy and holdouts below; the others are kept anyway
+        kept = fired | waiting if campaign.keeps_pending else waiting
+    else:
+        may, kept = fired, np.zeros(len(fired), dtype=bool)
     if campaign.cooldown_days and len(ctx.contacts) and may.any():
         contacts = ctx.contacts
         recent = contacts[(contacts["campaign"] == campaign.id)
@@ -241,7 +260,7 @@ def _may_get_offer(step: _Step, campaign: CampaignDef, open_to_offers: np.ndarra
         held = in_holdout(pd.Series(step.ids.iloc[rows].to_numpy(), dtype=object),
                           settings.salt, campaign.id, campaign.holdout)
         may[rows[held]] = False
-    return may
+    return may | kept
 
 
 def no_offers() -> pd.DataFrame:
