@@ -7,13 +7,18 @@ Real runs on hand-built workspaces (SQLite state in tmp_path), read back with pl
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from test_triggers import customer, make_workspace
 
+from cli import main
 from engine import Workspace
 from engine.decide.evaluation import offer_id
 
@@ -274,3 +279,81 @@ def test_partitions_decide_pending_firings_as_one_process_does(tmp_path, partiti
     assert [r.pending for r in one] == [r.pending for r in split]
     assert offers(roots[0]) == offers(roots[1]) and pending_rows(roots[0]) == pending_rows(roots[1])
     assert {status for status, *_ in pending_rows(roots[0]).values()} == {"offered", "expired"}
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    """`loyalty run` in a subprocess, SIGKILLed at the ``engine.faults`` checkpoint ``crash_at``."""
+    env = {k: v for k, v in os.environ.items() if k != "LOYALTY_CRASH_AT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if crash_at is not None:
+        env["LOYALTY_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "cli", "run", str(root), "--as-of", as_of, "--no-deliver",
+                           "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("crash_at", ["after_evaluation", "mid_transaction", "after_commit"])
+def test_a_crash_between_evaluation_and_commit_leaves_nothing_half_written_and_the_rerun_records_it(
+        tmp_path, crash_at):
+    root = tmp_path / "ws"
+    make_workspace(root, """\
+        milestone:
+          when: {becomes: lifetime_spend >= 100}
+          reward: {coupon: {amount_off: 5}}
+          channel: sms
+          template: t
+          budget: {max_offers: 1, per: day}
+        """, "".join(customer(f"C000{i}") for i in range(1, 5)),
+        orders=ORDERS + "O4,C0004,2026-12-01 14:00:00,300\n")
+    for day in (DAY1, DAY2):
+        assert run_cli(root, day).returncode == 0
+    before = (offers(root), pending_rows(root))
+    assert len(before[0]) == 1 and [s for s, *_ in before[1].values()] == ["pending", "pending"]
+
+    crashed = run_cli(root, DAY3, crash_at)
+    assert crashed.returncode == -9, crashed.stderr
+    after_crash = (offers(root), pending_rows(root))
+    if crash_at == "after_commit":
+        assert len(after_crash[0]) == 2
+        assert sorted(s for s, *_ in after_crash[1].values()) == ["offered", "pending"]
+    else:   # nothing of the third day's run is in the database
+        assert after_crash == before
+        assert query(root, "SELECT count(*) FROM pending_firings WHERE status_as_of > ?",
+                     ["2026-12-02T02:00:00+00:00"]) == [(0,)]
+
+    rerun = run_cli(root, DAY3)
+    assert rerun.returncode == 0, rerun.stderr
+    result = json.loads(rerun.stdout)
+    assert result["conflicts"] == [] and result["reentered"] == {"milestone": 2}
+    assert result["new_offers"] == (0 if crash_at == "after_commit" else 1)
+    final = (offers(root), pending_rows(root))
+    assert len(final[0]) == 2 and len(final[1]) == 2
+    assert sorted(s for s, *_ in final[1].values()) == ["offered", "pending"]
+    [offered] = [key for key, (status, *_) in final[1].items() if status == "offered"]
+    assert final[0][offered] == (offer_id(offered), offered.split(":")[1], DAY3)
+    if crash_at == "after_commit":
+        assert final == after_crash          # the rerun changed nothing
+
+
+def test_history_lists_the_firings_that_wait_and_those_that_expired(tmp_path):
+    ws = milestone(tmp_path / "ws", budget="{}", pending="2d",
+                   customers=customer("C0001", sms="false") + customer("C0002") + customer("C0003"))
+    for day in (DAY1, DAY2, DAY3):
+        ws.run(day, deliver=False)
+    waiting = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001"])
+    assert waiting.exit_code == 0, waiting.output
+    assert "pending since 2026-12-02T02:00:00+00:00 (stopped by consent), expires 2026-12-04T02:00:00+00:00" \
+        in waiting.output
+    ws.run(DAY4, deliver=False)
+    gone = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001", "--format", "json"])
+    [row] = json.loads(gone.output)
+    assert (row["kind"], row["status"], row["reason"], row["campaign"]) == \
+        ("pending_firing", "expired", "consent", "milestone")
+    text = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001"])
+    assert "expired 2026-12-04T02:00:00+00:00 (first fired 2026-12-02T02:00:00+00:00, last stopped by consent)" \
+        in text.output
