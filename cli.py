@@ -248,7 +248,7 @@ def deliver(workspace, now):
 @format_option("table", "json")
 @handle_errors
 def history(workspace, customer, fmt):
-    """Every offer a customer got, and why."""
+    """Every offer a customer got, and why; and firings that wait or expired."""
     rows = Workspace(workspace).history(customer)
     if fmt == "json":
         _echo_json(rows)

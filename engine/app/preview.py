@@ -117,11 +117,13 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
         mine = got[got["campaign"] == campaign_id] if len(got) else got
         if len(mine):
             outcome, stage = "offer", "offers"
+        elif campaign_id in stops:      # stopped after firing (a pending firing is not checked for the segment)
+            stage = stops[campaign_id]
+            outcome = f"stopped at {stage}"
         elif not in_segment:
             outcome, stage = "not in segment", "segment"
         else:
-            stage = stops.get(campaign_id, "trigger")
-            outcome = f"stopped at {stage}"
+            outcome, stage = "stopped at trigger", "trigger"
         waited = _waited(pending, evaluation, campaign_id, str(customer_id))
         silent = str(mine["no_message"].iloc[0]) if len(mine) and "no_message" in mine else ""
         notes = [f"granted without a message (stopped by {silent.replace('_', ' ')})"] if silent else []

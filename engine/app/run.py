@@ -239,35 +239,39 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
 def history(root: Path | str, customer_id: str) -> list[dict]:
     """Every offer a customer got, from which campaign and rule version, and why; and the
     firings of one-off campaigns that were stopped and wait, or waited (``kind``:
-    ``offer`` or ``pending_firing``), oldest first. An offer that waited first says since
-    when and why (``pending_since``, ``pending_reason``)."""
-    return _from_state(root, lambda store: customer_history(store, str(customer_id)))
+    ``offer`` or ``pending_firing``), oldest first, times in the programme's timezone. An
+    offer that waited first says since when and why (``pending_since``, ``pending_reason``)."""
+    return _from_state(root, lambda store, workspace: customer_history(store, str(customer_id),
+                                                                       workspace.settings.timezone))
 
 
-def customer_history(store: StateStore, customer_id: str) -> list[dict]:
+def customer_history(store: StateStore, customer_id: str, timezone: str = "UTC") -> list[dict]:
     """``history`` from an open state store."""
+    def local(instant: str) -> str:
+        return pd.Timestamp(instant).tz_convert(timezone).isoformat()
+
     waited = {row["firing_key"]: row for row in store.pending_firings(customer_id)}
     entries = []
     for offer in store.history(customer_id):
         before = waited.pop(offer["firing_key"], None)
         if before is not None:
-            offer["pending_since"], offer["pending_reason"] = before["first_as_of"], before["reason"]
+            offer["pending_since"], offer["pending_reason"] = local(before["first_as_of"]), before["reason"]
         entries.append((offer.get("due_at") or "", dict(offer, kind="offer")))
     for row in waited.values():
         entries.append((row["status_as_of"], {
             "kind": "pending_firing", "firing_key": row["firing_key"], "campaign": row["campaign"],
             "customer_id": row["customer_id"], "status": row["status"], "reason": row["reason"],
-            "first_as_of": row["first_as_of"], "expires_at": row["expires_at"],
-            "updated_as_of": row["status_as_of"], "event": row["event"]}))
+            "first_as_of": local(row["first_as_of"]), "expires_at": local(row["expires_at"]),
+            "updated_as_of": local(row["status_as_of"]), "event": row["event"]}))
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
 def runs(root: Path | str, limit: int = 20) -> list[dict]:
     """The most recent runs, newest first."""
-    return _from_state(root, lambda store: store.runs(limit))
+    return _from_state(root, lambda store, workspace: store.runs(limit))
 
 
-def _from_state(root: Path | str, read: Callable[[StateStore], list[dict]]) -> list[dict]:
+def _from_state(root: Path | str, read: Callable[[StateStore, LoadedWorkspace], list[dict]]) -> list[dict]:
     """What ``read`` finds in the workspace's state database (nothing before the first run)."""
     workspace = load_workspace(root)
     store = open_store(workspace.settings.state_path, create=False)
@@ -275,6 +279,6 @@ def _from_state(root: Path | str, read: Callable[[StateStore], list[dict]]) -> l
         return []
     try:
         with storage_failures(store.label, "read"):
-            return read(store)
+            return read(store, workspace)
     finally:
         store.close()

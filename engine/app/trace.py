@@ -81,12 +81,18 @@ def _waiting(evaluation: Evaluation, keys: pd.Series) -> tuple[np.ndarray, np.nd
         return none, none.copy()
     as_of = evaluation.as_of.tz_convert("UTC").isoformat(timespec="seconds")
     zone = evaluation.as_of.tz
-    local = {key: pd.Timestamp(first).tz_convert(zone).isoformat()
+    shown: dict[str, str] = {}     # UTC key -> local time: the firings share a handful of instants
+
+    def local_time(instant: str) -> str:
+        if instant not in shown:
+            shown[instant] = pd.Timestamp(instant).tz_convert(zone).isoformat()
+        return shown[instant]
+
+    since = {key: local_time(first)
              for key, first in zip(outcomes["firing_key"], outcomes["first_as_of"]) if first and first < as_of}
     waiting = outcomes[outcomes["status"] == "pending"]
-    until = {key: pd.Timestamp(end).tz_convert(zone).isoformat()
-             for key, end in zip(waiting["firing_key"], waiting["expires_at"])}
-    return _looked_up(keys, local), _looked_up(keys, until)
+    until = {key: local_time(end) for key, end in zip(waiting["firing_key"], waiting["expires_at"])}
+    return _looked_up(keys, since), _looked_up(keys, until)
 
 
 def _looked_up(keys: pd.Series, table: dict[str, str]) -> np.ndarray:

@@ -118,8 +118,9 @@ def with_expiry(workspace: LoadedWorkspace, outcomes: pd.DataFrame) -> pd.DataFr
     campaigns = workspace.program.campaigns
     days = outcomes["campaign"].map(lambda c: campaigns[c].pending_days if c in campaigns else 0)
     outcomes = outcomes.copy()
-    outcomes.loc[missing, "expires_at"] = [expiry(first, n) for first, n in
-                                           zip(outcomes.loc[missing, "first_as_of"], days[missing])]
+    pairs = list(zip(outcomes.loc[missing, "first_as_of"], days[missing]))
+    ends = {pair: expiry(*pair) for pair in set(pairs)}       # a run's firings share a handful of instants
+    outcomes.loc[missing, "expires_at"] = [ends[pair] for pair in pairs]
     return outcomes
 
 

@@ -238,7 +238,7 @@ def test_preview_agrees_with_the_run_and_says_why_a_customer_waits(tmp_path):
     assert explained["pending"]["reason"] == "budget" and explained["pending"]["firing_key"] == key
     ran = ws.run(DAY3, deliver=False)
     assert (ran.new_offers, ran.funnels) == (campaign.offers, {"milestone": campaign.funnel})
-    assert ws.history(waiting)[0]["pending_since"] == "2026-12-02T02:00:00+00:00"
+    assert ws.history(waiting)[0]["pending_since"] == "2026-12-02T10:00:00+08:00"
 
 
 def test_a_simulation_forecasts_pending_firings_as_the_runs_make_them(tmp_path):
@@ -294,7 +294,7 @@ def run_cli(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.C
     if crash_at is not None:
         env["LOYALTY_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-m", "cli", "run", str(root), "--as-of", as_of, "--no-deliver",
-                           "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                           "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("crash_at", ["after_evaluation", "mid_transaction", "after_commit"])
@@ -347,7 +347,7 @@ def test_history_lists_the_firings_that_wait_and_those_that_expired(tmp_path):
         ws.run(day, deliver=False)
     waiting = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001"])
     assert waiting.exit_code == 0, waiting.output
-    assert "pending since 2026-12-02T02:00:00+00:00 (stopped by consent), expires 2026-12-04T02:00:00+00:00" \
+    assert "pending since 2026-12-02T10:00:00+08:00 (stopped by consent), expires 2026-12-04T10:00:00+08:00" \
         in waiting.output
     ws.run(DAY4, deliver=False)
     gone = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001", "--format", "json"])
@@ -355,5 +355,5 @@ def test_history_lists_the_firings_that_wait_and_those_that_expired(tmp_path):
     assert (row["kind"], row["status"], row["reason"], row["campaign"]) == \
         ("pending_firing", "expired", "consent", "milestone")
     text = CliRunner().invoke(main, ["history", str(tmp_path / "ws"), "--customer", "C0001"])
-    assert "expired 2026-12-04T02:00:00+00:00 (first fired 2026-12-02T02:00:00+00:00, last stopped by consent)" \
+    assert "expired 2026-12-04T10:00:00+08:00 (first fired 2026-12-02T10:00:00+08:00, last stopped by consent)" \
         in text.output
