@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
@@ -125,8 +126,9 @@ class MemoryState:
         waiting = outcomes[outcomes["status"] == "pending"]
         closed = outcomes[outcomes["status"] != "pending"]
         kept = self.pending[~self.pending["firing_key"].isin(set(closed["firing_key"]))]
-        new = waiting[~waiting["firing_key"].isin(set(kept["firing_key"]))
-                      & ~waiting["firing_key"].isin(set(self.recorded))]
+        acted_on = np.fromiter((key in self.recorded for key in waiting["firing_key"]), dtype=bool,
+                               count=len(waiting))
+        new = waiting[~waiting["firing_key"].isin(set(kept["firing_key"])).to_numpy() & ~acted_on]
         if len(waiting):      # the latest reason of those still waiting
             reasons = dict(zip(waiting["firing_key"], waiting["reason"]))
             kept = kept.assign(reason=kept["firing_key"].map(reasons).fillna(kept["reason"]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -22,10 +22,10 @@ import pandas as pd
 from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.data.sources import Tables
 from engine.decide.assignment import in_holdout
-from engine.decide.evaluation import Evaluation, evaluate, segment_mask
-from engine.decide.pending import by_campaign, expired_outcomes, is_expired
+from engine.decide.evaluation import Evaluation, evaluate, firing_keys, segment_mask
+from engine.decide.pending import by_campaign, expired_outcomes, is_expired, utc_key
 from engine.decide.policy import cap_remaining, reachable
-from engine.decide.triggers import EVENT_LOOKBACK, RunContext
+from engine.decide.triggers import EVENT_LOOKBACK, TRIGGERS, RunContext
 
 
 @dataclass
@@ -232,35 +232,59 @@ def _may_get_offer(step: _Step, campaign: CampaignDef, room: np.ndarray, not_hel
     """Who may get this campaign's offer, or whose firing the evaluation must see: a superset
     of the evaluation's candidates, from the same per-customer stages (trigger or a pending
     firing, segment, consent, cap, cooldown, holdouts). A reward that needs no message is
-    granted whatever consent and the cap say. A firing that waits when it is stopped
-    (``pending:``), and a pending firing coming back, matter even when they are stopped: those
-    customers are kept whatever the contact policy and the holdouts say."""
+    granted whatever consent and the cap say.
+
+    A firing that waits when it is stopped (``pending:``), and a pending firing coming back,
+    matter even when the cap or the cooldown stops them now (they may be offered later); not
+    when consent or a holdout does: a simulation's data never changes, so those stop them
+    until they expire, and the offers are the same without deciding them."""
     settings = step.workspace.settings
     ctx = step.ctx
-    open_to = not_held if campaign.needs_no_message else room & not_held & step.reachable(campaign.channel)
+    lasting = not_held if campaign.needs_no_message else not_held & step.reachable(campaign.channel)
+    open_to = lasting if campaign.needs_no_message else lasting & room
     fired = np.array(CANDIDATES.get(campaign.trigger.kind, _everyone)(step, campaign), dtype=bool)
-    if not campaign.keeps_pending:
-        fired &= open_to
+    fired &= lasting if campaign.keeps_pending else open_to
     if fired.any():
         fired &= segment_mask(step.workspace, campaign, step.features, ctx.as_of)
-    waiting = step.isin(set(pending["customer_id"].astype(str))) if pending is not None \
+    if campaign.keeps_pending and fired.any():
+        fired &= _not_acted_on(step, campaign, fired)
+    waiting = step.isin(set(pending["customer_id"].astype(str))) & lasting if pending is not None \
         else np.zeros(len(fired), dtype=bool)
-    if campaign.keeps_pending or waiting.any():
-        may = fired & open_to     # the contact policy and holdouts below; the others are kept anyway
-        kept = fired | waiting if campaign.keeps_pending else waiting
-    else:
-        may, kept = fired, np.zeros(len(fired), dtype=bool)
+    kept = fired | waiting if campaign.keeps_pending else waiting   # whatever the cap and cooldown say
+    may = fired & open_to
     if campaign.cooldown_days and len(ctx.contacts) and may.any():
         contacts = ctx.contacts
         recent = contacts[(contacts["campaign"] == campaign.id)
                           & (contacts["contacted_at"] > ctx.as_of - pd.Timedelta(days=campaign.cooldown_days))]
         may &= ~step.isin(set(recent["customer_id"].astype(str)))
-    if campaign.holdout and may.any():
-        rows = np.flatnonzero(may)
+    if campaign.holdout and (may | kept).any():
+        rows = np.flatnonzero(may | kept)
         held = in_holdout(pd.Series(step.ids.iloc[rows].to_numpy(), dtype=object),
                           settings.salt, campaign.id, campaign.holdout)
         may[rows[held]] = False
+        kept[rows[held]] = False
     return may | kept
+
+
+def _not_acted_on(step: _Step, campaign: CampaignDef, who: np.ndarray) -> np.ndarray:
+    """Of the customers ``who``, those the campaign's trigger fires for with a key no earlier
+    run acted on: the firings the evaluation decides (and whose stop it records, ``pending:``,
+    whatever the contact policy says). An inactivity trigger fires again at every run with the
+    same key; this keeps a simulation from deciding those every day."""
+    firings = TRIGGERS[campaign.trigger.kind](campaign, who, step.features, step.tables, step.ctx,
+                                              step.workspace.settings)
+    positions = np.asarray(firings.positions, dtype=int)
+    keep = np.zeros(len(who), dtype=bool)
+    if not len(positions):
+        return keep
+    keys = firing_keys(campaign.id, step.ids.iloc[positions].to_numpy(), np.asarray(firings.keys))
+    done = step.ctx.recorded(list(keys)) or {}
+    if not isinstance(done, Mapping):
+        done = dict.fromkeys(done, "")
+    as_of_key = utc_key(step.ctx.as_of)
+    fresh = np.fromiter((done.get(key, as_of_key) == as_of_key for key in keys), dtype=bool, count=len(keys))
+    keep[positions[fresh]] = True
+    return keep
 
 
 def no_offers() -> pd.DataFrame:
