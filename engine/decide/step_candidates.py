@@ -13,8 +13,8 @@ the offers are exactly those of evaluating everybody (``bench/bench_simulate.py 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
