@@ -256,8 +256,8 @@ def test_a_simulation_forecasts_pending_firings_as_the_runs_make_them(tmp_path):
     assert list(rest.offers["firing_key"]) == list(pending_rows(tmp_path / "half"))
 
 
-@pytest.mark.parametrize("partitions", [2, 3])
-def test_partitions_decide_pending_firings_as_one_process_does(tmp_path, partitions):
+@pytest.mark.parametrize("split", [{"partitions": 2}, {"partitions": 3}, {"workers": 2}])
+def test_partitions_and_workers_decide_pending_firings_as_one_process_does(tmp_path, split):
     customers = "".join(customer(f"C{i:04d}") for i in range(1, 13))
     orders = "".join(f"O{i},C{i:04d},2026-12-01 12:00:00,{100 + i}\n" for i in range(1, 13))
     roots = []
@@ -274,9 +274,14 @@ def test_partitions_decide_pending_firings_as_one_process_does(tmp_path, partiti
         roots.append(tmp_path / name)
     days = (DAY1, DAY2, DAY3, DAY4, DAY5)
     one = [Workspace(roots[0]).run(day, deliver=False) for day in days]
-    split = [Workspace(roots[1]).run(day, deliver=False, partitions=partitions) for day in days]
-    assert [r.new_offers for r in one] == [r.new_offers for r in split] == [0, 3, 3, 3, 0]
-    assert [r.pending for r in one] == [r.pending for r in split]
+    shown, apart = [], []
+    for day in days:          # a preview (streamed partitions) of each run, then the run
+        [campaign] = Workspace(roots[1]).preview(day, sample=0, **split).campaigns
+        shown.append((campaign.offers, campaign.pending))
+        apart.append(Workspace(roots[1]).run(day, deliver=False, **split))
+    assert [r.new_offers for r in one] == [r.new_offers for r in apart] == [0, 3, 3, 3, 0]
+    assert [r.pending for r in one] == [r.pending for r in apart]
+    assert shown == [(r.new_offers, r.reentered.get("milestone", 0)) for r in one]
     assert offers(roots[0]) == offers(roots[1]) and pending_rows(roots[0]) == pending_rows(roots[1])
     assert {status for status, *_ in pending_rows(roots[0]).values()} == {"offered", "expired"}
 
