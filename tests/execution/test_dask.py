@@ -170,6 +170,15 @@ def test_pending_firings_come_back_and_are_recorded_the_same_on_both_engines(tig
     assert sum(local.evaluation.reentered.values()) == first.pending["pending"]
     pd.testing.assert_frame_equal(_pending(remote), _pending(local))
     assert set(local.evaluation.pending["status"]) >= {"pending", "offered"}
+    # a preview on the cluster (offers left on the workers) counts them as a local preview does
+    counts = lambda preview: {c.id: (c.offers, c.pending, c.granted_without_message)  # noqa: E731
+                              for c in preview.campaigns}
+    address = cluster[0].scheduler_address
+    shown_local = Workspace(here).preview(soon, sample=1, engine="local")
+    shown_remote = Workspace(here).preview(soon, sample=1, engine="dask", scheduler=address, partitions=4)
+    assert counts(shown_remote) == counts(shown_local)
+    assert sum(p for _, p, _ in counts(shown_local).values()) == first.pending["pending"]
+    assert sum(g for _, _, g in counts(shown_local).values()) > 0
     expected = Workspace(here).run(soon, deliver=False)
     got = Workspace(there).run(soon, deliver=False, engine="dask", scheduler=cluster[0].scheduler_address)
     assert (got.new_offers, got.reentered, got.pending) == (expected.new_offers, expected.reentered, expected.pending)
