@@ -171,8 +171,9 @@ def test_pending_firings_come_back_and_are_recorded_the_same_on_both_engines(tig
     pd.testing.assert_frame_equal(_pending(remote), _pending(local))
     assert set(local.evaluation.pending["status"]) >= {"pending", "offered"}
     # a preview on the cluster (offers left on the workers) counts them as a local preview does
-    counts = lambda preview: {c.id: (c.offers, c.pending, c.granted_without_message)  # noqa: E731
-                              for c in preview.campaigns}
+    def counts(preview):
+        return {c.id: (c.offers, c.pending, c.granted_without_message) for c in preview.campaigns}
+
     address = cluster[0].scheduler_address
     shown_local = Workspace(here).preview(soon, sample=1, engine="local")
     shown_remote = Workspace(here).preview(soon, sample=1, engine="dask", scheduler=address, partitions=4)
