@@ -250,7 +250,7 @@ def deliver(workspace, now):
 @format_option("table", "json")
 @handle_errors
 def history(workspace, customer, fmt):
-    """Every offer a customer got, and why."""
+    """Every offer a customer got, and why; and firings that wait or expired."""
     rows = Workspace(workspace).history(customer)
     if fmt == "json":
         _echo_json(rows)
@@ -259,11 +259,20 @@ def history(workspace, customer, fmt):
         click.echo(f"No offers recorded for customer {customer}.")
         return
     for row in rows:
+        if row.get("kind") == "pending_firing":
+            click.echo(without_escapes(_pending_line(row)))
+            continue
         reward = row.get("reward") or {}
+        status = row.get("status")
+        if row.get("suppressed_reason"):
+            status = f"{status} (granted without a message: {row['suppressed_reason'].replace('_', ' ')})"
         click.echo(without_escapes(
             f"{row.get('as_of')}  {row.get('campaign')} ({row.get('campaign_name')})  "
             f"variant {row.get('variant') or '-'}  {reward.get('description', reward.get('kind'))}  "
-            f"status {row.get('status')}  rules {row.get('rule_version')}"))
+            f"status {status}  rules {row.get('rule_version')}"))
+        if row.get("pending_since"):
+            click.echo(without_escapes(f"    waited since {row['pending_since']} "
+                                       f"(stopped by {row['pending_reason'].replace('_', ' ')})"))
         why = row.get("explanation") or {}
         if why:
             click.echo(without_escapes("    because " + ", ".join(f"{k}={v}" for k, v in why.items())))
@@ -291,6 +300,16 @@ def points(workspace, as_of, customer, fmt):
         click.echo(out.getvalue(), nl=False)
     else:
         click.echo(without_escapes(format_points(result)))
+
+
+def _pending_line(row: dict) -> str:
+    """A firing that waits, or waited without an offer, as `loyalty history` prints it."""
+    reason = str(row.get("reason") or "").replace("_", " ")
+    what = {"pending": f"pending since {row['first_as_of']} (stopped by {reason}), expires {row['expires_at']}",
+            "expired": f"expired {row['expires_at']} (first fired {row['first_as_of']}, last stopped by {reason})",
+            "held_out": f"held out at {row['updated_as_of']} (pending since {row['first_as_of']})"}
+    return f"{row['updated_as_of']}  {row['campaign']}  {row['firing_key']}  " + \
+        what.get(row["status"], f"{row['status']} (stopped by {reason})")
 
 
 @main.command("runs")

@@ -35,17 +35,20 @@ class OfferTotals:
 
 @dataclass
 class CampaignTotals:
-    """One campaign's offers counted: how many, their cost, how many of each variant."""
+    """One campaign's offers counted: how many, their cost, how many of each variant, and how
+    many of them are rewards granted without a message (consent or the frequency cap)."""
 
     offers: int = 0
     cost: float = 0.0
     variants: dict[str, int] = field(default_factory=dict)
+    granted_without_message: int = 0
 
     def __add__(self, other: "CampaignTotals") -> "CampaignTotals":
         variants = dict(self.variants)
         for name, count in other.variants.items():
             variants[name] = variants.get(name, 0) + count
-        return CampaignTotals(self.offers + other.offers, self.cost + other.cost, variants)
+        return CampaignTotals(self.offers + other.offers, self.cost + other.cost, variants,
+                              self.granted_without_message + other.granted_without_message)
 
 
 def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTotals]:
@@ -58,8 +61,9 @@ def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTot
             totals[campaign_id] = CampaignTotals()
             continue
         variants = mine["variant"].value_counts().to_dict()
+        granted = int((mine["no_message"] != "").sum()) if "no_message" in mine else 0
         totals[campaign_id] = CampaignTotals(len(mine), float(mine["cost"].sum()),
-                                             {str(k): int(v) for k, v in variants.items()})
+                                             {str(k): int(v) for k, v in variants.items()}, granted)
     return totals
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("loyalty.store")
 RESTORE_HINT = ("Restore the latest backup over it (`loyalty state backup FILE` makes one; see "
                 "docs/operations.md), then run again; `loyalty state check` tells whether a file is sound")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 OFFER_STATUSES = ("pending", "sent", "failed", "suppressed")
 JSON_OFFER_COLUMNS = ("reward", "explanation")
 
@@ -88,8 +88,31 @@ CREATE INDEX holdouts_customer ON holdouts (customer_id);
 CREATE TABLE schedules (campaign TEXT PRIMARY KEY, last_run_at TEXT)
 """
 
-# (version, DDL) in order; a database at version N gets every later entry applied.
-MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1)]
+# Version 3 (issue 17, loyalty accounts): one-off firings that wait for a later run, and the
+# reason a reward was granted without a message (an offer recorded as suppressed).
+# ``first_as_of``, ``expires_at`` and ``status_as_of`` are UTC ISO text (they compare as text);
+# ``status_as_of`` is the as_of of the run that last wrote the row, so that a rerun at the same
+# as_of reads the firings as they stood before its first attempt.
+_SCHEMA_V3 = """
+CREATE TABLE pending_firings (
+    firing_key TEXT PRIMARY KEY, campaign TEXT NOT NULL, customer_id TEXT NOT NULL,
+    reason TEXT NOT NULL
+        CHECK (reason IN ('consent', 'frequency_cap', 'cooldown', 'arbitration', 'budget', 'render')),
+    first_as_of TEXT NOT NULL, expires_at TEXT NOT NULL, event TEXT,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'offered', 'expired', 'held_out')),
+    status_as_of TEXT NOT NULL, updated_run TEXT REFERENCES runs (run_id)) WITHOUT ROWID;
+CREATE INDEX pending_firings_open ON pending_firings (status, first_as_of);
+CREATE INDEX pending_firings_changed ON pending_firings (status_as_of);
+CREATE INDEX pending_firings_customer ON pending_firings (customer_id);
+ALTER TABLE offers ADD COLUMN suppressed_reason TEXT
+    CHECK (suppressed_reason IS NULL OR suppressed_reason IN ('consent', 'frequency_cap'));
+CREATE INDEX offers_granted ON offers (due_at) WHERE suppressed_reason IS NOT NULL
+"""
+
+# (version, DDL) in order; a database at version N gets every later entry applied. Version 2
+# is reserved for another change; a database at version 1 gets 3 applied.
+MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (3, _SCHEMA_V3)]
 # --------------------------------------------------------------------------- helpers
 
 

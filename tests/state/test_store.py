@@ -54,25 +54,45 @@ def count(store: StateStore, table: str) -> int:
 def test_new_file_is_created_at_the_current_schema_version(tmp_path):
     path = tmp_path / "state" / "loyalty.db"
     with StateStore(path) as store:
-        assert store.schema_version() == database.SCHEMA_VERSION == 1
+        assert store.schema_version() == database.SCHEMA_VERSION == 3
         tables = set(store.db.table_names())
         assert {"meta", "runs", "offers", "points_ledger", "trigger_state", "coupon_codes",
-                "redemptions", "schedules", "holdouts"} <= tables
+                "redemptions", "schedules", "holdouts", "pending_firings"} <= tables
         assert "contacts" in store.db.view_names()
+        assert "suppressed_reason" in {c.name for c in store.db["offers"].columns}
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with StateStore(path) as again:          # reopening migrates nothing
-        assert again.schema_version() == 1
+        assert again.schema_version() == 3
 
 
 def test_pending_migrations_are_applied_in_order(tmp_path, monkeypatch):
     path = tmp_path / "loyalty.db"
     StateStore(path).close()
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS + [
-        (2, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+        (4, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 4)
     with StateStore(path) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 4
         assert store.db.execute("SELECT note FROM notes").fetchone() == ("hello",)
+
+
+def test_a_file_at_version_1_gets_version_3_applied_and_keeps_its_offers(tmp_path):
+    """Version 2 is reserved for another change: a file of version 1 goes straight to 3."""
+    path = tmp_path / "loyalty.db"
+    with sqlite3.connect(path) as conn:        # a state file as version 1 wrote it
+        conn.executescript(dict(database.MIGRATIONS)[1] + ";\nINSERT INTO meta VALUES ('schema_version', '1');")
+        conn.execute("INSERT INTO runs (run_id, as_of, as_of_utc, started_at, status) "
+                     "VALUES ('r1', '2026-11-23T10:00:00+08:00', '2026-11-23T02:00:00+00:00', 'x', 'recorded')")
+        conn.execute("INSERT INTO offers (offer_id, firing_key, run_id, campaign, customer_id, channel, send_at, "
+                     "due_at, payload_hash, created_at) VALUES ('of_1', 'k1', 'r1', 'c', 'C1', 'sms', "
+                     "'2026-11-23T10:00:00+08:00', '2026-11-23T02:00:00+00:00', 'h', 'x')")
+    assert [version for version, _ in database.MIGRATIONS] == [1, 3]
+    with StateStore(path) as store:
+        assert store.schema_version() == 3
+        assert store.db.execute("SELECT firing_key, status, suppressed_reason FROM offers").fetchall() == \
+            [("k1", "pending", None)]
+        assert store.db.execute("SELECT count(*) FROM pending_firings").fetchone() == (0,)
+        assert store.recorded_at(["k1"]) == {"k1": "2026-11-23T02:00:00+00:00"}
 
 
 def test_a_file_from_a_newer_version_is_refused(tmp_path):
