@@ -250,34 +250,35 @@ def deliver(workspace, now):
 @format_option("table", "json")
 @handle_errors
 def history(workspace, customer, fmt):
-    """Every offer a customer got, and why; and the changes of their tier."""
-    programme = Workspace(workspace)
-    rows = programme.history(customer)
-    changes = programme.tier_history(customer)
-    if fmt == "json":           # the offers, then the tier changes (items with "kind": "tier_change")
-        _echo_json(rows + [{"kind": "tier_change", **change} for change in changes])
-        return
-    if not rows and not changes:
-        click.echo(f"No offers recorded for customer {customer}.")
+    """Every offer a customer got, and why; firings that wait or expired; and the changes of their tier."""
+    rows = Workspace(workspace).history(customer)
+    if fmt == "json":
+        _echo_json(rows)
         return
     if not rows:
         click.echo(f"No offers recorded for customer {customer}.")
+        return
     for row in rows:
+        if row.get("kind") == "pending_firing":
+            click.echo(without_escapes(_pending_line(row)))
+            continue
+        if row.get("kind") == "tier_change":
+            click.echo(without_escapes(_tier_line(row)))
+            continue
         reward = row.get("reward") or {}
+        status = row.get("status")
+        if row.get("suppressed_reason"):
+            status = f"{status} (granted without a message: {row['suppressed_reason'].replace('_', ' ')})"
         click.echo(without_escapes(
             f"{row.get('as_of')}  {row.get('campaign')} ({row.get('campaign_name')})  "
             f"variant {row.get('variant') or '-'}  {reward.get('description', reward.get('kind'))}  "
-            f"status {row.get('status')}  rules {row.get('rule_version')}"))
+            f"status {status}  rules {row.get('rule_version')}"))
+        if row.get("pending_since"):
+            click.echo(without_escapes(f"    waited since {row['pending_since']} "
+                                       f"(stopped by {row['pending_reason'].replace('_', ' ')})"))
         why = row.get("explanation") or {}
         if why:
             click.echo(without_escapes("    because " + ", ".join(f"{k}={v}" for k, v in why.items())))
-    if changes:
-        click.echo("Tier changes:")
-    for change in changes:
-        dates = "".join(f", {label} {change[key]}" for key, label in (
-            ("review_at", "review"), ("grace_until", "grace until"), ("trial_until", "trial until")) if change.get(key))
-        click.echo(without_escapes(f"{change['as_of']}  {change['from_tier'] or '-'} -> {change['to_tier'] or '-'}  "
-                                   f"({change['reason']}{dates})"))
 
 
 @main.command()
@@ -302,6 +303,23 @@ def points(workspace, as_of, customer, fmt):
         click.echo(out.getvalue(), nl=False)
     else:
         click.echo(without_escapes(format_points(result)))
+
+
+def _tier_line(row: dict) -> str:
+    """A change of a member's stored tier as `loyalty history` prints it."""
+    dates = "".join(f", {label} {row[key]}" for key, label in (
+        ("review_at", "review"), ("grace_until", "grace until"), ("trial_until", "trial until")) if row.get(key))
+    return f"{row['as_of']}  tier {row['from_tier'] or '-'} -> {row['to_tier'] or '-'}  ({row['reason']}{dates})"
+
+
+def _pending_line(row: dict) -> str:
+    """A firing that waits, or waited without an offer, as `loyalty history` prints it."""
+    reason = str(row.get("reason") or "").replace("_", " ")
+    what = {"pending": f"pending since {row['first_as_of']} (stopped by {reason}), expires {row['expires_at']}",
+            "expired": f"expired {row['expires_at']} (first fired {row['first_as_of']}, last stopped by {reason})",
+            "held_out": f"held out at {row['updated_as_of']} (pending since {row['first_as_of']})"}
+    return f"{row['updated_as_of']}  {row['campaign']}  {row['firing_key']}  " + \
+        what.get(row["status"], f"{row['status']} (stopped by {reason})")
 
 
 @main.command("runs")

@@ -33,6 +33,8 @@ class CampaignPreview:
     samples: list[dict] = field(default_factory=list)
     sms_too_long: int = 0
     errors: list[str] = field(default_factory=list)
+    pending: int = 0                  # firings stopped by earlier runs that came back (in the funnel's trigger)
+    granted_without_message: int = 0  # offers whose reward is given though no message can be sent
 
 
 @dataclass
@@ -71,7 +73,9 @@ def summarise(workspace: LoadedWorkspace, evaluation: Evaluation, customers: int
             variants={k: int(v) for k, v in sorted(variants.items())},
             samples=[_sample(s) for s in own_samples],
             sms_too_long=sum(1 for s in own_samples if s.get("too_long")),
-            errors=[e["error"] for e in render_errors if e["campaign"] == campaign_id][:3]))
+            errors=[e["error"] for e in render_errors if e["campaign"] == campaign_id][:3],
+            pending=int(evaluation.reentered.get(campaign_id, 0)),
+            granted_without_message=int(mine.granted_without_message)))
     return Preview(evaluation.as_of.isoformat(), customers, campaigns, warnings)
 
 
@@ -84,8 +88,10 @@ def _sample(record: dict) -> dict:
 
 
 def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, features: pd.DataFrame,
-                     customer_id: str) -> dict:
-    """Every stage and every condition's value for one customer, per campaign."""
+                     customer_id: str, pending: pd.DataFrame | None = None) -> dict:
+    """Every stage and every condition's value for one customer, per campaign; with the
+    firings of earlier runs still ``pending`` (``RunContext.pending``), since when and what
+    stopped them, and which of this run's firings start to wait."""
     ids = features["customer_id"].astype(str)
     matches = np.flatnonzero(ids.to_numpy() == str(customer_id))
     if len(matches) == 0:
@@ -114,14 +120,21 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
         mine = got[got["campaign"] == campaign_id] if len(got) else got
         if len(mine):
             outcome, stage = "offer", "offers"
+        elif campaign_id in stops:      # stopped after firing (a pending firing is not checked for the segment)
+            stage = stops[campaign_id]
+            outcome = f"stopped at {stage}"
         elif not in_segment:
             outcome, stage = "not in segment", "segment"
         else:
-            stage = stops.get(campaign_id, "trigger")
-            outcome = f"stopped at {stage}"
+            outcome, stage = "stopped at trigger", "trigger"
+        waited = _waited(pending, evaluation, campaign_id, str(customer_id))
+        silent = str(mine["no_message"].iloc[0]) if len(mine) and "no_message" in mine else ""
+        notes = [f"granted without a message (stopped by {silent.replace('_', ' ')})"] if silent else []
+        notes += waited.pop("notes", [])
         result.append({"campaign": campaign_id, "name": campaign.name, "outcome": outcome,
                        "stage": stage, "trigger": campaign.trigger.kind, "conditions": conditions,
-                       "variant": str(mine["variant"].iloc[0]) if len(mine) else None})
+                       "variant": str(mine["variant"].iloc[0]) if len(mine) else None,
+                       "note": "; ".join(notes), **waited})
     row = features.iloc[position]
     interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
                    "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
@@ -130,6 +143,31 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
     return {"customer_id": customer_id, "found": True,
             "features": {k: explained_value(row[k]) for k in interesting if k in row.index},
             "campaigns": result}
+
+
+def _waited(pending: pd.DataFrame | None, evaluation: Evaluation, campaign: str, customer_id: str) -> dict:
+    """What the customer's firings of ``campaign`` that wait tell (``notes``): pending since …
+    (stopped by …) for one of earlier runs, and whether one starts or goes on waiting in this run."""
+    found: dict = {"notes": []}
+    zone = evaluation.as_of.tz
+    if pending is not None and len(pending):
+        mine = pending[(pending["campaign"] == campaign) & (pending["customer_id"].astype(str) == customer_id)]
+        if len(mine):
+            row = mine.iloc[0]
+            since = pd.Timestamp(row["first_as_of"]).tz_convert(zone).isoformat()
+            found["pending"] = {"since": since, "reason": row["reason"], "firing_key": row["firing_key"],
+                                "expires_at": pd.Timestamp(row["expires_at"]).tz_convert(zone).isoformat()}
+            found["notes"].append(f"pending since {since} (stopped by {row['reason'].replace('_', ' ')})")
+    outcomes = evaluation.pending
+    if len(outcomes):
+        now = outcomes[(outcomes["campaign"] == campaign) & (outcomes["customer_id"].astype(str) == customer_id)]
+        for row in now.itertuples():
+            if row.status == "pending":
+                until = pd.Timestamp(row.expires_at).tz_convert(zone).isoformat()
+                found["notes"].append(f"waits until {until} for a later run")
+            elif row.status == "expired":
+                found["notes"].append("expired, never offered")
+    return found
 
 
 def _explain(expression, features, position, as_of, label) -> list[dict]:
@@ -212,7 +250,8 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
         result.shown = list(campaigns)
         result.campaigns = [c for c in result.campaigns if c.id in campaigns]
     if customer is not None:
-        result.explanation = explain_customer(workspace, evaluation, prepared.features, customer)
+        result.explanation = explain_customer(workspace, evaluation, prepared.features, customer,
+                                              prepared.context.pending)
     if diff is not None:
         other = load_workspace(diff)
         context = prepared.context

@@ -3,8 +3,9 @@ kept in a ``MemoryState``, and the loop that runs each step as ``loyalty run`` w
 
 Each step is a run at ``as_of`` = ``start + k * every``: features at that instant, then the
 same evaluation as ``loyalty run``, with what earlier steps did kept in memory instead of
-the state database: contact history (offers become contacts at their ``send_at``), firing
-keys already acted on, ``becomes:`` edge state, the previous step's instant (for event and
+the state database: contact history (offers become contacts at their ``send_at``; a reward
+granted without a message counts for cooldowns only), firing keys already acted on, one-off
+firings still pending, ``becomes:`` edge state, the previous step's instant (for event and
 date triggers), points granted, the members' stored tiers with their changes (moves and tier
 rewards, as a run records them) and, with ``due``, each campaign's last scheduled run.
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
@@ -32,6 +34,7 @@ from engine.data.sources import Tables
 from engine.data.tiers import MOVE_COLUMNS, STATE_COLUMNS, TierRules, TierState, campaign_moves
 from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
+from engine.decide.pending import CONTEXT_COLUMNS, no_pending
 from engine.decide.schedule import due_campaigns
 from engine.decide.step_candidates import customer_index, evaluate_step, no_offers
 from engine.decide.triggers import RunContext
@@ -64,6 +67,7 @@ class MemoryState:
     earlier_spent: Callable[[Mapping[str, str], str], dict] | None = None
     # points granted by points campaigns: customer_id, points, granted_at (UTC), campaign
     granted: pd.DataFrame = field(default_factory=lambda: PointsHistory().grants)
+    pending: pd.DataFrame = field(default_factory=no_pending)       # firings waiting (decide.pending)
     # stored tiers: every member's state, the changes of tier (customer_id, tier, since UTC) the
     # points multiply by, and each step's moves (as_of + data.tiers.MOVE_COLUMNS)
     tiers: TierState = field(default_factory=TierState.empty)
@@ -83,7 +87,7 @@ class MemoryState:
         return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
                           recorded=self._recorded, budget_used=self._budget_used(workspace, as_of),
                           points=PointsHistory(grants=grants.reset_index(drop=True), tiers=changes),
-                          tiers=self.tiers if stored else None)
+                          tiers=self.tiers if stored else None, pending=self.pending)
 
     def _budget_used(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> dict[str, tuple[int, float]]:
         """What runs before ``as_of`` spent in each budget's period, as the database would say."""
@@ -122,7 +126,9 @@ class MemoryState:
                 "campaign": pd.Series(offers["campaign"].to_numpy(dtype=object), dtype=object),
                 "channel": pd.Series(offers["channel"].to_numpy(dtype=object), dtype=object),
                 "contacted_at": pd.to_datetime(offers["send_at"], utc=True).reset_index(drop=True)})
-            self.contacts = pd.concat([self.contacts, new], ignore_index=True) if len(self.contacts) else new
+            if "no_message" in offers and (offers["no_message"] != "").any():
+                new["message"] = (offers["no_message"] == "").to_numpy(dtype=bool)
+            self.add_contacts(new)
             self.recorded.update(dict.fromkeys(offers["firing_key"], as_of_key))
             spent = pd.DataFrame({"campaign": offers["campaign"].to_numpy(dtype=object),
                                   "as_of": as_of_key, "cost": offers["cost"].to_numpy(dtype=float)})
@@ -137,6 +143,7 @@ class MemoryState:
                     .dt.as_unit("us")})
                 self.granted = pd.concat([self.granted, granted], ignore_index=True) if len(self.granted) \
                     else granted
+        self._keep_pending(evaluation.pending, as_of_key)
         self.edge_state.update(edge_state)
         self.previous_as_of = evaluation.as_of
 
@@ -176,8 +183,30 @@ class MemoryState:
             self.tier_changes = pd.concat([self.tier_changes, new], ignore_index=True) if len(self.tier_changes) \
                 else new
 
+    def _keep_pending(self, outcomes: pd.DataFrame, as_of_key: str) -> None:
+        """What a run decided about firings that wait, as the state store writes it: new ones
+        added (a waiting one keeps its first firing, expiry and event), closed ones acted on."""
+        if not len(outcomes):
+            return
+        waiting = outcomes[outcomes["status"] == "pending"]
+        closed = outcomes[outcomes["status"] != "pending"]
+        kept = self.pending[~self.pending["firing_key"].isin(set(closed["firing_key"]))]
+        acted_on = np.fromiter((key in self.recorded for key in waiting["firing_key"]), dtype=bool,
+                               count=len(waiting))
+        new = waiting[~waiting["firing_key"].isin(set(kept["firing_key"])).to_numpy() & ~acted_on]
+        if len(waiting):      # the latest reason of those still waiting
+            reasons = dict(zip(waiting["firing_key"], waiting["reason"]))
+            kept = kept.assign(reason=kept["firing_key"].map(reasons).fillna(kept["reason"]))
+        self.pending = pd.concat([kept, new[CONTEXT_COLUMNS]], ignore_index=True).astype(object) \
+            if len(new) else kept.reset_index(drop=True)
+        self.recorded.update(dict.fromkeys(closed.loc[closed["status"] != "offered", "firing_key"], as_of_key))
+
     def add_contacts(self, frame: pd.DataFrame) -> None:
         frame = frame.assign(contacted_at=pd.to_datetime(frame["contacted_at"], utc=True))
+        if "message" in frame or "message" in self.contacts:
+            frame = frame.assign(message=frame.get("message", True))
+            if len(self.contacts) and "message" not in self.contacts:
+                self.contacts = self.contacts.assign(message=True)
         self.contacts = pd.concat([self.contacts, frame], ignore_index=True) if len(self.contacts) else frame
 
 
@@ -201,7 +230,8 @@ class Seed:
             if last is not None and pd.Timestamp(last) < self.before:
                 schedules[campaign] = last
         state = MemoryState(previous_as_of=ctx.previous_as_of, edge_state=dict(ctx.edge_state),
-                            schedules=schedules, earlier=self._recorded_before, earlier_spent=self._spent_before)
+                            schedules=schedules, earlier=self._recorded_before, earlier_spent=self._spent_before,
+                            pending=ctx.pending)
         if ctx.points is not None and len(ctx.points.grants):
             state.granted = ctx.points.grants
         if ctx.tiers is not None:

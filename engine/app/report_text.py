@@ -60,6 +60,13 @@ def print_preview(preview: Preview, console: Console | None = None) -> None:
                       f"{c.cost:,.2f}", terminal_text(variants))
     console.print(table)
     for c in preview.campaigns:
+        if c.pending:
+            console.print(f"{c.id}: {c.pending} firing(s) stopped by earlier runs came back (counted from "
+                          "segment on)")
+        if c.granted_without_message:
+            console.print(f"{c.id}: {c.granted_without_message} reward(s) granted without a message "
+                          "(no consent or address, or the frequency cap)")
+    for c in preview.campaigns:
         for error in c.errors:
             console.print(f"[red]template error[/red] {c.id}: {terminal_text(error)}")
         if c.sms_too_long:
@@ -101,8 +108,9 @@ def _print_explanation(console: Console, explanation: dict) -> None:
     console.print(f"\nCustomer {terminal_text(explanation['customer_id'])}: " +
                   terminal_text(", ".join(f"{k}={v}" for k, v in explanation["features"].items())))
     for campaign in explanation["campaigns"]:
+        note = f"; {campaign['note']}" if campaign.get("note") else ""
         console.print(f"  [bold]{campaign['campaign']}[/bold] ({terminal_text(campaign['name'])}): "
-                      f"{terminal_text(campaign['outcome'])}")
+                      f"{terminal_text(campaign['outcome'] + note)}")
         for condition in campaign["conditions"]:
             console.print(f"      {terminal_text(condition['where'])}: `{terminal_text(condition['expression'])}` "
                           f"-> {terminal_text(condition['value'])}")
@@ -128,6 +136,13 @@ def print_run(result, console: Console | None = None) -> None:
     console.print(table)
     if result.tier_moves:
         console.print(tier_moves_line(result.tier_moves, "Tier moves recorded"))
+    for campaign, count in result.reentered.items():
+        console.print(f"{campaign}: {count} firing(s) stopped by earlier runs came back")
+    if result.pending:
+        console.print("Pending firings written: " + ", ".join(f"{n} {s.replace('_', ' ')}"
+                                                              for s, n in result.pending.items()))
+    for campaign, count in result.granted_without_message.items():
+        console.print(f"{campaign}: {count} reward(s) granted without a message")
     for conflict in result.conflicts[:10]:
         console.print(f"[red]conflict[/red]: {conflict['firing_key']} was recorded with a different "
                       "payload (the rules changed since); nothing new sent for it")

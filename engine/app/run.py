@@ -21,9 +21,11 @@ from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables, load_tables
 from engine.data.tiers import TierRules, TierRun
+from engine.decide.pending import render_outcomes, tally
 from engine.decide.policy import reachable
 from engine.decide.rewards import generate_codes
 from engine.decide.schedule import due_campaigns
+from engine.decide.totals import campaign_totals
 from engine.execution.pipeline import build_messages, decide, edge_state_rows, parse_as_of
 from engine.faults import checkpoint
 from engine.messages.offers import make_renderer
@@ -49,6 +51,11 @@ class RunResult:
     delivery: DeliveryResult | None = None
     campaigns: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    # one-off firings that wait (decide.pending): how many came back per campaign, and what the
+    # run wrote, by status (pending: stopped now or again; offered, expired, held_out: closed)
+    reentered: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    granted_without_message: dict[str, int] = field(default_factory=dict)   # campaign -> rewards
     tier_moves: dict = field(default_factory=dict)      # stored tiers: members moved up/down/joined per tier
 
     def as_dict(self) -> dict:
@@ -111,6 +118,8 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
 
             rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes,
                                           workers=workers or settings.workers, finish=to_rows)
+            # a one-off firing whose message was not rendered waits for a later run
+            pending = render_outcomes(workspace, offers, evaluation.pending, {row["firing_key"] for row, _ in rows})
             timings["render"] = round(time.perf_counter() - started, 3)
             with storage_failures(store.label):
                 store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
@@ -119,6 +128,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
                 recorded = store.record_run(run_id, trigger_state_rows=state_rows,
                                             holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
+                                            pending=pending,
                                             tiers=_tier_run(workspace, evaluation))
                 if due:
                     for campaign in result.campaigns:
@@ -134,6 +144,11 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result.funnels = evaluation.funnels
             result.render_errors = errors
             result.warnings = list(prepared.tables.warnings) + evaluation.warnings
+            result.reentered = {c: n for c, n in evaluation.reentered.items() if n}
+            result.pending = tally(pending)
+            result.granted_without_message = {c: t.granted_without_message for c, t in
+                                              campaign_totals(offers, list(evaluation.funnels)).items()
+                                              if t.granted_without_message}
             if deliver:
                 tables = prepared.tables
                 if tables.customers.empty:   # the dask engine's workers read the data: consent needs it here
@@ -236,22 +251,51 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
 
 
 def history(root: Path | str, customer_id: str) -> list[dict]:
-    """Every offer a customer got, from which campaign and rule version, and why."""
-    return _from_state(root, lambda store: store.history(str(customer_id)))
+    """Every offer a customer got, from which campaign and rule version, and why; and the
+    firings of one-off campaigns that were stopped and wait, or waited, and the changes of
+    the member's stored tier (``kind``: ``offer``, ``pending_firing`` or ``tier_change``),
+    oldest first, times in the programme's timezone. An
+    offer that waited first says since when and why (``pending_since``, ``pending_reason``)."""
+    return _from_state(root, lambda store, workspace: customer_history(store, str(customer_id),
+                                                                       workspace.settings.timezone))
+
+
+def customer_history(store: StateStore, customer_id: str, timezone: str = "UTC") -> list[dict]:
+    """``history`` from an open state store."""
+    def local(instant: str) -> str:
+        return pd.Timestamp(instant).tz_convert(timezone).isoformat()
+
+    waited = {row["firing_key"]: row for row in store.pending_firings(customer_id)}
+    entries = []
+    for offer in store.history(customer_id):
+        before = waited.pop(offer["firing_key"], None)
+        if before is not None:
+            offer["pending_since"], offer["pending_reason"] = local(before["first_as_of"]), before["reason"]
+        entries.append((offer.get("due_at") or "", dict(offer, kind="offer")))
+    for change in store.tier_history(customer_id):
+        at = pd.Timestamp(change["as_of"]).tz_convert("UTC").isoformat()
+        entries.append((at, {"kind": "tier_change", **change}))
+    for row in waited.values():
+        entries.append((row["status_as_of"], {
+            "kind": "pending_firing", "firing_key": row["firing_key"], "campaign": row["campaign"],
+            "customer_id": row["customer_id"], "status": row["status"], "reason": row["reason"],
+            "first_as_of": local(row["first_as_of"]), "expires_at": local(row["expires_at"]),
+            "updated_as_of": local(row["status_as_of"]), "event": row["event"]}))
+    return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
 def tier_history(root: Path | str, customer_id: str) -> list[dict]:
     """Every change of a member's stored tier (as_of, from_tier, to_tier, reason, run_id and
     the review, grace and trial dates after it), oldest first."""
-    return _from_state(root, lambda store: store.tier_history(str(customer_id)))
+    return _from_state(root, lambda store, workspace: store.tier_history(str(customer_id)))
 
 
 def runs(root: Path | str, limit: int = 20) -> list[dict]:
     """The most recent runs, newest first."""
-    return _from_state(root, lambda store: store.runs(limit))
+    return _from_state(root, lambda store, workspace: store.runs(limit))
 
 
-def _from_state(root: Path | str, read: Callable[[StateStore], list[dict]]) -> list[dict]:
+def _from_state(root: Path | str, read: Callable[[StateStore, LoadedWorkspace], list[dict]]) -> list[dict]:
     """What ``read`` finds in the workspace's state database (nothing before the first run)."""
     workspace = load_workspace(root)
     store = open_store(workspace.settings.state_path, create=False)
@@ -259,6 +303,6 @@ def _from_state(root: Path | str, read: Callable[[StateStore], list[dict]]) -> l
         return []
     try:
         with storage_failures(store.label, "read"):
-            return read(store)
+            return read(store, workspace)
     finally:
         store.close()

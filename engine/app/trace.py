@@ -3,8 +3,10 @@
 For every customer considered and every campaign evaluated: the outcome and the stage that
 decided it (``segment`` for customers outside the campaign's segment, ``trigger`` for members
 who did not fire, then consent, frequency_cap, cooldown, holdout, arbitration, budget, or
-``offers``), with columns an analyst filters on (city, tier, locale). Parquet when the file
-name ends in .parquet, else CSV with spreadsheet formulas neutralised.
+``offers``), with columns an analyst filters on (city, tier, locale). A firing stopped by an
+earlier run that came back (``decide.pending``) says since when it waits (``pending_since``);
+``waits_until`` says until when a firing stopped in this run waits for a later one. Parquet
+when the file name ends in .parquet, else CSV with spreadsheet formulas neutralised.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ CUSTOMER_COLUMNS = ("city", "tier", "locale", "timezone")
 
 def trace_frame(evaluation: Evaluation, features: pd.DataFrame) -> pd.DataFrame:
     """The trace as a frame: as_of, customer_id, city, tier, locale, timezone, campaign,
-    outcome, stage, variant, firing_key, cost. Needs an evaluation made with ``trace=True``."""
+    outcome, stage, variant, firing_key, cost, pending_since, waits_until. Needs an evaluation
+    made with ``trace=True``."""
     if evaluation.stops is None and evaluation.funnels:
         if any(f["segment"] > f["offers"] for f in evaluation.funnels.values()):
             raise ValueError("the evaluation has no trace: evaluate with trace=True")
@@ -53,7 +56,7 @@ def trace_frame(evaluation: Evaluation, features: pd.DataFrame) -> pd.DataFrame:
                                     "variant": variant, "firing_key": key, "cost": cost}))
     if not frames:
         return pd.DataFrame(columns=["as_of", "customer_id", *CUSTOMER_COLUMNS, "campaign", "outcome", "stage",
-                                     "variant", "firing_key", "cost"])
+                                     "variant", "firing_key", "cost", "pending_since", "waits_until"])
     trace = pd.concat(frames, ignore_index=True)
     rows = trace["pos"].to_numpy()
     columns = {"as_of": evaluation.as_of.isoformat(),
@@ -65,7 +68,38 @@ def trace_frame(evaluation: Evaluation, features: pd.DataFrame) -> pd.DataFrame:
     result["outcome"] = trace["stage"].map(lambda s: OUTCOMES.get(s, "stopped")).to_numpy()
     for name in ("stage", "variant", "firing_key", "cost"):
         result[name] = trace[name].to_numpy()
+    result["pending_since"], result["waits_until"] = _waiting(evaluation, trace["firing_key"])
     return result
+
+
+def _waiting(evaluation: Evaluation, keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per firing key: since when it waited if it came back from an earlier run, and until when
+    it waits if it was stopped (now or again); empty otherwise."""
+    outcomes = evaluation.pending
+    none = np.full(len(keys), "", dtype=object)
+    if not len(outcomes):
+        return none, none.copy()
+    as_of = evaluation.as_of.tz_convert("UTC").isoformat(timespec="seconds")
+    zone = evaluation.as_of.tz
+    shown: dict[str, str] = {}     # UTC key -> local time: the firings share a handful of instants
+
+    def local_time(instant: str) -> str:
+        if instant not in shown:
+            shown[instant] = pd.Timestamp(instant).tz_convert(zone).isoformat()
+        return shown[instant]
+
+    since = {key: local_time(first)
+             for key, first in zip(outcomes["firing_key"], outcomes["first_as_of"]) if first and first < as_of}
+    waiting = outcomes[outcomes["status"] == "pending"]
+    until = {key: local_time(end) for key, end in zip(waiting["firing_key"], waiting["expires_at"])}
+    return _looked_up(keys, since), _looked_up(keys, until)
+
+
+def _looked_up(keys: pd.Series, table: dict[str, str]) -> np.ndarray:
+    if not table:
+        return np.full(len(keys), "", dtype=object)
+    found = keys.map(table).astype(object)
+    return found.where(found.notna(), "").to_numpy(dtype=object)
 
 
 def write_trace(evaluation: Evaluation, features: pd.DataFrame, path: Path | str) -> int:

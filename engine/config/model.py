@@ -184,6 +184,10 @@ class BudgetDef:
     per: str = "run"                 # run | day | week | month | campaign
 
 
+MESSAGELESS_REWARDS = ("points", "tier")    # rewards a member gets whether or not a message can be sent
+DEFAULT_PENDING_DAYS = 7                    # ``pending:`` when a campaign does not say
+
+
 @dataclass(frozen=True)
 class CampaignDef:
     id: str
@@ -203,6 +207,26 @@ class CampaignDef:
     schedule: str | None = None
     enabled: bool = True
     location: Location = NOWHERE
+    pending_days: int = DEFAULT_PENDING_DAYS   # how long a stopped one-off firing waits for another run (0: not at all)
+
+    @property
+    def one_off(self) -> bool:
+        """Whether each firing happens once (a ``when:`` trigger); without one the campaign
+        fires for every member at every run, so a stopped firing needs no second chance."""
+        return self.trigger.kind != "always"
+
+    @property
+    def keeps_pending(self) -> bool:
+        """Whether a firing stopped by the contact policy, arbitration or a budget waits
+        (``pending:``) for a later run instead of being used up."""
+        return self.one_off and self.pending_days > 0
+
+    @property
+    def needs_no_message(self) -> bool:
+        """Whether every reward of the campaign (its own and its variants') is granted without a
+        message (points, a tier): such a reward is given even when the message cannot be sent."""
+        rewards = [self.reward, *(v.reward for v in self.variants if v.reward is not None)]
+        return all(reward.kind in MESSAGELESS_REWARDS for reward in rewards)
 
 
 @dataclass(frozen=True)

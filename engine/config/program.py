@@ -27,6 +27,7 @@ from engine.config.catalogue import (
 )
 from engine.config.expressions import Expression, all_of, any_of, compile_expression
 from engine.config.model import (
+    DEFAULT_PENDING_DAYS,
     BudgetDef,
     CampaignDef,
     FeatureDef,
@@ -309,8 +310,9 @@ class ProgramBuilder:
             variants.append(VariantDef(variant["name"], float(variant["weight"]), v_reward, template))
         self._check_template(body["template"], channel, smap, path + ("template",))
         budget = self._budget(body.get("budget", {}), smap, path + ("budget",), names)
-        if "cooldown" in body:
-            self._not_whole_days(smap, path + ("cooldown",), body["cooldown"])
+        for key in ("cooldown", "pending"):
+            if key in body:
+                self._not_whole_days(smap, path + (key,), body[key])
         schedule = body.get("schedule")
         if schedule is not None and not croniter.is_valid(schedule):
             self.problems.append(smap.problem(path + ("schedule",), f"'{schedule}' is not a cron schedule",
@@ -324,7 +326,8 @@ class ProgramBuilder:
             cooldown_days=int(duration_days(body["cooldown"])) if "cooldown" in body else None,
             holdout=percentage(body["holdout"]) if "holdout" in body else 0.0,
             budget=budget, variants=tuple(variants), schedule=schedule,
-            enabled=body.get("enabled", True), location=self._location(smap, path))
+            enabled=body.get("enabled", True), location=self._location(smap, path),
+            pending_days=int(duration_days(body["pending"])) if "pending" in body else DEFAULT_PENDING_DAYS)
 
     def _not_whole_days(self, smap: SourceMap, path: tuple, text: str) -> bool:
         problem = whole_days_problem(smap, path, text)

@@ -5,6 +5,13 @@ segment -> trigger -> consent -> frequency cap -> cooldown -> holdout, giving ca
 then across campaigns, arbitration (at most N offers per customer per run, highest
 priority first, ties by campaign id) and per-campaign budgets. The result is a frame of
 offers (one row per offer) and the funnel counts, without touching the outside world.
+
+One-off firings stopped on the way wait for later runs (``decide.pending``): the pending
+firings of earlier runs join their campaign's firings after the trigger stage (and count in
+the segment and trigger stages), and ``Evaluation.pending`` says what became of them and
+which firings start to wait. A campaign whose rewards need no message (points, a tier) is
+not stopped by consent or the frequency cap: its offer is granted without a message
+(``no_message`` names the reason; the funnel counts it on through those stages).
 """
 
 from __future__ import annotations
@@ -17,11 +24,24 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
-from engine.data.tiers import MOVE_COLUMNS, TierRules, decide_tiers, empty_states
-from engine.decide.assignment import assign_variants, in_holdout, stable_fraction
+from engine.data.tiers import MOVE_COLUMNS, decide_tiers, empty_states
+from engine.decide.assignment import in_holdout
 from engine.decide.budgets import apply_budgets, budget_caps
+from engine.decide.candidates import arbitrate, candidate_frame
+from engine.decide.pending import (
+    by_campaign,
+    closed_outcomes,
+    combined,
+    expired_outcomes,
+    is_expired,
+    join_pending,
+    no_outcomes,
+    one_each,
+    utc_key,
+    waiting_outcomes,
+    with_expiry,
+)
 from engine.decide.policy import cap_remaining, cooling_down, reachable, send_times
-from engine.decide.rewards import estimate_cost, points_for
 from engine.decide.triggers import TRIGGERS, RunContext
 
 STAGES = ("segment", "trigger", "consent", "frequency_cap", "cooldown", "holdout",
@@ -39,6 +59,10 @@ class Evaluation:
     edge_state: dict[str, frozenset] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     stops: pd.DataFrame | None = None                     # with trace: campaign, pos, firing_key, stage
+    # pending firings to write (decide.pending.OUTCOME_COLUMNS): stopped now or again, offered,
+    # held out, expired
+    pending: pd.DataFrame = field(default_factory=no_outcomes)
+    reentered: dict[str, int] = field(default_factory=dict)   # campaign -> pending firings that came back
     # stored tiers: this run's moves by qualifying, reviews and trials (data.tiers.MOVE_COLUMNS)
     tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))
 
@@ -98,7 +122,18 @@ class PartitionDecision:
     same_run: set[str]
     candidates: list[pd.DataFrame]
     stops: list[pd.DataFrame]
-    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))
+    pending: pd.DataFrame = field(default_factory=no_outcomes)   # its firings that wait, or pending ones closed
+    reentered: dict[str, int] = field(default_factory=dict)
+    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))   # stored tiers
+
+
+def keep_within(workspace: LoadedWorkspace, decision: PartitionDecision, kept: pd.DataFrame) -> None:
+    """Cut a partition's arbitrated candidates to ``kept`` (what the budgets can still keep):
+    the firings cut off that wait are recorded as stopped by the budget."""
+    lost = decision.arbitrated[~decision.arbitrated["firing_key"].isin(kept["firing_key"]).to_numpy()]
+    if len(lost):
+        decision.pending = combined([decision.pending, waiting_outcomes(workspace, lost, "budget")])
+    decision.arbitrated = kept
 
 
 def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
@@ -110,7 +145,7 @@ def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: Ru
     ``tier_moves``: also give the stored tiers' moves of the customers of ``features``.
     """
     part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace, tier_moves)
-    return combine_partitions(workspace, ctx.as_of, [part], trace, ctx.budget_used)
+    return combine_partitions(workspace, ctx.as_of, [part], trace, ctx.budget_used, ctx.pending)
 
 
 def member_tier_moves(workspace: LoadedWorkspace, features: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
@@ -139,12 +174,27 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
     warnings: list[str] = []
     stops: list[pd.DataFrame] = []
     same_run: set[str] = set()
-    as_of_key = as_of.tz_convert("UTC").isoformat(timespec="seconds")
+    outcomes: list[pd.DataFrame] = []
+    reentered: dict[str, int] = {}
+    as_of_key = utc_key(as_of)
+    # pending firings of earlier runs: those expired are closed (combine_partitions) and never fire again
+    expired = is_expired(ctx.pending, as_of)
+    waiting = by_campaign(ctx.pending[~expired]) if len(ctx.pending) else {}
+    expired_keys = set(ctx.pending.loc[expired, "firing_key"]) if expired.any() else set()
 
     def stopped(campaign_id, stage, where, key_values=None):
         if trace and len(where):
             stops.append(pd.DataFrame({"campaign": campaign_id, "pos": where, "stage": stage,
                                        "firing_key": key_values if key_values is not None else ""}))
+
+    def waits(campaign, reason, rows, positions, keys, events, first):
+        """The firings at ``rows`` stopped by ``reason``: those that wait are recorded."""
+        if rows.any():
+            frame = pd.DataFrame({"campaign": campaign.id, "customer_id": ids.iloc[positions[rows]].to_numpy(),
+                                  "firing_key": keys[rows]})
+            if len(events.columns):
+                frame = pd.concat([frame, events[rows].reset_index(drop=True)], axis=1)
+            outcomes.append(waiting_outcomes(workspace, frame, reason, first[rows], _before(first[rows], as_of_key)))
 
     selected = [c for c in workspace.program.campaigns.values()
                 if c.enabled and (campaigns is None or c.id in campaigns)]
@@ -152,12 +202,20 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
         funnel = dict.fromkeys(STAGES, 0)
         funnels[campaign.id] = funnel
         eligible = segment_mask(workspace, campaign, features, as_of)
-        funnel["segment"] = int(eligible.sum())
         firings = TRIGGERS[campaign.trigger.kind](campaign, eligible, features, tables, ctx, settings)
         if firings.state is not None:
             edge_state[campaign.id] = firings.state
         positions, suffixes, events = _one_per_customer(firings)
         keys = firing_keys(campaign.id, ids.iloc[positions].to_numpy(), suffixes)
+        first = np.full(len(positions), as_of_key, dtype=object)      # when each firing first fired
+        if campaign.one_off and campaign.id in waiting:
+            positions, keys, events, first = join_pending(
+                waiting[campaign.id], ids, positions, keys, events, first, campaign.trigger.kind == "event",
+                getattr(tables, "events", None))
+        if expired_keys and len(keys):
+            fresh = ~pd.Series(keys, dtype=object).isin(expired_keys).to_numpy()
+            positions, keys, events, first = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True), \
+                first[fresh]
         if len(keys):
             # firings recorded by an earlier run never fire again; those recorded by a run at
             # this same as_of go through the funnel again, so that a rerun decides exactly as
@@ -169,7 +227,17 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
                 earlier = {k for k, at in done.items() if at != as_of_key}
                 same_run.update(k for k, at in done.items() if at == as_of_key)
                 fresh = ~pd.Series(keys).isin(earlier).to_numpy()
-                positions, keys, events = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True)
+                positions, keys, events, first = positions[fresh], keys[fresh], \
+                    events[fresh].reset_index(drop=True), first[fresh]
+        if len(positions) and _before(first, as_of_key).any():
+            # a pending firing and a new one of the same customer: one goes on, the other waits
+            one = one_each(positions, keys, first)
+            waits(campaign, "arbitration", ~one, positions, keys, events, first)
+            positions, keys, events, first = positions[one], keys[one], events[one].reset_index(drop=True), first[one]
+        again = _before(first, as_of_key)
+        reentered[campaign.id] = int(again.sum())
+        # a pending firing passes the segment stage without being checked again (it was earned)
+        funnel["segment"] = int(eligible.sum()) + int((again & ~eligible[positions]).sum())
         funnel["trigger"] = len(positions)
         if trace:
             stopped(campaign.id, "trigger", np.setdiff1d(np.flatnonzero(eligible), positions))
@@ -179,15 +247,23 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
             warnings.append(f"{campaign.id}: customers have no '{channel.consent_column}' column, "
                             f"so nobody can be contacted on {campaign.channel}")
         keep = np.ones(len(positions), dtype=bool)
+        no_message = np.full(len(positions), "", dtype=object)
         for stage, passes in (
                 ("consent", reachable(features, channel)[positions]),
                 ("frequency_cap", capacity[positions] > 0),
                 ("cooldown", ~cooling_down(features, ctx.contacts, campaign.id, as_of,
                                            campaign.cooldown_days)[positions])):
-            stopped(campaign.id, stage, positions[keep & ~passes], keys[keep & ~passes])
-            keep &= passes
+            failing = keep & ~passes
+            if campaign.needs_no_message and stage != "cooldown":
+                # the reward needs no message: it is granted without one
+                no_message[failing & (no_message == "")] = stage
+            else:
+                stopped(campaign.id, stage, positions[failing], keys[failing])
+                waits(campaign, stage, failing, positions, keys, events, first)
+                keep &= passes
             funnel[stage] = int(keep.sum())
         positions, keys, events = positions[keep], keys[keep], events[keep].reset_index(drop=True)
+        first, again, no_message = first[keep], again[keep], no_message[keep]
 
         chosen_ids = ids.iloc[positions].reset_index(drop=True)
         held_global = global_holdout[positions]
@@ -197,19 +273,36 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
             holdouts.append(pd.DataFrame({
                 "campaign": campaign.id, "customer_id": chosen_ids[held].to_numpy(),
                 "firing_key": keys[held], "group": np.where(held_global[held], "global", "campaign")}))
+            if (held & again).any():     # a control-group decision: the pending firing is closed
+                outcomes.append(closed_outcomes(pd.DataFrame({
+                    "firing_key": keys[held & again], "campaign": campaign.id,
+                    "customer_id": chosen_ids[held & again].to_numpy(), "first_as_of": first[held & again]}),
+                    "held_out"))
         stopped(campaign.id, "holdout", positions[held], keys[held])
         positions, keys, events = positions[~held], keys[~held], events[~held].reset_index(drop=True)
+        first, again, no_message = first[~held], again[~held], no_message[~held]
         funnel["holdout"] = len(positions)
         if len(positions):
-            candidates.append(_candidates(workspace, campaign, features, positions, keys, events, as_of))
+            frame = candidate_frame(workspace, campaign, features, positions, keys, events, as_of)
+            candidates.append(frame.assign(first_as_of=first, reentered=again, no_message=no_message))
 
-    arbitrated = _arbitrate(candidates, capacity, funnels)
+    arbitrated = arbitrate(candidates, capacity, settings.contact_policy.max_offers_per_run, funnels)
+    if candidates:
+        everyone = pd.concat(candidates, ignore_index=True)
+        outcomes.append(waiting_outcomes(
+            workspace, everyone[~everyone["firing_key"].isin(arbitrated["firing_key"]).to_numpy()], "arbitration"))
     moves = member_tier_moves(workspace, features, ctx) if tier_moves else empty_states(MOVE_COLUMNS)
     return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
-                             warnings, same_run, candidates if trace else [], stops, moves)
+                             warnings, same_run, candidates if trace else [], stops, combined(outcomes), reentered,
+                             tier_moves=moves)
 
 
 HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
+
+
+def _before(instants: np.ndarray, key: str) -> np.ndarray:
+    """Which of the UTC keys ``instants`` come before ``key``: firings of earlier runs."""
+    return np.fromiter((instant < key for instant in instants), dtype=bool, count=len(instants))
 
 
 def _frame_of(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -227,11 +320,14 @@ def _sum_funnels(parts: list[PartitionDecision]) -> dict[str, dict[str, int]]:
 
 
 def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: list[PartitionDecision],
-                       trace: bool = False, used: Mapping[str, tuple[int, float]] | None = None) -> Evaluation:
+                       trace: bool = False, used: Mapping[str, tuple[int, float]] | None = None,
+                       pending: pd.DataFrame | None = None) -> Evaluation:
     """The global steps over the partitions' decisions: funnel counts summed, budgets applied
     per campaign over all candidates (less what earlier runs in the budget's period ``used``:
-    ``RunContext.budget_used``), offer ids and send times. ``pos`` in the parts' candidates
-    must already index one common features frame (one partition, or rows kept)."""
+    ``RunContext.budget_used``), offer ids and send times; what became of the firings that
+    were ``pending`` (``RunContext.pending``: those expired now are closed here, once) and
+    of those that start to wait. ``pos`` in the parts' candidates must already index one
+    common features frame (one partition, or rows kept)."""
     settings = workspace.settings
     funnels = _sum_funnels(parts)
     # empty partitions' frames are untyped: leave them out, or every column turns object
@@ -257,6 +353,18 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
         offers = offers.assign(offer_id=pd.Series(dtype=object),
                                send_at=pd.Series(dtype="datetime64[us, UTC]"))
     offers = offers.drop(columns=["timezone"], errors="ignore")
+    outcomes = [part.pending for part in parts]
+    if len(arbitrated):
+        outcomes.append(waiting_outcomes(
+            workspace, arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"]).to_numpy()], "budget"))
+    if len(offers) and "reentered" in offers and offers["reentered"].any():
+        outcomes.append(closed_outcomes(offers[offers["reentered"].to_numpy(dtype=bool)], "offered"))
+    if pending is not None and len(pending):
+        outcomes.append(expired_outcomes(pending, as_of))
+    reentered: dict[str, int] = {}
+    for part in parts:
+        for campaign, count in part.reentered.items():
+            reentered[campaign] = reentered.get(campaign, 0) + count
     same_run = set().union(*(p.same_run for p in parts))
     offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if same_run \
         else np.zeros(len(offers), dtype=bool)
@@ -272,7 +380,8 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
     tier_moves = pd.concat(moves, ignore_index=True) if len(moves) > 1 else \
         moves[0].reset_index(drop=True) if moves else empty_states(MOVE_COLUMNS)
     return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
-                      warnings, stop_frame, tier_moves)
+                      warnings, stop_frame, with_expiry(workspace, combined(outcomes)), reentered,
+                      tier_moves=tier_moves)
 
 
 def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -290,103 +399,3 @@ def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     if not last.all():
         positions, suffixes, events = positions[last], suffixes[last], events[last].reset_index(drop=True)
     return positions, suffixes, events
-
-
-def _candidates(workspace, campaign: CampaignDef, features, positions, keys, events, as_of) -> pd.DataFrame:
-    settings = workspace.settings
-    scope = features[_scope_columns(campaign, features)].iloc[positions].reset_index(drop=True)
-    if len(events.columns):
-        scope = pd.concat([scope, events], axis=1)
-    customer_ids = scope["customer_id"].astype(str)
-    frame = pd.DataFrame({
-        "pos": positions, "customer_id": customer_ids.to_numpy(), "campaign": campaign.id,
-        "firing_key": keys, "priority": campaign.priority, "channel": campaign.channel,
-    })
-    if campaign.variants:
-        names = [v.name for v in campaign.variants]
-        frame["variant"] = assign_variants(customer_ids, settings.salt, campaign.id, names,
-                                           [v.weight for v in campaign.variants])
-    else:
-        frame["variant"] = ""
-    cost = np.zeros(len(frame))
-    points = np.zeros(len(frame))
-    tier_up = np.full(len(frame), "", dtype=object)
-    template = np.full(len(frame), campaign.template, dtype=object)
-    kind = np.full(len(frame), campaign.reward.kind, dtype=object)
-    groups = [(None, campaign.reward, campaign.template)] + [
-        (v.name, v.reward or campaign.reward, v.template or campaign.template) for v in campaign.variants]
-    for name, reward, template_name in groups:
-        rows = np.ones(len(frame), dtype=bool) if name is None else (frame["variant"] == name).to_numpy()
-        if not rows.any():
-            continue
-        sub = scope[rows]
-        cost[rows] = estimate_cost(reward, sub, settings, as_of)
-        points[rows] = points_for(reward, sub, as_of)
-        template[rows] = template_name
-        kind[rows] = reward.kind
-        if reward.kind == "tier" and workspace.program.stored_tiers:
-            tier_up[rows] = _upgrades(workspace, reward.params["to"], sub)
-    frame["cost"] = cost
-    frame["points"] = points
-    frame["tier_up"] = tier_up
-    frame["template"] = template
-    frame["reward_kind"] = kind
-    if "locale" in scope:
-        frame["locale"] = scope["locale"].astype("object").where(scope["locale"].notna(),
-                                                                 settings.default_locale).to_numpy()
-    else:
-        frame["locale"] = settings.default_locale
-    rank = campaign.budget.rank_by
-    frame["rank"] = _rank_values(rank.evaluate(scope, as_of)) if rank is not None else np.nan
-    frame["tiebreak"] = stable_fraction(customer_ids, settings.salt, f"budget:{campaign.id}")
-    frame["timezone"] = scope["timezone"].to_numpy(dtype=object) if "timezone" in scope else settings.timezone
-    for column in events.columns:
-        frame[column] = events[column].to_numpy()
-    return frame
-
-
-def _upgrades(workspace: LoadedWorkspace, to: str, scope: pd.DataFrame) -> np.ndarray:
-    """``to`` where a tier reward moves the member up from their (stored) tier, else ""."""
-    rules = TierRules.of(workspace.program, workspace.settings.timezone)
-    held = rules.rank(scope["tier"].astype(object).where(scope["tier"].notna(), None).to_numpy(dtype=object))
-    return np.where(rules.rank([to])[0] < held, to, "").astype(object)
-
-
-def _scope_columns(campaign: CampaignDef, features: pd.DataFrame) -> list[str]:
-    """The feature columns an offer's reward, cost, budget rank and locale read: taking only
-    these for the fired customers, not every feature, is most of the candidates' cost."""
-    needed = {"customer_id", "locale", "timezone", "avg_order_value", "tier"}
-    for reward in [campaign.reward, *(v.reward for v in campaign.variants if v.reward is not None)]:
-        if reward.amount is not None:
-            needed |= reward.amount.names
-    if campaign.budget.rank_by is not None:
-        needed |= campaign.budget.rank_by.names
-    return [name for name in features.columns if name in needed]
-
-
-def _rank_values(values: pd.Series) -> np.ndarray:
-    """``rank_by`` as floats (dates as their instant), NaN where unknown."""
-    missing = values.isna().to_numpy()
-    if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        values = pd.Series(values.to_numpy(dtype="datetime64[ns]").view(np.int64), index=values.index)
-    numbers = pd.to_numeric(values, errors="coerce").astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-    numbers[missing] = np.nan
-    return numbers
-
-
-def _arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, funnels) -> pd.DataFrame:
-    """At most ``capacity`` offers per customer: highest priority, then campaign id, then key."""
-    if not candidates:
-        return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
-                                     "variant", "cost", "points", "tier_up", "template", "reward_kind", "locale"])
-    frame = pd.concat(candidates, ignore_index=True)
-    # a customer has at most one candidate per campaign: position, priority and campaign order them
-    campaign_rank = pd.Index(sorted(frame["campaign"].unique())).get_indexer(frame["campaign"])
-    frame = frame.iloc[np.lexsort((campaign_rank, -frame["priority"].to_numpy(dtype=np.int64),
-                                   frame["pos"].to_numpy(dtype=np.int64)))]
-    order = frame.groupby("pos", sort=False).cumcount().to_numpy()
-    frame = frame[order < capacity[frame["pos"].to_numpy()]]
-    counts = frame["campaign"].value_counts()
-    for campaign, funnel in funnels.items():
-        funnel["arbitration"] = int(counts.get(campaign, 0))
-    return frame

@@ -36,10 +36,13 @@ def reachable(features: pd.DataFrame, channel: ChannelDef) -> np.ndarray:
 
 def messages_in_window(features: pd.DataFrame, contacts: pd.DataFrame, as_of: pd.Timestamp,
                        per_days: int) -> np.ndarray:
-    """Messages each customer got or has scheduled since ``as_of - per_days``."""
+    """Messages each customer got or has scheduled since ``as_of - per_days``. Rewards granted
+    without a message (``message`` false in the contact history) are no message."""
     if contacts is None or contacts.empty:
         return np.zeros(len(features), dtype=int)
     recent = contacts[contacts["contacted_at"] > as_of - pd.Timedelta(days=per_days)]
+    if "message" in recent:
+        recent = recent[recent["message"].fillna(True).to_numpy(dtype=bool)]
     counts = recent["customer_id"].astype(str).value_counts()
     return features["customer_id"].astype(str).map(counts).fillna(0).to_numpy(dtype=int)
 
@@ -55,7 +58,8 @@ def cap_remaining(features, contacts, as_of, policy: ContactPolicy) -> np.ndarra
 
 def cooling_down(features: pd.DataFrame, contacts: pd.DataFrame, campaign: str,
                  as_of: pd.Timestamp, days: int | None) -> np.ndarray:
-    """Customers this campaign contacted less than ``days`` ago."""
+    """Customers this campaign contacted, or granted a reward without a message, less than
+    ``days`` ago."""
     if not days or contacts is None or contacts.empty:
         return np.zeros(len(features), dtype=bool)
     mine = contacts[(contacts["campaign"] == campaign)

@@ -3,7 +3,9 @@
 A simulation evaluates with the same ``engine.decide.evaluation.evaluate`` a run uses, but only on
 the customers who can possibly get an offer in the step: those a trigger kind can fire for
 (the birthday window, new events, inactivity reached, ...; see ``CANDIDATES``), in the
-segment, reachable, under the frequency cap, out of cooldown and not held out. Every stage
+segment, or with a firing still pending (``decide.pending``), reachable and under the
+frequency cap (unless the campaign's reward needs no message), out of cooldown and not held
+out. Every stage
 is per customer except arbitration and budgets, which only ever look at those who fired, so
 the offers are exactly those of evaluating everybody (``bench/bench_simulate.py --check``).
 """
@@ -11,8 +13,8 @@ the offers are exactly those of evaluating everybody (``bench/bench_simulate.py 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,9 +22,10 @@ import pandas as pd
 from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.data.sources import Tables
 from engine.decide.assignment import in_holdout
-from engine.decide.evaluation import Evaluation, evaluate, member_tier_moves, segment_mask
+from engine.decide.evaluation import Evaluation, evaluate, firing_keys, member_tier_moves, segment_mask
+from engine.decide.pending import by_campaign, expired_outcomes, is_expired, utc_key
 from engine.decide.policy import cap_remaining, reachable
-from engine.decide.triggers import EVENT_LOOKBACK, RunContext
+from engine.decide.triggers import EVENT_LOOKBACK, TRIGGERS, RunContext
 
 
 @dataclass
@@ -180,18 +183,21 @@ def evaluate_step(workspace: LoadedWorkspace, tables: Tables, features: pd.DataF
     edge_state = {c.id: frozenset(ids[c.trigger.expr.mask(features, ctx.as_of)])
                   for c in selected if c.trigger.kind == "becomes"}
     room = cap_remaining(features, ctx.contacts, ctx.as_of, settings.contact_policy) > 0
-    open_to_offers = room & ~in_holdout(ids, settings.salt, "global", settings.holdout)
+    not_held = ~in_holdout(ids, settings.salt, "global", settings.holdout)
+    waiting = by_campaign(ctx.pending[~is_expired(ctx.pending, ctx.as_of)]) if len(ctx.pending) else {}
     union = np.zeros(len(features), dtype=bool)
     active = []
     for campaign in selected:
-        may_get = _may_get_offer(step, campaign, open_to_offers)
+        pending = waiting.get(campaign.id) if campaign.one_off else None
+        may_get = _may_get_offer(step, campaign, room, not_held, pending)
         if may_get.any():
             union |= may_get
             active.append(campaign.id)
     rows = np.flatnonzero(union)
     moves = member_tier_moves(workspace, features, ctx)
     if not active:
-        return Evaluation(ctx.as_of, no_offers(), {}, pd.DataFrame(), tier_moves=moves), edge_state
+        return Evaluation(ctx.as_of, no_offers(), {}, pd.DataFrame(),
+                          pending=expired_outcomes(ctx.pending, ctx.as_of), tier_moves=moves), edge_state
     subset = features.iloc[rows, _needed_columns(workspace, features)].reset_index(drop=True)
     # the contact history of the others cannot change the decisions about these customers
     contacts = ctx.contacts[ctx.contacts["customer_id"].astype(object).isin(set(ids.iloc[rows])).to_numpy()]
@@ -225,27 +231,64 @@ def _needed_columns(workspace: LoadedWorkspace, features: pd.DataFrame) -> list[
     return [i for i, column in enumerate(features.columns) if column in names]
 
 
-def _may_get_offer(step: _Step, campaign: CampaignDef, open_to_offers: np.ndarray) -> np.ndarray:
-    """Who may get this campaign's offer: a superset of the evaluation's candidates, from the
-    same per-customer stages (trigger, segment, consent, cap, cooldown, holdouts)."""
+def _may_get_offer(step: _Step, campaign: CampaignDef, room: np.ndarray, not_held: np.ndarray,
+                   pending: pd.DataFrame | None) -> np.ndarray:
+    """Who may get this campaign's offer, or whose firing the evaluation must see: a superset
+    of the evaluation's candidates, from the same per-customer stages (trigger or a pending
+    firing, segment, consent, cap, cooldown, holdouts). A reward that needs no message is
+    granted whatever consent and the cap say.
+
+    A firing that waits when it is stopped (``pending:``), and a pending firing coming back,
+    matter even when the cap or the cooldown stops them now (they may be offered later); not
+    when consent or a holdout does: a simulation's data never changes, so those stop them
+    until they expire, and the offers are the same without deciding them."""
     settings = step.workspace.settings
     ctx = step.ctx
-    may = np.asarray(CANDIDATES.get(campaign.trigger.kind, _everyone)(step, campaign), dtype=bool)
-    may = may & open_to_offers & step.reachable(campaign.channel)
-    if not may.any():
-        return may
-    may &= segment_mask(step.workspace, campaign, step.features, ctx.as_of)
+    lasting = not_held if campaign.needs_no_message else not_held & step.reachable(campaign.channel)
+    open_to = lasting if campaign.needs_no_message else lasting & room
+    fired = np.array(CANDIDATES.get(campaign.trigger.kind, _everyone)(step, campaign), dtype=bool)
+    fired &= lasting if campaign.keeps_pending else open_to
+    if fired.any():
+        fired &= segment_mask(step.workspace, campaign, step.features, ctx.as_of)
+    if campaign.keeps_pending and fired.any():
+        fired &= _not_acted_on(step, campaign, fired)
+    waiting = step.isin(set(pending["customer_id"].astype(str))) & lasting if pending is not None \
+        else np.zeros(len(fired), dtype=bool)
+    kept = fired | waiting if campaign.keeps_pending else waiting   # whatever the cap and cooldown say
+    may = fired & open_to
     if campaign.cooldown_days and len(ctx.contacts) and may.any():
         contacts = ctx.contacts
         recent = contacts[(contacts["campaign"] == campaign.id)
                           & (contacts["contacted_at"] > ctx.as_of - pd.Timedelta(days=campaign.cooldown_days))]
         may &= ~step.isin(set(recent["customer_id"].astype(str)))
-    if campaign.holdout and may.any():
-        rows = np.flatnonzero(may)
+    if campaign.holdout and (may | kept).any():
+        rows = np.flatnonzero(may | kept)
         held = in_holdout(pd.Series(step.ids.iloc[rows].to_numpy(), dtype=object),
                           settings.salt, campaign.id, campaign.holdout)
         may[rows[held]] = False
-    return may
+        kept[rows[held]] = False
+    return may | kept
+
+
+def _not_acted_on(step: _Step, campaign: CampaignDef, who: np.ndarray) -> np.ndarray:
+    """Of the customers ``who``, those the campaign's trigger fires for with a key no earlier
+    run acted on: the firings the evaluation decides (and whose stop it records, ``pending:``,
+    whatever the contact policy says). An inactivity trigger fires again at every run with the
+    same key; this keeps a simulation from deciding those every day."""
+    firings = TRIGGERS[campaign.trigger.kind](campaign, who, step.features, step.tables, step.ctx,
+                                              step.workspace.settings)
+    positions = np.asarray(firings.positions, dtype=int)
+    keep = np.zeros(len(who), dtype=bool)
+    if not len(positions):
+        return keep
+    keys = firing_keys(campaign.id, step.ids.iloc[positions].to_numpy(), np.asarray(firings.keys))
+    done = step.ctx.recorded(list(keys)) or {}
+    if not isinstance(done, Mapping):
+        done = dict.fromkeys(done, "")
+    as_of_key = utc_key(step.ctx.as_of)
+    fresh = np.fromiter((done.get(key, as_of_key) == as_of_key for key in keys), dtype=bool, count=len(keys))
+    keep[positions[fresh]] = True
+    return keep
 
 
 def no_offers() -> pd.DataFrame:

@@ -147,7 +147,8 @@ def preview_on_dask(workspace: LoadedWorkspace, ctx: RunContext, sample: int, *,
     # keep them all (every one is within its campaign's cut-off)
     sampled = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
     evaluation = SampledEvaluation(sampled.as_of, sample_rows(sampled.offers, sample).reset_index(drop=True),
-                                   funnels, sampled.holdouts, {}, sampled.warnings, tier_moves=sampled.tier_moves,
+                                   funnels, sampled.holdouts, {}, sampled.warnings, reentered=sampled.reentered,
+                                   tier_moves=sampled.tier_moves,
                                    totals=totals)
     frames = [frame for frame in frames if len(frame)] or frames[:1]     # one, for the columns
     features = (pd.concat(frames, ignore_index=True) if len(frames) > 1 else
@@ -199,7 +200,7 @@ def _gathered(workspace: LoadedWorkspace, ctx: RunContext, run: _Run) -> DaskDec
     """Every partition's candidates within the cut-offs gathered, the global steps applied
     on the client, and the offered customers' feature rows fetched from the workers."""
     client, job, decided = run.client, run.job, run.decided
-    summaries = [client.submit(summary_of, part, run.cutoffs, key=f"loyalty-summary-{job.token}-{number}",
+    summaries = [client.submit(summary_of, part, run.cutoffs, job, key=f"loyalty-summary-{job.token}-{number}",
                                pure=False) for number, part in enumerate(decided)]
     parts = client.gather(summaries)
     decisions, starts, warnings, offset, customers = [], [], [], 0, 0
@@ -214,7 +215,7 @@ def _gathered(workspace: LoadedWorkspace, ctx: RunContext, run: _Run) -> DaskDec
         decisions.append(decision)
         customers += part_customers
         warnings.append(tuple(part_warnings))
-    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
+    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used, pending=ctx.pending)
     del decisions, parts
     features = _offered_rows(client, decided, starts, evaluation, job)
     return DaskDecided(evaluation, features, customers, job.count,

@@ -32,7 +32,7 @@ from engine.data.features import finish_features, local_features, rfm_inputs
 from engine.data.points import PointsHistory
 from engine.data.sources import load_tables
 from engine.decide.budgets import BUDGET_KEY, budget_sorted, within_budgets
-from engine.decide.evaluation import PartitionDecision, evaluate_partition
+from engine.decide.evaluation import PartitionDecision, evaluate_partition, keep_within
 from engine.decide.totals import CampaignTotals, campaign_totals
 from engine.decide.triggers import RunContext
 from engine.errors import WorkerSetupError
@@ -57,12 +57,15 @@ class Job:
 
 
 def recorded_by_partition(store, count: int) -> list[dict[str, str]]:
-    """Firing key -> as_of (UTC) of every recorded offer, split by the customer's partition."""
+    """Firing key -> as_of (UTC) of every firing acted on (a recorded offer, a pending firing
+    closed as expired or held out: ``StateStore.recorded_at``), split by the customer's partition."""
     parts: list[dict[str, str]] = [{} for _ in range(count)]
     if store is None:
         return parts
     rows = store.db.execute("SELECT o.customer_id, o.firing_key, r.as_of_utc FROM offers o "
-                            "JOIN runs r ON r.run_id = o.run_id")
+                            "JOIN runs r ON r.run_id = o.run_id UNION ALL "
+                            "SELECT customer_id, firing_key, status_as_of FROM pending_firings "
+                            "WHERE status IN ('expired', 'held_out')")
     while True:
         batch = rows.fetchmany(200_000)
         if not batch:
@@ -85,9 +88,11 @@ class Recorded:
 
 def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[RunContext]:
     """The run context restricted to each partition's customers (contacts, edge state, keys,
-    points history and stored tiers)."""
+    points history, stored tiers and pending firings)."""
     contacts = ctx.contacts.reset_index(drop=True)
     numbers = partition_numbers(contacts["customer_id"].astype(str), count) if len(contacts) else np.zeros(0)
+    pending = ctx.pending.reset_index(drop=True)
+    waiting = partition_numbers(pending["customer_id"].astype(str), count) if len(pending) else np.zeros(0)
     states = {}
     for campaign, ids in ctx.edge_state.items():
         listed = sorted(ids)
@@ -100,7 +105,8 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
                       for campaign, (listed, mine) in states.items()}
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
                               edge_state=edge_state, recorded=Recorded(recorded[number]),
-                              points=points[number], tiers=tiers[number]))
+                              points=points[number], tiers=tiers[number],
+                              pending=pending[waiting == number].reset_index(drop=True)))
     return slices
 
 
@@ -225,7 +231,7 @@ def decide_partition(job: Job, number: int, ctx: RunContext, thresholds: dict,
     features = finish_features(frame, workspace.program, workspace.settings, job.as_of,
                                _scores_from(frame, thresholds), tables, ctx.points, ctx.tiers)
     decision = evaluate_partition(workspace, tables, features, ctx, job.campaigns)
-    decision.arbitrated = within_budgets(decision.arbitrated, caps)
+    keep_within(workspace, decision, within_budgets(decision.arbitrated, caps))
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
     rows = features.iloc[positions].set_axis(positions)      # labelled by their position
     return decision, rows, len(features), list(tables.warnings)
@@ -299,12 +305,13 @@ def within_cutoffs(arbitrated: pd.DataFrame, cutoffs: dict) -> pd.DataFrame:
     return arbitrated[keep]
 
 
-def summary_of(result: tuple, cutoffs: dict) -> tuple[PartitionDecision | None, int, list[str]]:
+def summary_of(result: tuple, cutoffs: dict, job: Job) -> tuple[PartitionDecision | None, int, list[str]]:
     """Task: a decided partition without its feature rows, its candidates within the
-    budget cut-offs (what the global steps need)."""
+    budget cut-offs (what the global steps need; those cut off that wait are pending)."""
     decision, _, customers, warnings = result
     if decision is not None:
-        decision = replace(decision, arbitrated=within_cutoffs(decision.arbitrated, cutoffs))
+        decision = replace(decision)
+        keep_within(_workspace(job), decision, within_cutoffs(decision.arbitrated, cutoffs))
     return decision, customers, warnings
 
 

@@ -17,7 +17,13 @@ import pandas as pd
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables
 from engine.decide.budgets import within_budgets
-from engine.decide.evaluation import Evaluation, PartitionDecision, combine_partitions, evaluate_partition
+from engine.decide.evaluation import (
+    Evaluation,
+    PartitionDecision,
+    combine_partitions,
+    evaluate_partition,
+    keep_within,
+)
 from engine.decide.triggers import RunContext
 
 
@@ -37,7 +43,7 @@ def decide_part(workspace: LoadedWorkspace, tables: Tables, features: pd.DataFra
     """One partition's decision, cut to what the global budgets can keep, and the feature
     rows of its candidates (``pos`` renumbered to index those rows)."""
     decision = evaluate_partition(workspace, tables, features, ctx, campaigns)
-    decision.arbitrated = within_budgets(decision.arbitrated, caps)
+    keep_within(workspace, decision, within_budgets(decision.arbitrated, caps))
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))
     decision.arbitrated = decision.arbitrated.assign(
         pos=np.searchsorted(positions, decision.arbitrated["pos"].to_numpy(dtype=np.int64)))
@@ -56,7 +62,7 @@ def combine_parts(workspace: LoadedWorkspace, ctx: RunContext, decided: list[Par
         kept.append((offset, length, rows))
         offset += length
         decisions.append(decision)
-    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
+    evaluation = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used, pending=ctx.pending)
     del decisions
     return Decided(evaluation, _offered_rows(evaluation, kept), customers, count)
 

@@ -96,7 +96,7 @@ def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
                            tiers=store.tier_changes(before=_utc_key(as_of)) if stored and multiplied else None)
     tiers = store.tier_state(before=_utc_key(as_of)) if stored else None
     return RunContext(as_of, previous_as_of, contacts, edge_state, recorded=store.recorded_at, budget_used=used,
-                      points=points, tiers=tiers)
+                      points=points, tiers=tiers, pending=store.pending_before(_utc_key(as_of)))
 
 
 def _utc_key(stamp: pd.Timestamp) -> str:
@@ -106,15 +106,23 @@ def _utc_key(stamp: pd.Timestamp) -> str:
 def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.DataFrame:
     """Contact history made by runs before ``as_of``: a rerun at the same instant must not
     be stopped by the contacts its first attempt recorded, nor a rerun of an earlier day by
-    the contacts of later runs."""
+    the contacts of later runs. Rewards granted without a message come too, with ``message``
+    false: they count for the campaign's cooldown, never for the frequency cap."""
+    window = [_utc_key(since), _utc_key(as_of)]
     rows = list(store.db.query(
         "SELECT c.customer_id, c.campaign, c.channel, c.contacted_at FROM contacts c "
         "JOIN offers o ON o.offer_id = c.offer_id JOIN runs r ON r.run_id = o.run_id "
-        "WHERE c.contacted_at > ? AND r.as_of_utc < ?", [_utc_key(since), _utc_key(as_of)]))
-    if not rows:
+        "WHERE c.contacted_at > ? AND r.as_of_utc < ?", window))
+    granted = list(store.db.query(
+        "SELECT o.customer_id, o.campaign, o.channel, o.due_at AS contacted_at FROM offers o "
+        "JOIN runs r ON r.run_id = o.run_id WHERE o.suppressed_reason IS NOT NULL AND o.due_at > ? "
+        "AND r.as_of_utc < ?", window))
+    if not rows and not granted:
         return empty_contacts()
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows + granted, columns=["customer_id", "campaign", "channel", "contacted_at"])
     frame["contacted_at"] = pd.to_datetime(frame["contacted_at"], utc=True, format="ISO8601")
+    if granted:
+        frame["message"] = np.arange(len(frame)) < len(rows)
     return frame
 
 

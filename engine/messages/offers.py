@@ -65,6 +65,8 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
 
     Once the renderer's time for the run is used up, the remaining offers are left out (not
     recorded, so a later run can still make them), with one error per campaign left out.
+    A reward granted without a message (``no_message``: no consent or address, or the
+    frequency cap) is not rendered: its record has no text and a ``suppressed_reason``.
     """
     settings, program = workspace.settings, workspace.program
     explain_names = _explanation_names(workspace)
@@ -74,7 +76,8 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
     event_columns = [c for c in rows.columns if c.startswith("event.")]
     left_out: dict[str, int] = {}
     for customer, offer, send_at_local in zip(customers, _offer_records(rows), send_at):
-        if renderer.out_of_time():
+        silent = offer.get("no_message") or None
+        if renderer.out_of_time() and not silent:
             left_out[offer["campaign"]] = left_out.get(offer["campaign"], 0) + 1
             continue
         campaign = program.campaigns[offer["campaign"]]
@@ -91,10 +94,14 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
             "campaign_name": campaign.name, "customer_id": offer["customer_id"], "channel": campaign.channel,
             "variant": offer["variant"], "reward": payload, "cost": float(offer["cost"]),
             "send_at": send_at_local.isoformat(), "locale": offer["locale"], "template": offer["template"],
-            "address": customer.get(channel.address_column), "as_of": as_of,
+            "address": None if silent else customer.get(channel.address_column), "as_of": as_of,
             "explanation": {n: explained_value(customer.get(n)) for n in explain_names[campaign.id] if n in customer},
             "event": {k[6:]: explained_value(offer[k]) for k in event_columns},
+            "suppressed_reason": silent,
         }
+        if silent:            # granted without a message: nothing to render or send
+            records.append(record)
+            continue
         context = {"customer": customer, "reward": payload, "program": renderer.program,
                    "offer": {k: record[k] for k in ("offer_id", "campaign", "campaign_name", "variant",
                                                     "channel", "send_at")},

@@ -34,7 +34,7 @@ log = logging.getLogger("loyalty.store")
 RESTORE_HINT = ("Restore the latest backup over it (`loyalty state backup FILE` makes one; see "
                 "docs/operations.md), then run again; `loyalty state check` tells whether a file is sound")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OFFER_STATUSES = ("pending", "sent", "failed", "suppressed")
 JSON_OFFER_COLUMNS = ("reward", "explanation")
 
@@ -103,8 +103,33 @@ CREATE TABLE tier_history (
 CREATE INDEX tier_history_as_of ON tier_history (as_of_utc)
 """
 
-# (version, DDL) in order; a database at version N gets every later entry applied.
-MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (2, _TIERS_V2)]
+# Version 3 (issue 17, loyalty accounts): one-off firings that wait for a later run, and the
+# reason a reward was granted without a message (an offer recorded as suppressed).
+# ``first_as_of``, ``expires_at`` and ``status_as_of`` are UTC ISO text (they compare as text);
+# ``status_as_of`` is the as_of of the run that last wrote the row, so that a rerun at the same
+# as_of reads the firings as they stood before its first attempt.
+_SCHEMA_V3 = """
+CREATE TABLE pending_firings (
+    firing_key TEXT PRIMARY KEY, campaign TEXT NOT NULL, customer_id TEXT NOT NULL,
+    reason TEXT NOT NULL
+        CHECK (reason IN ('consent', 'frequency_cap', 'cooldown', 'arbitration', 'budget', 'render')),
+    first_as_of TEXT NOT NULL, expires_at TEXT NOT NULL, event TEXT,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'offered', 'expired', 'held_out')),
+    status_as_of TEXT NOT NULL, updated_run TEXT REFERENCES runs (run_id)) WITHOUT ROWID;
+CREATE INDEX pending_firings_open ON pending_firings (status, first_as_of);
+CREATE INDEX pending_firings_changed ON pending_firings (status_as_of);
+CREATE INDEX pending_firings_customer ON pending_firings (customer_id);
+ALTER TABLE offers ADD COLUMN suppressed_reason TEXT
+    CHECK (suppressed_reason IS NULL OR suppressed_reason IN ('consent', 'frequency_cap'));
+CREATE INDEX offers_granted ON offers (due_at) WHERE suppressed_reason IS NOT NULL
+"""
+
+# (version, DDL) in order; a database at version N gets every later entry applied. Version 2
+# (stored tiers) came after version 3 (pending firings): a file that reached version 3 without it
+# gets it when it is opened (``_LATE``: a migration and a table only it makes).
+MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (2, _TIERS_V2), (3, _SCHEMA_V3)]
+_LATE = {2: "member_tiers"}
 # --------------------------------------------------------------------------- helpers
 
 
@@ -376,19 +401,24 @@ class Database:
         if self.schema_version() == 0 and self.db["runs"].exists():
             raise StateError(f"the state database {self.label} is damaged (its schema version is lost); nothing "
                              f"was changed. {RESTORE_HINT}")
-        if self.schema_version() == SCHEMA_VERSION:
+        if self.schema_version() == SCHEMA_VERSION and not self._skipped(SCHEMA_VERSION):
             return                       # the usual case: no write lock needed
         with self._transaction() as conn:
             version = self.schema_version()          # again, under the write lock
             self._check_version(version)
+            skipped = self._skipped(version)
             for target, script in MIGRATIONS:
-                if target <= version:
+                if target <= version and target not in skipped:
                     continue
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                             "('schema_version', ?)", (str(target),))
+                             "('schema_version', ?)", (str(max(target, version)),))
+
+    def _skipped(self, version: int) -> set[int]:
+        """Migrations numbered at or below ``version`` that the file never got (``_LATE``)."""
+        return {target for target, table in _LATE.items() if target <= version and not self.db[table].exists()}
 
     @contextmanager
     def lock(self, timeout: float = 5.0) -> Iterator[None]:

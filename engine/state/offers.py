@@ -22,7 +22,6 @@ from engine.errors import StateError
 from engine.faults import checkpoint
 from engine.state.database import (
     JSON_OFFER_COLUMNS,
-    Database,
     decode_json,
     dumps_json,
     gc_paused,
@@ -31,6 +30,7 @@ from engine.state.database import (
     now_utc,
     plain,
 )
+from engine.state.pending import PendingFirings
 
 # Reward fields that legitimately differ between two recordings of the same firing: the code
 # and expiry, and the wording (``description``, derived from the other fields).
@@ -42,7 +42,7 @@ _OFFER_COLUMNS = (
     "offer_id", "firing_key", "run_id", "campaign", "campaign_name", "customer_id",
     "channel", "variant", "reward", "cost", "send_at", "due_at", "subject", "body",
     "html", "address", "locale", "as_of", "explanation", "rule_version",
-    "payload_hash", "status", "attempts", "created_at",
+    "payload_hash", "status", "attempts", "created_at", "suppressed_reason",
 )
 
 
@@ -75,8 +75,9 @@ def payload_hash(offer: Mapping[str, Any]) -> str:
 
 
 
-class OfferBook(Database):
-    """The ``offers``, ``holdouts`` and ``coupon_codes`` rows a run writes, and what reads them back."""
+class OfferBook(PendingFirings):
+    """The ``offers``, ``holdouts`` and ``coupon_codes`` rows a run writes (with its pending
+    firings), and what reads them back."""
 
     def existing_offers(self, firing_keys: Iterable[str]) -> dict[str, str]:
         """firing key -> payload hash, for the given keys that are already recorded."""
@@ -89,8 +90,10 @@ class OfferBook(Database):
         return found
 
     def recorded_at(self, firing_keys: Iterable[str] | None = None, before: str | None = None) -> dict[str, str]:
-        """firing key -> as_of (UTC) of the run that recorded it: for the given keys (all
-        recorded firings with None), of runs at an as_of before ``before`` (UTC ISO) if given."""
+        """firing key -> as_of (UTC) of the run that acted on it: that recorded its offer, or
+        closed it as a pending firing that expired or was held out (``pending_firings``); for
+        the given keys (all such firings with None), of runs at an as_of before ``before``
+        (UTC ISO) if given. ``RunContext.recorded``: none of them fires again."""
         sql = "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id WHERE 1"
         params: list = []
         if before is not None:
@@ -98,9 +101,9 @@ class OfferBook(Database):
             params.append(before)
         db = self._reader()
         if firing_keys is None:
-            return dict(db.execute(sql, params).fetchall())
+            return self.closed_firings(None, before) | dict(db.execute(sql, params).fetchall())
         keys = list(firing_keys)
-        found: dict[str, str] = {}
+        found: dict[str, str] = self.closed_firings(keys, before)
         for start in range(0, len(keys), 50_000):
             found.update(db.execute(sql + " AND o.firing_key IN (SELECT value FROM json_each(?))",
                                          [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
@@ -109,12 +112,14 @@ class OfferBook(Database):
     def budget_used(self, starts: Mapping[str, str], before: str) -> dict[str, tuple[int, float]]:
         """Campaign -> (offers, cost) recorded by runs at an as_of from its period's start up
         to, not including, ``before`` (UTC ISO): what a budget longer than a run has spent.
-        Offers suppressed at delivery (an opt-out) cost nothing and do not count."""
+        Offers suppressed at delivery (an opt-out) cost nothing and do not count; rewards granted
+        without a message (``suppressed_reason``) were given, and count."""
         used: dict[str, tuple[int, float]] = {}
         for campaign, start in starts.items():
             count, cost = self.db.execute(
                 "SELECT count(*), coalesce(sum(o.cost), 0) FROM offers o JOIN runs r ON r.run_id = o.run_id "
-                "WHERE o.campaign = ? AND o.status != 'suppressed' AND r.as_of_utc >= ? AND r.as_of_utc < ?",
+                "WHERE o.campaign = ? AND (o.status != 'suppressed' OR o.suppressed_reason IS NOT NULL) "
+                "AND r.as_of_utc >= ? AND r.as_of_utc < ?",
                 [campaign, start, before]).fetchone()
             if count:
                 used[campaign] = (int(count), float(cost))
@@ -146,6 +151,7 @@ class OfferBook(Database):
                    points_rows: list[dict] | None = None,
                    holdouts: Iterable[dict] = (),
                    prepared: list[tuple[dict, dict]] | None = None,
+                   pending: pd.DataFrame | None = None,
                    tiers: TierRun | None = None) -> RecordResult:
         """Record a run's offers and state in ONE transaction; set the run ``recorded``.
 
@@ -158,8 +164,12 @@ class OfferBook(Database):
         campaign, customer_id, key, value) are upserted. ``holdouts`` (campaign,
         customer_id, firing_key, group, as_of) log firings held out for uplift
         reports, once per firing key. ``prepared``: the offers as ``prepare_offers`` gave them,
-        instead of ``offers``. ``tiers``: the run's moves of stored tiers, written with those of
-        its newly recorded tier rewards (``tiers.TierBook``).
+        instead of ``offers``. ``pending``: what the run decided about one-off firings that wait
+        (``Evaluation.pending``), written to ``pending_firings`` in the same transaction. An offer
+        with a ``suppressed_reason`` (a reward granted without a message) is recorded as
+        ``suppressed``: never delivered and no contact, but its points are credited.
+        ``tiers``: the run's moves of stored tiers, written with those of its newly recorded
+        tier rewards (``tiers.TierBook``), granted with or without a message.
         """
         created = now_utc()
         if prepared is None:
@@ -203,6 +213,7 @@ class OfferBook(Database):
                            str(h["customer_id"]), h.get("group"),
                            iso(h["as_of"]) if h.get("as_of") is not None else None)
                           for h in holdouts), verb="INSERT OR IGNORE")
+            self._write_pending(conn, pending, run_id)
             moved = self._record_tiers(conn, run_id, tiers, new_rows) if tiers is not None else {}
             conn.execute("UPDATE runs SET status = 'recorded' WHERE run_id = ?", (run_id,))
         return RecordResult(new=len(new_rows), existing=existing, conflicts=conflicts, tier_moves=moved)
@@ -236,9 +247,10 @@ class OfferBook(Database):
             "explanation": dumps_json(get("explanation")),
             "rule_version": get("rule_version"),
             "payload_hash": get("payload_hash") or payload_hash(offer),
-            "status": "pending",
+            "status": "suppressed" if get("suppressed_reason") else "pending",
             "attempts": 0,
             "created_at": created,
+            "suppressed_reason": get("suppressed_reason") or None,
         }
         return row, reward
 

@@ -76,11 +76,18 @@ def query(workspace: Path, sql: str, params=()) -> list[tuple]:
 
 
 def recorded_offers(workspace: Path) -> dict[str, tuple[str, str]]:
-    """firing key -> (offer_id, status), from the offers table."""
-    rows = query(workspace, "SELECT firing_key, offer_id, status FROM offers")
+    """firing key -> (offer_id, status), from the offers table; the status of points granted
+    without a message (no consent: recorded suppressed, never sent) is ``granted``."""
+    rows = query(workspace, "SELECT firing_key, offer_id, CASE WHEN suppressed_reason IS NULL THEN status "
+                            "ELSE 'granted' END FROM offers")
     keys = [row[0] for row in rows]
     assert len(keys) == len(set(keys)), "a firing key is recorded twice"
     return {key: (offer_id, status) for key, offer_id, status in rows}
+
+
+def messages_of(offers: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """The offers that are messages: all but the points granted without one."""
+    return {key: value for key, value in offers.items() if value[1] != "granted"}
 
 
 def outbox_lines(workspace: Path) -> Counter:
@@ -121,10 +128,12 @@ def reference(demo_template, tmp_path_factory) -> dict[str, tuple[str, str]]:
     workspace = copy_of(demo_template, tmp_path_factory.mktemp("reference") / "ws")
     result = Workspace(workspace).run(AS_OF, now=NOW)
     offers = recorded_offers(workspace)
+    messages = messages_of(offers)
     assert result.new_offers == len(offers) >= 30, "the workspace should make several offers"
-    assert result.delivery.sent == len(offers) and result.delivery.not_due == 0
-    assert {status for _, status in offers.values()} == {"sent"}
-    assert outbox_lines(workspace) == Counter({offer_id: 1 for offer_id, _ in offers.values()})
+    assert result.delivery.sent == len(messages) and result.delivery.not_due == 0
+    assert {status for _, status in offers.values()} == {"sent", "granted"}
+    assert sum(result.granted_without_message.values()) == len(offers) - len(messages) > 0
+    assert outbox_lines(workspace) == Counter({offer_id: 1 for offer_id, _ in messages.values()})
     assert len({key.split(":")[0] for key in offers}) >= 4, "offers from several campaigns"
     return offers
 
@@ -172,7 +181,7 @@ def test_a_run_killed_at_any_checkpoint_is_completed_by_the_rerun(checkpoint, cr
     if checkpoint == "mid_delivery":
         # the first batch reached the file, but the store never heard that it was sent
         assert case["outbox_after_crash"]
-        assert {status for _, status in after_crash.values()} == {"pending"}
+        assert {status for _, status in after_crash.values()} == {"pending", "granted"}
     else:
         assert not case["outbox_after_crash"]
 
@@ -185,9 +194,12 @@ def test_a_run_killed_at_any_checkpoint_is_completed_by_the_rerun(checkpoint, cr
         {key: offer_id for key, (offer_id, _) in reference.items()}
     assert result["new_offers"] == len(reference) - len(after_crash)
     assert result["already_recorded"] == len(after_crash)
-    assert {status for _, status in offers.values()} == {"sent"}, "none lost"
-    assert outbox_lines(workspace) == Counter({offer_id: 1 for offer_id, _ in offers.values()}), \
-        "every offer exactly once in the outbox files"
+    assert {status for _, status in offers.values()} == {"sent", "granted"}, "none lost"
+    assert outbox_lines(workspace) == Counter({offer_id: 1 for offer_id, _ in messages_of(offers).values()}), \
+        "every message exactly once in the outbox files"
+    granted = query(workspace, "SELECT count(*) FROM offers o JOIN points_ledger p ON p.offer_id = o.offer_id "
+                               "WHERE o.suppressed_reason IS NOT NULL")[0][0]
+    assert granted == len(offers) - len(messages_of(offers)), "every granted reward credited once"
     # every coupon offer has exactly one code
     codes = query(workspace, "SELECT offer_id, count(*) FROM coupon_codes GROUP BY offer_id")
     assert all(n == 1 for _, n in codes)
@@ -391,7 +403,8 @@ def test_webhook_and_smtp_deliver_every_offer_exactly_once_through_failures(demo
         http.shutdown()
         http.server_close()
 
-    rows = query(workspace, "SELECT offer_id, channel, status, attempts, address FROM offers")
+    rows = query(workspace, "SELECT offer_id, channel, status, attempts, address FROM offers "
+                            "WHERE suppressed_reason IS NULL")       # messages, not points granted without one
     by_channel = {name: {r[0]: r for r in rows if r[1] == name} for name in ("email", "sms", "push")}
     assert all(by_channel.values()), "offers on every channel"
     sent = {r[0] for r in rows if r[2] == "sent"}
@@ -501,20 +514,28 @@ def quarter_workspace(tmp_path) -> Path:
     return workspace
 
 
-def expected_quarter() -> set[tuple[str, str, str]]:
-    """(day, customer, campaign) a correct engine records: a reference model of the policy."""
+def expected_quarter() -> tuple[set[tuple[str, str, str]], set[tuple[str, str]]]:
+    """(day, customer, campaign) of the contacts a correct engine records, and (day, customer)
+    of the thank-you points it grants without a message: a reference model of the policy."""
     contacts: dict[str, list[tuple[pd.Timestamp, str]]] = {}
-    expected = set()
+    grants: dict[str, list[pd.Timestamp]] = {}
+    expected, granted = set(), set()
     for day in range(DAYS):
         as_of = QUARTER_START + pd.Timedelta(days=day)
         for row in customer_rows():
             customer = row["customer_id"]
             mine = contacts.setdefault(customer, [])
             recent = [t for t, _ in mine if t > as_of - pd.Timedelta(days=7)]
-            if len(recent) >= 2:
-                continue
-            thanked = [t for t, c in mine if c == "monthly_thanks" and t > as_of - pd.Timedelta(days=30)]
+            thanked = [t for t, c in mine if c == "monthly_thanks" and t > as_of - pd.Timedelta(days=30)] + \
+                [t for t in grants.get(customer, []) if t > as_of - pd.Timedelta(days=30)]
             buyer = int(customer[1:]) % 2 == 0
+            if len(recent) >= 2:
+                # points need no message: at the cap they are granted without one (not a contact,
+                # but the campaign's cooldown counts it)
+                if buyer and not thanked:
+                    grants.setdefault(customer, []).append(as_of)
+                    granted.add((str(as_of.date()), customer))
+                continue
             if buyer and row["email_opt_in"] == "true" and not thanked:
                 campaign = "monthly_thanks"
             elif row["sms_opt_in"] == "true":
@@ -523,7 +544,7 @@ def expected_quarter() -> set[tuple[str, str, str]]:
                 continue
             mine.append((as_of, campaign))
             expected.add((str(as_of.date()), customer, campaign))
-    return expected
+    return expected, granted
 
 
 def ledger(workspace: Path) -> pd.DataFrame:
@@ -554,9 +575,15 @@ def test_sixty_daily_runs_respect_the_frequency_cap_and_cooldowns_exactly(quarte
         assert (times.diff().dropna() >= pd.Timedelta(days=30)).all(), customer
     # and exactly the contacts the policy allows, no fewer: the cap is not over-applied
     got = {(str(t.tz_convert("Asia/Shanghai").date()), c, k) for c, k, t in contacts.itertuples(index=False)}
-    assert got == expected_quarter()
+    expected, granted = expected_quarter()
+    assert got == expected
+    silent = query(quarter_workspace, "SELECT as_of, customer_id, status, suppressed_reason FROM offers "
+                                      "WHERE suppressed_reason IS NOT NULL")
+    assert {(as_of[:10], customer) for as_of, customer, _, _ in silent} == granted and granted
+    assert {(status, reason) for _, _, status, reason in silent} == {("suppressed", "frequency_cap")}
     points = query(quarter_workspace, "SELECT count(*), sum(points) FROM points_ledger")[0]
-    assert points == (len(thanks), 50.0 * len(thanks)), "one ledger entry per points offer"
+    credited = len(thanks) + len(granted)
+    assert points == (credited, 50.0 * credited), "one ledger entry per points offer, with a message or not"
 
     # reruns of random days add nothing
     before = query(quarter_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers ORDER BY 1")

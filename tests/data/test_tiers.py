@@ -52,7 +52,7 @@ def day_of(as_of: str) -> int:
 
 
 def programme(root: Path, members: list[str], orders: list[tuple[str, int, float]], campaigns: str = "",
-              step: str = "one", tiers: str = TIERS, extra: str = "") -> Workspace:
+              step: str = "one", tiers: str = TIERS, extra: str = "", no_sms: tuple = ()) -> Workspace:
     """A workspace whose members spend ``orders`` (member, day, amount: at 09:00 that day)."""
     init_workspace(root)
     (root / "loyalty.yaml").write_text(textwrap.dedent(f"""\
@@ -71,9 +71,8 @@ def programme(root: Path, members: list[str], orders: list[tuple[str, int, float
     (root / "rules" / "programme.yaml").write_text(FEATURES + listed + extra, encoding="utf-8")
     (root / "rules" / "tiers.yaml").write_text(tiers.replace("STEP", step), encoding="utf-8")
     (root / "templates" / "t.sms.j2").write_text("Hi {{ customer.name }}\n", encoding="utf-8")
-    (root / "data" / "customers.csv").write_text(
-        "customer_id,name,phone,sms_opt_in\n" + "".join(f"{m},N{m},1380000{i:04d},true\n" for i, m in enumerate(members)),
-        encoding="utf-8")
+    rows = "".join(f"{m},N{m},1380000{i:04d},{str(m not in no_sms).lower()}\n" for i, m in enumerate(members))
+    (root / "data" / "customers.csv").write_text("customer_id,name,phone,sms_opt_in\n" + rows, encoding="utf-8")
     (root / "data" / "orders.csv").write_text("order_id,customer_id,timestamp,amount\n" + "".join(
         f"O{i},{m},{day(d, 9)},{amount}\n" for i, (m, d, amount) in enumerate(orders)), encoding="utf-8")
     (root / "data" / "events.csv").write_text("event_id,customer_id,timestamp,type\n", encoding="utf-8")
@@ -87,6 +86,11 @@ def run_days(ws: Workspace, days, **options) -> list[dict]:
 def moves(ws: Workspace, member: str) -> list[tuple]:
     """(day, from, to, reason) of each change of the member's tier state."""
     return [(day_of(c["as_of"]), c["from_tier"], c["to_tier"], c["reason"]) for c in ws.tier_history(member)]
+
+
+def offers_of(ws: Workspace, member: str) -> list[dict]:
+    """The offers in the member's history (which also lists their tier changes)."""
+    return [row for row in ws.history(member) if row["kind"] == "offer"]
 
 
 def tables(root: Path) -> tuple[list[tuple], list[tuple]]:
@@ -126,7 +130,7 @@ def test_qualify_moves_a_member_up_at_the_first_run_where_it_holds(tmp_path):
     assert counts[3] == {"up": {"gold": 1}, "down": {}, "joined": {}}
     assert [c for c in counts if any(c.values())] == [counts[0], counts[3]]
     # the run at day 3 saw the tier after its own move: becomes: tier == "gold" fired then
-    assert [(row["campaign"], day_of(row["as_of"])) for row in ws.history("M1")] == [("gold_welcome", 3)]
+    assert [(row["campaign"], day_of(row["as_of"])) for row in offers_of(ws, "M1")] == [("gold_welcome", 3)]
     seen = features_at(ws, day(4))
     assert seen.loc["M1", "tier"] == "gold" and seen.loc["M1", "tier_since"] == pd.Timestamp("2026-12-04")
     assert seen.loc["M2", "tier_since"] == pd.Timestamp("2026-12-01")
@@ -183,8 +187,8 @@ def test_a_trial_tier_ends_and_returns_the_member(tmp_path):
                                (7, "gold", "silver", "qualified")]
     assert ws.tier_history("M2")[1]["trial_until"] == "2026-12-08"
     assert [during[n]["M2"] for n in range(10)] == ["bronze"] + ["gold"] * 6 + ["bronze"] * 3
-    assert [row["campaign"] for row in ws.history("M2")] == ["gold_trial"]        # once: cooldown
-    offer = ws.history("M2")[0]
+    assert [row["campaign"] for row in offers_of(ws, "M2")] == ["gold_trial"]        # once: cooldown
+    offer = offers_of(ws, "M2")[0]
     assert offer["reward"]["for"] == "7d" and offer["reward"]["description"] == "gold for 7 days"
 
 
@@ -249,9 +253,11 @@ def test_history_lists_the_tier_changes(tmp_path):
     run_days(ws, (0, 5, 10, 13))
     text = CliRunner().invoke(main, ["history", str(root), "--customer", "M1"])
     assert text.exit_code == 0, text.output
-    assert "No offers recorded for customer M1." in text.output and "Tier changes:" in text.output
-    assert "2026-12-14T10:00:00+08:00  platinum -> gold  (stepped down, review 2026-12-19)" in text.output
-    assert "2026-12-01T10:00:00+08:00  - -> platinum  (qualified, review 2026-12-06)" in text.output
+    assert text.output.splitlines() == [
+        "2026-12-01T10:00:00+08:00  tier - -> platinum  (qualified, review 2026-12-06)",
+        "2026-12-06T10:00:00+08:00  tier platinum -> platinum  (retained, review 2026-12-11)",
+        "2026-12-11T10:00:00+08:00  tier platinum -> platinum  (grace, review 2026-12-11, grace until 2026-12-14)",
+        "2026-12-14T10:00:00+08:00  tier platinum -> gold  (stepped down, review 2026-12-19)"]
     rows = json.loads(CliRunner().invoke(main, ["history", str(root), "--customer", "M1", "--format", "json"]).output)
     assert [(r["kind"], r["from_tier"], r["to_tier"], r["reason"]) for r in rows] == [
         ("tier_change", None, "platinum", "qualified"), ("tier_change", "platinum", "platinum", "retained"),
@@ -369,3 +375,13 @@ def test_a_review_due_during_a_trial_happens_when_it_ends(tmp_path):
     assert ws.tier_history("M2")[-1]["review_at"] == "2026-12-11"
     assert moves(ws, "M1")[-1] == (7, "gold", "silver", "trial ended")
     assert ws.tier_history("M1")[-1]["grace_until"] == "2026-12-09"
+
+
+def test_a_tier_reward_moves_the_member_even_without_a_message(tmp_path):
+    ws = programme(tmp_path / "ws", ["M1", "M2"], [("M1", 0, 100), ("M2", 0, 100)], campaigns=TRIAL, no_sms=("M2",))
+    assert run_days(ws, [0])[0]["up"] == {"gold": 2}
+    assert [(o["status"], o["suppressed_reason"]) for o in offers_of(ws, "M2")] == [("suppressed", "consent")]
+    assert moves(ws, "M2")[1] == (0, "bronze", "gold", "campaign gold_trial")
+    simulated = programme(tmp_path / "sim", ["M1", "M2"], [("M1", 0, 100), ("M2", 0, 100)], campaigns=TRIAL,
+                          no_sms=("M2",)).simulate(day(0), day(0), fresh=True)
+    assert simulated.tier_moves["up"] == {"gold": 2}

@@ -145,6 +145,50 @@ def test_budgets_per_period_see_what_earlier_runs_spent_on_both_engines(tight, t
     assert bound and all(local.evaluation.funnels[c]["offers"] < first.funnels[c]["offers"] for c in bound)
 
 
+def _pending(decided) -> pd.DataFrame:
+    return decided.evaluation.pending.sort_values("firing_key").reset_index(drop=True)
+
+
+def _pending_firings(root: Path) -> pd.DataFrame:
+    """The pending_firings table, without the run ids."""
+    with sqlite3.connect(root / "state" / "loyalty.db") as db:
+        rows = pd.read_sql_query("SELECT firing_key, campaign, customer_id, reason, first_as_of, expires_at, event, "
+                                 "status, status_as_of FROM pending_firings", db)
+    return rows.sort_values("firing_key").reset_index(drop=True)
+
+
+def test_pending_firings_come_back_and_are_recorded_the_same_on_both_engines(tight, tmp_path, cluster):
+    """Firings stopped by the budgets and the contact policy of a first run wait; two days later
+    both engines bring back the same ones, decide the same about them and record the same."""
+    here = Path(shutil.copytree(tight, tmp_path / "local"))
+    first = Workspace(here).run(DEMO_AS_OF, deliver=False)
+    assert first.pending.get("pending", 0) > 10, first.pending
+    there = Path(shutil.copytree(here, tmp_path / "dask"))
+    soon = "2026-11-25T10:00:00+08:00"
+    local, remote = _both(here, soon, cluster, store=True)
+    _assert_same(local, remote)
+    assert remote.evaluation.reentered == local.evaluation.reentered
+    assert sum(local.evaluation.reentered.values()) == first.pending["pending"]
+    pd.testing.assert_frame_equal(_pending(remote), _pending(local))
+    assert set(local.evaluation.pending["status"]) >= {"pending", "offered"}
+    # a preview on the cluster (offers left on the workers) counts them as a local preview does
+    def counts(preview):
+        return {c.id: (c.offers, c.pending, c.granted_without_message) for c in preview.campaigns}
+
+    address = cluster[0].scheduler_address
+    shown_local = Workspace(here).preview(soon, sample=1, engine="local")
+    shown_remote = Workspace(here).preview(soon, sample=1, engine="dask", scheduler=address, partitions=4)
+    assert counts(shown_remote) == counts(shown_local)
+    assert sum(p for _, p, _ in counts(shown_local).values()) == first.pending["pending"]
+    assert sum(g for _, _, g in counts(shown_local).values()) > 0
+    expected = Workspace(here).run(soon, deliver=False)
+    got = Workspace(there).run(soon, deliver=False, engine="dask", scheduler=cluster[0].scheduler_address)
+    assert (got.new_offers, got.reentered, got.pending) == (expected.new_offers, expected.reentered, expected.pending)
+    assert expected.pending.get("offered", 0) > 0
+    pd.testing.assert_frame_equal(_recorded(there), _recorded(here))
+    pd.testing.assert_frame_equal(_pending_firings(there), _pending_firings(here))
+
+
 def _set_worker_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)

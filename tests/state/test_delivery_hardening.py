@@ -290,8 +290,10 @@ def poison_email(workspace: Path, customer: str, address: str) -> None:
 
 
 def offer_rows(workspace: Path) -> list[tuple]:
+    """The offers that are messages (points granted without a message are recorded suppressed)."""
     with sqlite3.connect(workspace / "state" / "loyalty.db") as db:
-        return db.execute("SELECT customer_id, channel, status, attempts, last_error FROM offers").fetchall()
+        return db.execute("SELECT customer_id, channel, status, attempts, last_error FROM offers "
+                          "WHERE suppressed_reason IS NULL").fetchall()
 
 
 def invoke(*args: str):
