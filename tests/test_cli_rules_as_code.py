@@ -113,7 +113,7 @@ def test_a_workspace_without_golden_tests(workspace):
 def test_the_example_programme_golden_tests_pass(example):
     result = invoke("test", example)
     assert result.exit_code == 0, result.output
-    assert "50 passed, 0 failed (7 file(s))." in result.output
+    assert "72 passed, 0 failed (8 file(s))." in result.output
 
 
 def test_init_example_ships_golden_tests_that_pass(tmp_path):

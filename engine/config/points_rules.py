@@ -124,9 +124,10 @@ def notice_id(rule: str) -> str:
 def notice_campaign(points: PointsDef, rule: EarnRule) -> CampaignDef:
     """The campaign announcing an earn rule's credits (``notify:``): it fires once per credit
     (trigger ``earned``) and gives nothing itself (reward ``earned``): the points are credited
-    whether or not this message goes, which obeys consent, caps, quiet hours and holdouts."""
+    whether or not this message goes, which obeys consent, caps, quiet hours and holdouts. A
+    notice that cannot go now is not kept for a later run: the next credit brings its own."""
     trigger = TriggerDef("earned", MappingProxyType({"rule": rule, "points": points}), location=rule.location)
     return CampaignDef(id=notice_id(rule.name), name=f"积分到账 · {rule.name}", segment=None, exclude=(),
                        where=None, trigger=trigger, reward=RewardDef("earned", location=rule.location),
                        channel=rule.notify_channel, template=rule.notify_template, priority=rule.notify_priority,
-                       location=rule.location)
+                       pending_days=0, location=rule.location)

@@ -172,6 +172,8 @@ def test_a_member_without_consent_still_earns_only_the_message_is_stopped(progra
     Workspace(programme).run("2026-11-23T12:00:00+08:00", deliver=False)
     with sqlite3.connect(programme / "state" / "loyalty.db") as conn:
         assert conn.execute("SELECT count(*) FROM offers WHERE campaign = 'points.purchases'").fetchone() == (0,)
+        # the notice does not wait for consent: the next credit brings its own
+        assert conn.execute("SELECT count(*) FROM pending_firings").fetchone() == (0,)
     assert accounts_csv(programme, "2026-11-23T12:00:00+08:00")["C2"]["balance"] == "198"
 
 

@@ -135,8 +135,9 @@ def test_budgets_per_period_see_what_earlier_runs_spent_on_both_engines(tight, t
     """A monthly budget: a later run in the same month gets what is left, on either engine."""
     root = Path(shutil.copytree(tight, tmp_path / "ws"))
     for path in (root / "rules").glob("*.yaml"):
-        path.write_text(path.read_text(encoding="utf-8").replace("budget: {", "budget: {per: month, "),
-                        encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(line if "per:" in line else line.replace("budget: {", "budget: {per: month, ")
+                                for line in lines), encoding="utf-8")
     first = Workspace(root).run(DEMO_AS_OF, deliver=False)
     assert first.new_offers > 0
     local, remote = _both(root, "2026-11-28T10:00:00+08:00", cluster, store=True)   # the same month
