@@ -29,7 +29,6 @@ from engine.decide.assignment import in_holdout
 from engine.decide.budgets import apply_budgets, budget_caps
 from engine.decide.candidates import arbitrate, candidate_frame
 from engine.decide.pending import (
-    EVENT_TRIGGERS,
     by_campaign,
     closed_outcomes,
     combined,
@@ -211,7 +210,7 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
         first = np.full(len(positions), as_of_key, dtype=object)      # when each firing first fired
         if campaign.one_off and campaign.id in waiting:
             positions, keys, events, first = join_pending(
-                waiting[campaign.id], ids, positions, keys, events, first, campaign.trigger.kind in EVENT_TRIGGERS,
+                waiting[campaign.id], ids, positions, keys, events, first, campaign.trigger.kind == "event",
                 getattr(tables, "events", None))
         if expired_keys and len(keys):
             fresh = ~pd.Series(keys, dtype=object).isin(expired_keys).to_numpy()

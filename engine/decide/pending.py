@@ -32,8 +32,6 @@ REASONS = ("consent", "frequency_cap", "cooldown", "arbitration", "budget", "ren
 STATUSES = ("pending", "offered", "expired", "held_out")
 CONTEXT_COLUMNS = ["firing_key", "campaign", "customer_id", "reason", "first_as_of", "expires_at", "event"]
 OUTCOME_COLUMNS = [*CONTEXT_COLUMNS, "status"]
-# triggers whose firings carry ``event.*`` values (an event's; an earn rule's order or event and its points)
-EVENT_TRIGGERS = ("event", "earned")
 INTERNAL_EVENT_COLUMNS = ("event.cust_code",)     # the loader's integer customer code: not the event's
 
 
@@ -88,7 +86,7 @@ def waiting_outcomes(workspace: LoadedWorkspace, frame: pd.DataFrame, reason: st
     if not waits.any():
         return no_outcomes()
     chosen = frame[waits]
-    events = event_texts(chosen, [campaigns[c].trigger.kind in EVENT_TRIGGERS if c in campaigns else False
+    events = event_texts(chosen, [campaigns[c].trigger.kind == "event" if c in campaigns else False
                                   for c in chosen["campaign"]])
     return pd.DataFrame({
         "firing_key": chosen["firing_key"].to_numpy(dtype=object),
