@@ -250,7 +250,7 @@ def deliver(workspace, now):
 @format_option("table", "json")
 @handle_errors
 def history(workspace, customer, fmt):
-    """Every offer a customer got, and why; and firings that wait or expired."""
+    """Every offer a customer got, and why; firings that wait or expired; and the changes of their tier."""
     rows = Workspace(workspace).history(customer)
     if fmt == "json":
         _echo_json(rows)
@@ -261,6 +261,9 @@ def history(workspace, customer, fmt):
     for row in rows:
         if row.get("kind") == "pending_firing":
             click.echo(without_escapes(_pending_line(row)))
+            continue
+        if row.get("kind") == "tier_change":
+            click.echo(without_escapes(_tier_line(row)))
             continue
         reward = row.get("reward") or {}
         status = row.get("status")
@@ -300,6 +303,13 @@ def points(workspace, as_of, customer, fmt):
         click.echo(out.getvalue(), nl=False)
     else:
         click.echo(without_escapes(format_points(result)))
+
+
+def _tier_line(row: dict) -> str:
+    """A change of a member's stored tier as `loyalty history` prints it."""
+    dates = "".join(f", {label} {row[key]}" for key, label in (
+        ("review_at", "review"), ("grace_until", "grace until"), ("trial_until", "trial until")) if row.get(key))
+    return f"{row['as_of']}  tier {row['from_tier'] or '-'} -> {row['to_tier'] or '-'}  ({row['reason']}{dates})"
 
 
 def _pending_line(row: dict) -> str:

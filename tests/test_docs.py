@@ -15,8 +15,8 @@ from engine.config.schema import validate_document
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RULE_KEYS = {"features", "segments", "tiers", "campaigns", "points"}
-CONDITION_KEYS = {"where", "becomes", "expr", "rank_by"}
+RULE_KEYS = {"features", "segments", "tiers", "tier_review", "campaigns", "points"}
+CONDITION_KEYS = {"where", "becomes", "expr", "rank_by", "qualify", "retain"}
 
 
 def snippets():

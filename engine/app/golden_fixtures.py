@@ -8,13 +8,12 @@ import csv
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace, SourceDef
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
-from engine.data.features import compute_features, feature_order
+from engine.data.features import assign_tiers, compute_features, feature_order
 from engine.data.points import PointsHistory
 from engine.data.sources import Tables, load_tables
 from engine.execution.pipeline import parse_as_of
@@ -107,14 +106,9 @@ def fixture_features(workspace: LoadedWorkspace, tables: Tables, data: dict, as_
     apply()
     program = workspace.program
     for name in feature_order(program.features, program.tiers):
-        if name == "tier":
-            tier = pd.Series(None, index=features.index, dtype="string")
-            assigned = np.zeros(len(features), dtype=bool)
-            for tier_name, tier_def in program.tiers.items():
-                hit = np.asarray(tier_def.where.mask(features, as_of), dtype=bool) & ~assigned
-                tier[hit] = tier_name
-                assigned |= hit
-            features["tier"] = tier
+        if name == "tier":      # stored tiers: as members without a recorded tier would enter
+            features["tier"], features["tier_since"] = assign_tiers(program, features, as_of,
+                                                                    workspace.settings.timezone)
         elif program.features[name].expr is not None:
             value = program.features[name].expr.evaluate(features, as_of)
             features[name] = pd.Series(value, index=features.index).astype(features[name].dtype)

@@ -213,11 +213,15 @@ def period_kpis(orders: pd.DataFrame, events: pd.DataFrame, customers: pd.DataFr
     return result
 
 
-def tier_and_segment_sizes(tables, workspace, as_of: pd.Timestamp) -> dict:
-    """Customers per tier (``none`` when no tier matched) and per segment at ``as_of``."""
+def tier_and_segment_sizes(tables, workspace, as_of: pd.Timestamp, recorded=None) -> dict:
+    """Customers per tier (``none`` when no tier matched) and per segment at ``as_of``.
+
+    ``recorded(as_of)``: what the runs up to ``as_of`` recorded, (points history, stored
+    tiers), with stored tiers; without it nobody holds a stored tier yet."""
 
     program, settings = workspace.program, workspace.settings
-    features = compute_features(tables, program, settings, as_of)
+    history, tiers = recorded(as_of) if recorded is not None else (None, None)
+    features = compute_features(tables, program, settings, as_of, history, tiers)
     local = local_as_of(as_of, settings.timezone)
     tier = features["tier"].astype("object").where(features["tier"].notna(), "none")
     counts = tier.value_counts()

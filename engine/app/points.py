@@ -108,7 +108,8 @@ def _history(workspace: LoadedWorkspace, as_of: pd.Timestamp) -> PointsHistory:
     try:
         with storage_failures(store.label, "read"):
             key = as_of.tz_convert("UTC").isoformat(timespec="seconds")
-            return PointsHistory(grants=store.points_granted(through=key))
+            changes = store.tier_changes(through=key) if workspace.program.stored_tiers else None
+            return PointsHistory(grants=store.points_granted(through=key), tiers=changes)
     finally:
         store.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +11,10 @@ import pandas as pd
 from engine.app.trace import write_trace
 from engine.app.validation import check_campaigns, load_workspace
 from engine.config.model import LoadedWorkspace
+from engine.data.tiers import TierRules, add_counts, move_counts
 from engine.decide.evaluation import STAGES, Evaluation, evaluate, segment_mask
 from engine.decide.totals import CampaignTotals, OfferTotals, SampledEvaluation, campaign_totals, sample_rows
-from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare
+from engine.execution.pipeline import build_messages, decide, parse_as_of, prepare, run_context
 from engine.messages.offers import explained_value, make_renderer
 from engine.progress import Progress
 from engine.state.database import storage_failures
@@ -45,6 +46,8 @@ class Preview(OfferTotals):
     explanation: dict | None = None
     diff: list[dict] | None = None
     shown: list[str] | None = None    # --campaign: only these are shown, decided with every campaign
+    # stored tiers: members this run would move up into, down into and join each tier (None: computed tiers)
+    tier_moves: dict | None = None
 
     def as_dict(self) -> dict:
         return self.with_totals(asdict(self))
@@ -135,6 +138,8 @@ def explain_customer(workspace: LoadedWorkspace, evaluation: Evaluation, feature
     row = features.iloc[position]
     interesting = ["tier", "days_since_last_order", "orders_365d", "monetary_365d", "lifetime_spend",
                    "rfm_score", "days_to_birthday", "last_nps_score", "complaints_90d"]
+    if program.stored_tiers:
+        interesting.insert(1, "tier_since")
     return {"customer_id": customer_id, "found": True,
             "features": {k: explained_value(row[k]) for k in interesting if k in row.index},
             "campaigns": result}
@@ -240,6 +245,7 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
     warnings = list(prepared.tables.warnings) + evaluation.warnings
     totals = evaluation.totals if isinstance(evaluation, SampledEvaluation) else None
     result = summarise(workspace, evaluation, prepared.customers, records, errors, warnings, totals)
+    result.tier_moves = tier_move_counts(workspace, evaluation, totals)
     if campaigns:
         result.shown = list(campaigns)
         result.campaigns = [c for c in result.campaigns if c.id in campaigns]
@@ -248,15 +254,34 @@ def _preview(workspace: LoadedWorkspace, as_of: pd.Timestamp, store: StateStore 
                                               prepared.context.pending)
     if diff is not None:
         other = load_workspace(diff)
-        other_prepared = prepare(other, as_of, None, since_ts or prepared.context.previous_as_of,
-                                 tables=prepared.tables if _same_data(workspace, other) else None)
-        other_prepared.context = prepared.context
-        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, prepared.context)
+        context = prepared.context
+        if store is not None and other.program.stored_tiers:     # the other rules' tiers from the same state
+            recorded = run_context(other, as_of, store, since_ts)
+            context = replace(context, points=recorded.points, tiers=recorded.tiers)
+        other_prepared = prepare(other, as_of, tables=prepared.tables if _same_data(workspace, other) else None,
+                                 context=context)
+        other_eval = evaluate(other, other_prepared.tables, other_prepared.features, context)
         result.diff = [row for row in diff_offers(other_eval, evaluation)
                        if not campaigns or row["campaign"] in campaigns]
     result._evaluation = evaluation  # for --trace export and tests
     result._features = prepared.features
     return result
+
+
+def tier_move_counts(workspace: LoadedWorkspace, evaluation: Evaluation,
+                     totals: dict[str, CampaignTotals] | None = None) -> dict | None:
+    """What a run at this instant would move: the stored tiers' own moves (qualifying, reviews,
+    trials) and the tier rewards that move a member up; None with computed tiers."""
+    if not workspace.program.stored_tiers:
+        return None
+    totals = totals if totals is not None else campaign_totals(evaluation.offers, list(evaluation.funnels))
+    rewards = {"up": {}}
+    for total in totals.values():
+        rewards = add_counts(rewards, {"up": total.tier_up})
+    rules = TierRules.of(workspace.program, workspace.settings.timezone)
+    counts = add_counts(move_counts(rules, evaluation.tier_moves), rewards)
+    return {kind: dict(sorted(found.items(), key=lambda item: rules.rank([item[0]])[0]))
+            for kind, found in counts.items()}
 
 
 def _only(offers: pd.DataFrame, campaigns: list[str] | None) -> pd.DataFrame:

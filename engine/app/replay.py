@@ -6,7 +6,8 @@ same evaluation as ``loyalty run``, with what earlier steps did kept in memory i
 the state database: contact history (offers become contacts at their ``send_at``; a reward
 granted without a message counts for cooldowns only), firing keys already acted on, one-off
 firings still pending, ``becomes:`` edge state, the previous step's instant (for event and
-date triggers) and, with ``due``, each campaign's last scheduled run.
+date triggers), points granted, the members' stored tiers with their changes (moves and tier
+rewards, as a run records them) and, with ``due``, each campaign's last scheduled run.
 
 A replay may start from what a state database remembers of the runs before its first step
 (``seed_from_state``): read from a private copy of the file, which is never opened itself.
@@ -26,9 +27,11 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
+from engine.config.tier_rules import trial_days
 from engine.data.features import compute_features
 from engine.data.points import PointsHistory
 from engine.data.sources import Tables
+from engine.data.tiers import MOVE_COLUMNS, STATE_COLUMNS, TierRules, TierState, campaign_moves
 from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
 from engine.decide.pending import CONTEXT_COLUMNS, no_pending
@@ -65,6 +68,11 @@ class MemoryState:
     # points granted by points campaigns: customer_id, points, granted_at (UTC), campaign
     granted: pd.DataFrame = field(default_factory=lambda: PointsHistory().grants)
     pending: pd.DataFrame = field(default_factory=no_pending)       # firings waiting (decide.pending)
+    # stored tiers: every member's state, the changes of tier (customer_id, tier, since UTC) the
+    # points multiply by, and each step's moves (as_of + data.tiers.MOVE_COLUMNS)
+    tiers: TierState = field(default_factory=TierState.empty)
+    tier_changes: pd.DataFrame = field(default_factory=PointsHistory.no_tier_changes)
+    tier_log: list = field(default_factory=list)
 
     def context(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> RunContext:
         """The run context a real run at ``as_of`` would read from the database."""
@@ -74,9 +82,12 @@ class MemoryState:
         contacts = self.contacts[self.contacts["contacted_at"] > since]
         self.contacts = contacts.reset_index(drop=True)   # older contacts can never matter again
         grants = self.granted[self.granted["granted_at"] < as_of]
+        stored = workspace.program.stored_tiers
+        changes = self.tier_changes[self.tier_changes["since"] < as_of].reset_index(drop=True) if stored else None
         return RunContext(as_of, self.previous_as_of, self.contacts, dict(self.edge_state),
                           recorded=self._recorded, budget_used=self._budget_used(workspace, as_of),
-                          points=PointsHistory(grants=grants.reset_index(drop=True)), pending=self.pending)
+                          points=PointsHistory(grants=grants.reset_index(drop=True), tiers=changes),
+                          tiers=self.tiers if stored else None, pending=self.pending)
 
     def _budget_used(self, workspace: LoadedWorkspace, as_of: pd.Timestamp) -> dict[str, tuple[int, float]]:
         """What runs before ``as_of`` spent in each budget's period, as the database would say."""
@@ -101,9 +112,13 @@ class MemoryState:
             found.update(self.earlier(rest))
         return found
 
-    def record(self, evaluation: Evaluation, edge_state: dict[str, frozenset]) -> None:
-        """Remember a run: its offers as contacts and recorded firings, its edge state."""
+    def record(self, evaluation: Evaluation, edge_state: dict[str, frozenset],
+               workspace: LoadedWorkspace | None = None) -> None:
+        """Remember a run: its offers as contacts and recorded firings, its edge state and, with
+        stored tiers (``workspace``'s), its tier moves and those of its tier rewards."""
         offers = evaluation.offers
+        if workspace is not None and workspace.program.stored_tiers:
+            self._record_tiers(workspace, evaluation)
         as_of_key = evaluation.as_of.tz_convert("UTC").isoformat(timespec="seconds")
         if len(offers):
             new = pd.DataFrame({
@@ -131,6 +146,42 @@ class MemoryState:
         self._keep_pending(evaluation.pending, as_of_key)
         self.edge_state.update(edge_state)
         self.previous_as_of = evaluation.as_of
+
+    def _record_tiers(self, workspace: LoadedWorkspace, evaluation: Evaluation) -> None:
+        """What ``StateStore.record_run`` writes of the stored tiers: the run's moves, then its
+        tier rewards' moves on top, in the order of the offers."""
+        rules = TierRules.of(workspace.program, workspace.settings.timezone)
+        moves = [evaluation.tier_moves]
+        self.tiers = self.tiers.apply(evaluation.tier_moves)
+        offers = evaluation.offers
+        tier_offers = offers[offers["reward_kind"] == "tier"] if len(offers) else offers
+        if len(tier_offers):
+            program = workspace.program
+            rewards = []
+            for offer in tier_offers[["customer_id", "campaign", "variant"]].to_dict("records"):
+                campaign = program.campaigns[offer["campaign"]]
+                reward = next((v.reward for v in campaign.variants if v.name == offer["variant"] and v.reward),
+                              campaign.reward)
+                rewards.append({"customer_id": str(offer["customer_id"]), "campaign": campaign.id,
+                                "to": reward.params["to"], "trial_days": trial_days(reward.params.get("for"))})
+            rewards = pd.DataFrame(rewards)
+            members = self.tiers.members
+            current = members[members["customer_id"].isin(set(rewards["customer_id"]))][STATE_COLUMNS]
+            rewarded = campaign_moves(rules, evaluation.as_of, current, rewards)
+            self.tiers = self.tiers.apply(rewarded)
+            moves.append(rewarded)
+        moved = pd.concat([m for m in moves if len(m)], ignore_index=True) if any(len(m) for m in moves) else None
+        if moved is None:
+            return
+        self.tier_log.append(moved[MOVE_COLUMNS].assign(as_of=evaluation.as_of))
+        changed = moved[moved["from_tier"].astype(object).fillna("\0") != moved["tier"].astype(object).fillna("\0")]
+        if len(changed):
+            at = evaluation.as_of.tz_convert("UTC").as_unit("us")
+            new = pd.DataFrame({"customer_id": changed["customer_id"].astype(str).to_numpy(dtype=object),
+                                "tier": changed["tier"].to_numpy(dtype=object),
+                                "since": pd.Series([at] * len(changed), dtype="datetime64[us, UTC]")})
+            self.tier_changes = pd.concat([self.tier_changes, new], ignore_index=True) if len(self.tier_changes) \
+                else new
 
     def _keep_pending(self, outcomes: pd.DataFrame, as_of_key: str) -> None:
         """What a run decided about firings that wait, as the state store writes it: new ones
@@ -183,6 +234,10 @@ class Seed:
                             pending=ctx.pending)
         if ctx.points is not None and len(ctx.points.grants):
             state.granted = ctx.points.grants
+        if ctx.tiers is not None:
+            state.tiers = ctx.tiers
+        if ctx.points is not None and ctx.points.tiers is not None:
+            state.tier_changes = ctx.points.tiers
         if len(ctx.contacts):
             state.add_contacts(ctx.contacts)
         return state
@@ -281,10 +336,10 @@ def replay(workspace: LoadedWorkspace, tables: Tables | None, times: list[pd.Tim
         if decide is not None:
             evaluation, edge_state = decide(ctx, selected, state)
         else:
-            features = compute_features(tables, workspace.program, workspace.settings, as_of, ctx.points)
+            features = compute_features(tables, workspace.program, workspace.settings, as_of, ctx.points, ctx.tiers)
             index = index if index is not None else customer_index(features)
             evaluation, edge_state = evaluate_step(workspace, tables, features, ctx, selected, index=index)
-        state.record(evaluation, edge_state)
+        state.record(evaluation, edge_state, workspace)
         if due:
             state.schedules.update(dict.fromkeys(selected, as_of.isoformat()))
         if on_step is not None:

@@ -82,6 +82,8 @@ def print_preview(preview: Preview, console: Console | None = None) -> None:
                 console.print(f"  | {terminal_text(line)}")
             if sample.get("why"):
                 console.print("  why: " + terminal_text(", ".join(f"{k}={v}" for k, v in sample["why"].items())))
+    if preview.tier_moves is not None:
+        console.print(tier_moves_line(preview.tier_moves, "Tier moves this run would make"))
     for warning in preview.warnings:
         console.print(f"[yellow]warning:[/yellow] {terminal_text(warning)}")
     if preview.explanation:
@@ -114,6 +116,13 @@ def _print_explanation(console: Console, explanation: dict) -> None:
                           f"-> {terminal_text(condition['value'])}")
 
 
+def tier_moves_line(moves: dict, title: str) -> str:
+    """``Tier moves: up gold 3, silver 1; down silver 2; joined bronze 40`` (or none)."""
+    parts = [f"{kind} " + ", ".join(f"{terminal_text(name)} {count}" for name, count in found.items())
+             for kind, found in moves.items() if found]
+    return f"{title}: " + ("; ".join(parts) if parts else "none") + "."
+
+
 def print_run(result, console: Console | None = None) -> None:
     console = console or _console()
     if result.run_id is None:
@@ -125,6 +134,8 @@ def print_run(result, console: Console | None = None) -> None:
     for campaign, funnel in result.funnels.items():
         table.add_row(campaign, *[str(funnel[s]) for s in STAGES])
     console.print(table)
+    if result.tier_moves:
+        console.print(tier_moves_line(result.tier_moves, "Tier moves recorded"))
     for campaign, count in result.reentered.items():
         console.print(f"{campaign}: {count} firing(s) stopped by earlier runs came back")
     if result.pending:

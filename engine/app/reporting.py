@@ -35,6 +35,7 @@ from engine.app.kpis import (
 )
 from engine.app.points import points_summary
 from engine.app.validation import load_workspace
+from engine.data.points import PointsHistory
 from engine.data.sources import load_tables
 from engine.state.redemptions import (
     all_redemptions,
@@ -110,6 +111,16 @@ def _state(workspace):
         store.close()
 
 
+def _recorded_tiers(store: StateStore):
+    """(points history, stored tiers) as the runs up to an instant left them: the tiers a report counts."""
+
+    def at(as_of: pd.Timestamp):
+        through = as_of.tz_convert("UTC").isoformat(timespec="seconds")
+        after = (as_of + pd.Timedelta(seconds=1)).tz_convert("UTC").isoformat(timespec="seconds")
+        return PointsHistory(tiers=store.tier_changes(through=through)), store.tier_state(before=after)
+    return at
+
+
 def _latest(orders: pd.DataFrame, offers: pd.DataFrame, holdouts: pd.DataFrame) -> pd.Timestamp | None:
     """The latest order, send or holdout instant: the default end of the report period."""
     stamps = [orders["timestamp"].max()] if len(orders) else []
@@ -149,11 +160,16 @@ def build_report(root: Path | str, start: Any = None, end: Any = None, *,
     campaigns = campaign_results(offer_outcomes(offers, codes, redemptions), names)
     _add_uplift(campaigns, offers, holdouts, orders, period, window_days, min_group)
 
-    def sizes(as_of):
-        return tier_and_segment_sizes(tables, workspace, as_of)
+    store = StateStore(settings.state_path) if program.stored_tiers and settings.state_path.exists() else None
+    try:
+        def sizes(as_of):
+            return tier_and_segment_sizes(tables, workspace, as_of, _recorded_tiers(store) if store else None)
 
-    kpis = {**period_kpis(orders, tables.events, tables.customers, period), **sizes(period.as_of)}
-    trend = kpi_trend(orders, tables.events, tables.customers, period, sizes)
+        kpis = {**period_kpis(orders, tables.events, tables.customers, period), **sizes(period.as_of)}
+        trend = kpi_trend(orders, tables.events, tables.customers, period, sizes)
+    finally:
+        if store is not None:
+            store.close()
     quiet = [c["id"] for c in campaigns if not c["offers"] and not c["uplift"]["holdout_n"]]
     campaigns = [c for c in campaigns if c["id"] not in quiet]
     warnings = list(tables.warnings) + _survey_warnings(kpis)

@@ -1,6 +1,7 @@
 """Runs: evaluate at an instant, record the offers in one transaction, deliver what is due.
 
-Also the state's read side for people: a customer's offer history and the recent runs.
+Also the state's read side for people: a customer's offer history (and tier changes) and the
+recent runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from engine.app.validation import check_campaigns, load_workspace
 from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables, load_tables
+from engine.data.tiers import TierRules, TierRun
 from engine.decide.pending import render_outcomes, tally
 from engine.decide.policy import reachable
 from engine.decide.rewards import generate_codes
@@ -54,6 +56,7 @@ class RunResult:
     reentered: dict[str, int] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     granted_without_message: dict[str, int] = field(default_factory=dict)   # campaign -> rewards
+    tier_moves: dict = field(default_factory=dict)      # stored tiers: members moved up/down/joined per tier
 
     def as_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k != "delivery"}
@@ -125,7 +128,8 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
                 recorded = store.record_run(run_id, trigger_state_rows=state_rows,
                                             holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
-                                            pending=pending)
+                                            pending=pending,
+                                            tiers=_tier_run(workspace, evaluation))
                 if due:
                     for campaign in result.campaigns:
                         store.set_schedule_last_run(campaign, as_of.isoformat())
@@ -135,6 +139,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             result.new_offers = recorded.new
             result.already_recorded = recorded.existing
             result.conflicts = recorded.conflicts
+            result.tier_moves = recorded.tier_moves
             result.holdouts = len(evaluation.holdouts)
             result.funnels = evaluation.funnels
             result.render_errors = errors
@@ -198,6 +203,15 @@ def _customers_only(workspace: LoadedWorkspace):
     return load_tables(only, workspace.root)
 
 
+def _tier_run(workspace: LoadedWorkspace, evaluation) -> TierRun | None:
+    """The stored tiers' moves this run records (with those of its tier rewards); None with
+    computed tiers."""
+    if not workspace.program.stored_tiers:
+        return None
+    return TierRun(evaluation.as_of, TierRules.of(workspace.program, workspace.settings.timezone),
+                   evaluation.tier_moves)
+
+
 def _holdout_rows(evaluation, run_id) -> list[dict]:
     frame = evaluation.holdouts
     if frame.empty:
@@ -238,8 +252,9 @@ def deliver(root: Path | str, now=None, *, progress: bool = True, lock_timeout: 
 
 def history(root: Path | str, customer_id: str) -> list[dict]:
     """Every offer a customer got, from which campaign and rule version, and why; and the
-    firings of one-off campaigns that were stopped and wait, or waited (``kind``:
-    ``offer`` or ``pending_firing``), oldest first, times in the programme's timezone. An
+    firings of one-off campaigns that were stopped and wait, or waited, and the changes of
+    the member's stored tier (``kind``: ``offer``, ``pending_firing`` or ``tier_change``),
+    oldest first, times in the programme's timezone. An
     offer that waited first says since when and why (``pending_since``, ``pending_reason``)."""
     return _from_state(root, lambda store, workspace: customer_history(store, str(customer_id),
                                                                        workspace.settings.timezone))
@@ -257,6 +272,9 @@ def customer_history(store: StateStore, customer_id: str, timezone: str = "UTC")
         if before is not None:
             offer["pending_since"], offer["pending_reason"] = local(before["first_as_of"]), before["reason"]
         entries.append((offer.get("due_at") or "", dict(offer, kind="offer")))
+    for change in store.tier_history(customer_id):
+        at = pd.Timestamp(change["as_of"]).tz_convert("UTC").isoformat()
+        entries.append((at, {"kind": "tier_change", **change}))
     for row in waited.values():
         entries.append((row["status_as_of"], {
             "kind": "pending_firing", "firing_key": row["firing_key"], "campaign": row["campaign"],
@@ -264,6 +282,12 @@ def customer_history(store: StateStore, customer_id: str, timezone: str = "UTC")
             "first_as_of": local(row["first_as_of"]), "expires_at": local(row["expires_at"]),
             "updated_as_of": local(row["status_as_of"]), "event": row["event"]}))
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
+
+
+def tier_history(root: Path | str, customer_id: str) -> list[dict]:
+    """Every change of a member's stored tier (as_of, from_tier, to_tier, reason, run_id and
+    the review, grace and trial dates after it), oldest first."""
+    return _from_state(root, lambda store, workspace: store.tier_history(str(customer_id)))
 
 
 def runs(root: Path | str, limit: int = 20) -> list[dict]:

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from engine.app.replay import MemoryState, parse_every, replay, seed_from_state, step_times
-from engine.app.report_text import display_width
+from engine.app.report_text import display_width, tier_moves_line
 from engine.app.validation import load_workspace
 from engine.config.model import LoadedWorkspace
 from engine.config.settings import chosen_engine
 from engine.data.sources import Tables, load_tables
+from engine.data.tiers import MOVE_COLUMNS, TierRules, empty_states, move_counts
 from engine.decide.totals import OfferTotals
 from engine.execution.dask_engine import cluster, evaluate_on_dask
 from engine.progress import Progress, say
@@ -68,9 +69,14 @@ class Simulation(OfferTotals):
     last_run: str | None = None       # the latest of them: the simulation continues from there
     diff: list[dict] | None = None    # with --diff: per campaign, the other rules (before) -> these (after)
     offers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # one row per simulated offer
+    # stored tiers: members moved up into, down into and joining each tier over the simulation
+    tier_moves: dict | None = None
+    # every simulated change of a member's tier state (as_of + data.tiers.MOVE_COLUMNS)
+    tier_history: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     def as_dict(self) -> dict:
-        return self.with_totals({k: v for k, v in dataclasses.asdict(self).items() if k != "offers"})
+        return self.with_totals({k: v for k, v in dataclasses.asdict(self).items()
+                                 if k not in ("offers", "tier_history")})
 
     def rows(self) -> list[dict]:
         """The per-week table, one row per (week, campaign): what `--format csv` prints."""
@@ -190,9 +196,16 @@ def _forecast(workspace: LoadedWorkspace, tables: Tables | None, times, due, top
         most = [{"customer_id": r.customer_id, "offers": int(r.offers),
                  "campaigns": sorted(theirs[r.customer_id])} for r in counts.itertuples()]
     local = [t.isoformat() for t in times]
-    return Simulation(str(workspace.root), local[0] if local else str(start), local[-1] if local else str(end),
-                      str(every), local, campaigns, weeks, binding, most, customers=len(tables.customers) if tables is not None else decide.customers,
-                      offers=offers.drop(columns=["week"]))
+    simulation = Simulation(str(workspace.root), local[0] if local else str(start), local[-1] if local else str(end),
+                            str(every), local, campaigns, weeks, binding, most,
+                            customers=len(tables.customers) if tables is not None else decide.customers,
+                            offers=offers.drop(columns=["week"]))
+    if workspace.program.stored_tiers:
+        history = pd.concat(state.tier_log, ignore_index=True) if state.tier_log else \
+            empty_states(["as_of", *MOVE_COLUMNS])
+        simulation.tier_history = history
+        simulation.tier_moves = move_counts(TierRules.of(workspace.program, workspace.settings.timezone), history)
+    return simulation
 
 
 def _money(value) -> float:
@@ -253,6 +266,8 @@ def format_text(sim: Simulation) -> str:
         lines += [""] + _table(["week", "offers", "cost", "points"],
                                [[week, str(offers), f"{cost:,.2f}", f"{points:,.0f}"]
                                 for week, (offers, cost, points) in per_week.items()])
+    if sim.tier_moves is not None:
+        lines += ["", tier_moves_line(sim.tier_moves, "Tier moves over the simulation")]
     if sim.top_customers:
         lines += ["", "Contacted most:"]
         lines += [f"  {c['customer_id']}: {c['offers']} offers ({', '.join(c['campaigns'])})"

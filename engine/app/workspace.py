@@ -101,6 +101,10 @@ class Workspace:
         """Every offer a customer got, from which campaign and rule version, and why."""
         return run_stage.history(self.root, customer_id)
 
+    def tier_history(self, customer_id: str) -> list[dict]:
+        """Every change of a member's stored tier: as_of, from_tier, to_tier, reason, oldest first."""
+        return run_stage.tier_history(self.root, customer_id)
+
     def runs(self, limit: int = 20) -> list[dict]:
         """The most recent runs, newest first."""
         return run_stage.runs(self.root, limit)

@@ -72,7 +72,9 @@ BUILTIN_FEATURES: dict[str, tuple[str, str]] = {
     "days_since_signup": ("number", "days from signup_date to as_of's date; null without signup_date"),
     "days_to_birthday": ("number", "days from as_of's date to the next birthday, 0 on the day (29 Feb: 28 Feb in common years)"),
     "age": ("number", "whole years from birthday to as_of's date"),
-    "tier": ("string", "the first tier in tiers: whose condition holds; null when none does"),
+    "tier": ("string", ("computed tiers: the first tier in tiers: whose condition holds; stored tiers: the "
+                        "member's tier after this run's moves; null when none")),
+    "tier_since": ("date", "stored tiers: the date the member reached their tier; null with computed tiers"),
     "rfm_r": ("number", "recency score 1-5 (5 = most recent order), among customers with orders"),
     "rfm_f": ("number", "frequency score 1-5 from orders_365d, among customers with orders"),
     "rfm_m": ("number", "monetary score 1-5 from monetary_365d, among customers with orders"),

@@ -121,9 +121,29 @@ class SegmentDef:
 
 @dataclass(frozen=True)
 class TierDef:
+    """A tier: computed (``where:``, decided at every run) or stored (``qualify:``, reached
+    and kept as the member's state; ``retain:`` keeps it at a review, default its qualify)."""
+
     name: str
-    where: Expression
+    where: Expression | None
     benefits: tuple[str, ...] = ()
+    location: Location = NOWHERE
+    qualify: Expression | None = None
+    retain: Expression | None = None
+
+    @property
+    def keeps(self) -> Expression | None:
+        """What keeps the tier at a review: ``retain:``, else ``qualify:``."""
+        return self.retain if self.retain is not None else self.qualify
+
+
+@dataclass(frozen=True)
+class TierReview:
+    """``tier_review:``: when stored tiers are reviewed, and where a member who fails goes."""
+
+    every_days: int = 365
+    grace_days: int = 0
+    step_down: str = "one"               # one | to_qualified
     location: Location = NOWHERE
 
 
@@ -245,6 +265,12 @@ class Program:
     tiers: Mapping[str, TierDef]
     campaigns: Mapping[str, CampaignDef]
     points: PointsDef | None = None
+    tier_review: TierReview = TierReview()
+
+    @property
+    def stored_tiers(self) -> bool:
+        """Whether tiers are a member's stored state (some tier has ``qualify:``), not computed."""
+        return any(tier.qualify is not None for tier in self.tiers.values())
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from engine.config.model import (
     RewardDef,
     SegmentDef,
     Settings,
-    TierDef,
     TriggerDef,
     VariantDef,
 )
@@ -44,6 +43,7 @@ from engine.config.points_rules import build_points, notice_campaign, notice_id
 from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.config.settings import duration_days, percentage, whole_days_problem
+from engine.config.tier_rules import build_tier_review, build_tiers
 from engine.errors import ExpressionError, Problem
 
 
@@ -66,12 +66,16 @@ class ProgramBuilder:
         # second-hand "unknown segment" errors in the files that did load
         self.broken: dict[str, set[str]] = {kind: set() for kind in self.kinds}
         self.points: list[tuple[Any, SourceMap, tuple]] = []     # each file's points: section
+        self.tier_review: list[tuple[Any, SourceMap, tuple]] = []   # each file's tier_review: section
+        self.stored_tiers = False        # some tier has qualify: (known once every file is added)
 
     # ------------------------------------------------------------------ gathering
 
     def add_file(self, data: dict, smap: SourceMap) -> None:
         if data.get("points") is not None:
             self.points.append((data["points"], smap, ("points",)))
+        if data.get("tier_review") is not None:
+            self.tier_review.append((data["tier_review"], smap, ("tier_review",)))
         for kind, defs in self.kinds.items():
             for name, body in (data.get(kind) or {}).items():
                 if name in defs.items:
@@ -104,7 +108,10 @@ class ProgramBuilder:
         for name in self.broken["features"]:
             names.setdefault(name, "any")
         segments = self._segments(names)
-        tiers = self._tiers(names)
+        tier_defs = self.kinds["tiers"].items
+        self.stored_tiers = any(isinstance(body, dict) and "qualify" in body for body, _, _ in tier_defs.values())
+        tiers = build_tiers(tier_defs, names, self.condition, self.problems)
+        tier_review = build_tier_review(self.tier_review, tiers, self.stored_tiers, self.problems)
         campaigns = self._campaigns(names, segments, tiers)
         points = build_points(self.points, names, tiers, self.settings, self.problems, self.condition)
         for rule in (points.earn.values() if points is not None else ()):
@@ -116,7 +123,8 @@ class ProgramBuilder:
         if any(p.severity == "error" for p in self.problems):
             return None
         return Program(features=MappingProxyType(features), segments=MappingProxyType(segments),
-                       tiers=MappingProxyType(tiers), campaigns=MappingProxyType(campaigns), points=points)
+                       tiers=MappingProxyType(tiers), campaigns=MappingProxyType(campaigns), points=points,
+                       tier_review=tier_review)
 
     def _location(self, smap: SourceMap, path: tuple) -> Location:
         line, column = smap.key_position(path)
@@ -246,21 +254,6 @@ class ProgramBuilder:
             where = self.condition(body["where"], names, smap, path + ("where",))
             if where is not None:
                 out[name] = SegmentDef(name, where, body.get("description", ""), self._location(smap, path))
-        return out
-
-    def _tiers(self, names) -> dict[str, TierDef]:
-        out = {}
-        scope = {k: v for k, v in names.items() if k != "tier"}
-        for name, (body, smap, path) in self.kinds["tiers"].items.items():
-            used = re.search(r"(?<![\w.])tier(?![\w.])", body["where"]) if isinstance(body["where"], str) else None
-            if used is not None:
-                self.problems.append(smap.problem(path + ("where",), "a tier condition cannot use `tier`",
-                                                  "tiers are computed from the other features",
-                                                  offset=used.start()))
-                continue
-            where = self.condition(body["where"], scope, smap, path + ("where",))
-            if where is not None:
-                out[name] = TierDef(name, where, tuple(body.get("benefits", ())), self._location(smap, path))
         return out
 
     # ------------------------------------------------------------------ campaigns
@@ -437,7 +430,23 @@ class ProgramBuilder:
                 self.problems.append(smap.problem(path + (kind, "to"), f"unknown tier '{params['to']}'",
                                                   did_you_mean(params["to"], known_tiers) or "define it under tiers:"))
                 return None
+            if "for" in params and not self._trial_problem(smap, path + (kind, "for"), params["for"]):
+                return None
         return RewardDef(kind, MappingProxyType(params), amount, location)
+
+    def _trial_problem(self, smap: SourceMap, path: tuple, text: str) -> bool:
+        """Whether a tier reward's ``for:`` is sound (else its problem is recorded)."""
+        if not self.stored_tiers:
+            self.problems.append(smap.problem(path, "a trial (for:) needs stored tiers",
+                                              "computed tiers (where:) are decided again at every run: give the "
+                                              "tiers qualify: (and retain:), or remove for:", at_key=True))
+            return False
+        if self._not_whole_days(smap, path, text):
+            return False
+        if duration_days(text) < 1:
+            self.problems.append(smap.problem(path, "a trial of 0 days ends before it starts", "use at least 1d, e.g. 30d"))
+            return False
+        return True
 
     def _budget(self, body, smap, path, names) -> BudgetDef:
         rank_by = None

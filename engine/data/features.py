@@ -10,7 +10,7 @@ wall-clock time N days before ``as_of`` (see docs/data.md).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
@@ -20,6 +20,7 @@ from engine.config.catalogue import ACTIVITY_PREFIX, BUILTIN_FEATURES, POINTS_FE
 from engine.config.model import FeatureDef, PointsDef, Program, Settings, TierDef
 from engine.data.points import Accounts, PointsHistory, member_accounts, points_columns
 from engine.data.sources import Tables
+from engine.data.tiers import TierState, decide_tiers
 from engine.errors import Problem, RuleError
 
 _MIN = np.iinfo(np.int64).min   # also numpy's NaT
@@ -386,7 +387,8 @@ def _dependencies(feature: FeatureDef, names: set[str]) -> list[str]:
 def feature_order(features: Mapping[str, FeatureDef], tiers: Mapping[str, TierDef] | None = None,
                   points: PointsDef | None = None) -> list[str]:
     """Custom features, "tier" (when tiers are given) and "points" (the points features) in
-    an order where dependencies come first.
+    an order where dependencies come first. The points depend on the tier when an earn rule
+    multiplies by a computed tier; a stored tier's multiplier comes from the recorded history.
 
     Definition order is kept where dependencies allow; a cycle raises RuleError at the
     first feature of the cycle (or at ``points:`` when a tier and the points depend on each other).
@@ -404,11 +406,12 @@ def feature_order(features: Mapping[str, FeatureDef], tiers: Mapping[str, TierDe
         used = set()
         for rule in points.earn.values():
             used |= set(rule.amount.names) | (set(rule.where.names) if rule.where is not None else set())
-            if rule.multiplier and tiers:
+            if rule.multiplier and tiers and not any(t.qualify is not None for t in tiers.values()):
                 used.add("tier")
         graph["points"] = [d for d in deps(used) if d != "points"]
     if tiers:
-        used = set().union(*(set(t.where.names) for t in tiers.values()))
+        used = set().union(*(set(c.names) for t in tiers.values() for c in (t.where, t.qualify, t.retain)
+                             if c is not None))
         graph["tier"] = deps(used)
     order: list[str] = []
     state: dict[str, int] = {}   # 1 visiting, 2 done
@@ -442,6 +445,16 @@ def _used(feature: FeatureDef) -> set[str]:
     return set(feature.depends_on) | (set(feature.expr.names) if feature.expr is not None else set())
 
 
+def assign_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, timezone: str,
+                 tiers: TierState | None = None) -> tuple[pd.Series, np.ndarray]:
+    """The ``tier`` and ``tier_since`` columns: computed tiers decided now (``tier_since`` null),
+    or stored tiers after this run's moves from what ``tiers`` recorded (see ``data.tiers``)."""
+    if program.stored_tiers:
+        decided = decide_tiers(program, frame, as_of, timezone, tiers)
+        return decided.tier, decided.since
+    return _tier(program.tiers, frame, as_of), np.full(len(frame), np.datetime64("NaT", "ns"))
+
+
 def _tier(tiers: Mapping[str, TierDef], frame: pd.DataFrame, as_of: pd.Timestamp) -> pd.Series:
     """First tier (in definition order) whose condition is definitely true; null when none."""
     result = np.full(len(frame), None, dtype=object)
@@ -457,11 +470,14 @@ def _tier(tiers: Mapping[str, TierDef], frame: pd.DataFrame, as_of: pd.Timestamp
 
 
 def compute_features(tables: Tables, program: Program, settings: Settings,
-                     as_of: pd.Timestamp, history: PointsHistory | None = None) -> pd.DataFrame:
+                     as_of: pd.Timestamp, history: PointsHistory | None = None,
+                     tiers: TierState | None = None) -> pd.DataFrame:
     """One row per customer (tables.customers order): customer columns, built-ins, tier, RFM,
-    points, custom. ``history``: what earlier runs granted and recorded (points, tiers)."""
+    points, custom. ``history``: what earlier runs granted and recorded (points, tier changes);
+    ``tiers``: the members' stored tiers before this run (stored tiers only)."""
     frame = local_features(tables, program, settings, as_of)
-    return finish_features(frame, program, settings, as_of, rfm_from_inputs(rfm_inputs(frame)), tables, history)
+    return finish_features(frame, program, settings, as_of, rfm_from_inputs(rfm_inputs(frame)), tables, history,
+                           tiers)
 
 
 def local_features(tables: Tables, program: Program, settings: Settings,
@@ -489,6 +505,7 @@ def local_features(tables: Tables, program: Program, settings: Settings,
         empty = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
         built.update({name: empty for name in ("rfm_r", "rfm_f", "rfm_m", "rfm_score")})  # ranked later
         built["tier"] = pd.array([None] * n, dtype="string")
+        built["tier_since"] = np.full(n, np.datetime64("NaT", "ns"))
         built.update(points_columns(Accounts.empty(n), timezone))      # computed later, in order
         columns = {name: built[name] for name in BUILTIN_FEATURES}
         frame = pd.concat([customers, pd.DataFrame(columns, index=customers.index)], axis=1)
@@ -499,12 +516,18 @@ def local_features(tables: Tables, program: Program, settings: Settings,
 
 def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, as_of: pd.Timestamp,
                     rfm: dict[str, np.ndarray], tables: Tables | None = None,
-                    history: PointsHistory | None = None) -> pd.DataFrame:
+                    history: PointsHistory | None = None, tiers: TierState | None = None) -> pd.DataFrame:
     """Add RFM (from scores ranked over all customers), computed features, the tier and the
     points features, in dependency order; columns end in the same order whatever the
     partitioning. The points need ``tables`` (the same customers' orders, events and point
-    redemptions) and ``history``; without them only what ``history`` granted counts."""
+    redemptions) and ``history``; without them only what ``history`` granted counts. Stored
+    tiers move from ``tiers`` (what earlier runs recorded of these customers; None: nothing),
+    and their points multipliers follow the recorded changes (``history.tiers``; none: none yet)."""
     as_of = local_as_of(as_of, settings.timezone)
+    if program.stored_tiers and (history is None or history.tiers is None):
+        history = replace(history or PointsHistory(), tiers=PointsHistory.no_tier_changes())
+    elif not program.stored_tiers and history is not None and history.tiers is not None:
+        history = replace(history, tiers=None)          # computed tiers multiply at the tier of as_of
     for name, column in rfm_columns(frame, rfm).items():
         frame[name] = column
     order = feature_order(program.features, program.tiers, program.points)
@@ -512,7 +535,7 @@ def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, a
         order = ["points"] + order
     for name in order:
         if name == "tier":
-            frame["tier"] = _tier(program.tiers, frame, as_of)
+            frame["tier"], frame["tier_since"] = assign_tiers(program, frame, as_of, settings.timezone, tiers)
             continue
         if name == "points":
             if program.points is not None or tables is not None or history is not None:

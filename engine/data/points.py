@@ -3,7 +3,8 @@
 The account of a member at ``as_of`` is a function of their entries up to ``as_of``:
 
 - credits: each order or event an earn rule (``points: earn:``) counts, at the order's time,
-  multiplied by the member's tier at that time; and the points campaigns granted (recorded
+  multiplied by the member's tier at that time (a computed tier: the tier at ``as_of``; a stored
+  tier: the one the recorded history gives at that time); and the points campaigns granted (recorded
   by earlier runs, ``PointsHistory.grants``);
 - debits: point redemptions (the ``point_redemptions`` table) and refunds (an order with a
   negative amount takes back what that order would have earned).
@@ -41,13 +42,20 @@ class PointsHistory:
     """What earlier runs recorded that the accounts need.
 
     ``grants``: customer_id, points, granted_at (UTC) of the points campaigns granted;
-    ``tiers``: customer_id, tier, since (UTC) of the recorded tier changes (None: none kept).
+    ``tiers``: customer_id, tier, since (UTC) of the recorded changes of stored tiers (None:
+    tiers are computed, and multiply at the tier of ``as_of``). A change recorded by the run
+    at ``since`` counts for the orders after it: that run's own points were computed before it.
     """
 
     grants: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({
         "customer_id": pd.Series(dtype=str), "points": pd.Series(dtype=float),
         "granted_at": pd.Series(dtype="datetime64[us, UTC]")}))
     tiers: pd.DataFrame | None = None
+
+    @staticmethod
+    def no_tier_changes() -> pd.DataFrame:
+        return pd.DataFrame({"customer_id": pd.Series(dtype=object), "tier": pd.Series(dtype=object),
+                             "since": pd.Series(dtype="datetime64[us, UTC]")})
 
 
 @dataclass
@@ -251,33 +259,31 @@ def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
 
 
 class _TierAt:
-    """A member's tier at an instant: the last recorded change before it; before the first
-    recorded change, the first recorded tier; never recorded: the tier at ``as_of``."""
+    """A member's tier at an instant. Computed tiers (no recorded changes): the tier at
+    ``as_of``. Stored tiers: the last change recorded strictly before the instant (a run's
+    change counts after it), no tier before the first one."""
 
     def __init__(self, features: pd.DataFrame, tiers: pd.DataFrame | None):
         self.current = features["tier"].astype(object).to_numpy() if "tier" in features \
             else np.full(len(features), None, dtype=object)
         self.changes = None
-        if tiers is not None and len(tiers):
+        if tiers is not None:
             pos = pd.Index(features["customer_id"].astype(str)).get_indexer(tiers["customer_id"].astype(str))
             keep = pos >= 0
             self.changes = pd.DataFrame({"pos": pos[keep], "since": _micros(tiers["since"])[keep],
-                                         "tier": tiers["tier"].astype(object).to_numpy()[keep]})
+                                         "tier": tiers["tier"].astype(object).to_numpy()[keep]}) \
+                .sort_values("since", kind="stable")
 
     def multiplier(self, pos: np.ndarray, at: np.ndarray, factors) -> np.ndarray:
-        tier = self.current[pos]
-        if self.changes is not None and len(self.changes):
-            changes = self.changes.sort_values("since", kind="stable")
+        if self.changes is None:
+            tier = self.current[pos]
+        else:
             query = pd.DataFrame({"pos": pos, "since": at, "row": np.arange(len(pos))}).sort_values("since",
                                                                                                     kind="stable")
-            found = pd.merge_asof(query, changes, on="since", by="pos", direction="backward")
-            first = changes.drop_duplicates("pos").set_index("pos")["tier"]
-            fallback = found["pos"].map(first)
-            chosen = found["tier"].where(found["tier"].notna(), fallback)
-            recorded = chosen.notna().to_numpy()
-            rows = found["row"].to_numpy()
-            tier = tier.copy()
-            tier[rows[recorded]] = chosen.to_numpy()[recorded]
+            found = pd.merge_asof(query, self.changes, on="since", by="pos", direction="backward",
+                                  allow_exact_matches=False)
+            tier = np.full(len(pos), None, dtype=object)
+            tier[found["row"].to_numpy()] = found["tier"].to_numpy(dtype=object)
         return pd.Series(tier, dtype=object).map(dict(factors)).fillna(1.0).to_numpy(float)
 
 

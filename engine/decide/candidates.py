@@ -3,7 +3,8 @@ ready for the choices across campaigns, and who keeps which.
 
 ``candidate_frame`` gives each of a campaign's firings what arbitration and budgets need: the
 A/B variant, the reward's estimated cost and points, template, locale, budget rank and a
-stable tiebreak. ``arbitrate`` keeps at most ``max_offers_per_run`` offers per customer (and no
+stable tiebreak (and, for a tier reward with stored tiers, ``tier_up``: the tier it moves the
+member up to, "" when it moves nobody). ``arbitrate`` keeps at most ``max_offers_per_run`` offers per customer (and no
 more messages than the frequency cap leaves): highest priority first, then campaign id.
 """
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.data.tiers import TierRules
 from engine.decide.assignment import assign_variants, stable_fraction
 from engine.decide.rewards import estimate_cost, points_for
 
@@ -39,6 +41,7 @@ def candidate_frame(workspace: LoadedWorkspace, campaign: CampaignDef, features:
         frame["variant"] = ""
     cost = np.zeros(len(frame))
     points = np.zeros(len(frame))
+    tier_up = np.full(len(frame), "", dtype=object)
     template = np.full(len(frame), campaign.template, dtype=object)
     kind = np.full(len(frame), campaign.reward.kind, dtype=object)
     groups = [(None, campaign.reward, campaign.template)] + [
@@ -52,8 +55,11 @@ def candidate_frame(workspace: LoadedWorkspace, campaign: CampaignDef, features:
         points[rows] = points_for(reward, sub, as_of)
         template[rows] = template_name
         kind[rows] = reward.kind
+        if reward.kind == "tier" and workspace.program.stored_tiers:
+            tier_up[rows] = _upgrades(workspace, reward.params["to"], sub)
     frame["cost"] = cost
     frame["points"] = points
+    frame["tier_up"] = tier_up
     frame["template"] = template
     frame["reward_kind"] = kind
     if "locale" in scope:
@@ -70,10 +76,17 @@ def candidate_frame(workspace: LoadedWorkspace, campaign: CampaignDef, features:
     return frame
 
 
+def _upgrades(workspace: LoadedWorkspace, to: str, scope: pd.DataFrame) -> np.ndarray:
+    """``to`` where a tier reward moves the member up from their (stored) tier, else ""."""
+    rules = TierRules.of(workspace.program, workspace.settings.timezone)
+    held = rules.rank(scope["tier"].astype(object).where(scope["tier"].notna(), None).to_numpy(dtype=object))
+    return np.where(rules.rank([to])[0] < held, to, "").astype(object)
+
+
 def _scope_columns(campaign: CampaignDef, features: pd.DataFrame) -> list[str]:
-    """The feature columns an offer's reward, cost, budget rank and locale read: taking only
-    these for the fired customers, not every feature, is most of the candidates' cost."""
-    needed = {"customer_id", "locale", "timezone", "avg_order_value"}
+    """The feature columns an offer's reward, cost, budget rank, locale and tier move read: taking
+    only these for the fired customers, not every feature, is most of the candidates' cost."""
+    needed = {"customer_id", "locale", "timezone", "avg_order_value", "tier"}
     for reward in [campaign.reward, *(v.reward for v in campaign.variants if v.reward is not None)]:
         if reward.amount is not None:
             needed |= reward.amount.names
@@ -98,7 +111,7 @@ def arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, per_run: int
     without a message takes a place of the run but none of the cap."""
     if not candidates:
         return pd.DataFrame(columns=["pos", "customer_id", "campaign", "firing_key", "priority", "channel",
-                                     "variant", "cost", "points", "template", "reward_kind", "locale",
+                                     "variant", "cost", "points", "tier_up", "template", "reward_kind", "locale",
                                      "first_as_of", "reentered", "no_message"])
     frame = pd.concat(candidates, ignore_index=True)
     # a customer has at most one candidate per campaign: position, priority and campaign order them

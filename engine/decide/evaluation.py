@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.data.tiers import MOVE_COLUMNS, decide_tiers, empty_states
 from engine.decide.assignment import in_holdout
 from engine.decide.budgets import apply_budgets, budget_caps
 from engine.decide.candidates import arbitrate, candidate_frame
@@ -62,6 +63,8 @@ class Evaluation:
     # held out, expired
     pending: pd.DataFrame = field(default_factory=no_outcomes)
     reentered: dict[str, int] = field(default_factory=dict)   # campaign -> pending firings that came back
+    # stored tiers: this run's moves by qualifying, reviews and trials (data.tiers.MOVE_COLUMNS)
+    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))
 
     def stopped_at(self, position: int) -> dict[str, str]:
         """For a traced evaluation: campaign -> the stage that stopped this customer."""
@@ -121,6 +124,7 @@ class PartitionDecision:
     stops: list[pd.DataFrame]
     pending: pd.DataFrame = field(default_factory=no_outcomes)   # its firings that wait, or pending ones closed
     reentered: dict[str, int] = field(default_factory=dict)
+    tier_moves: pd.DataFrame = field(default_factory=lambda: empty_states(MOVE_COLUMNS))   # stored tiers
 
 
 def keep_within(workspace: LoadedWorkspace, decision: PartitionDecision, kept: pd.DataFrame) -> None:
@@ -133,20 +137,31 @@ def keep_within(workspace: LoadedWorkspace, decision: PartitionDecision, kept: p
 
 
 def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
-             campaigns: list[str] | None = None, trace: bool = False) -> Evaluation:
+             campaigns: list[str] | None = None, trace: bool = False, tier_moves: bool = True) -> Evaluation:
     """Decide, for ``ctx.as_of``, who gets which offer and why.
 
     With ``trace``, also record for every firing that did not become an offer the
     stage that stopped it (and "trigger" for segment members who did not fire).
+    ``tier_moves``: also give the stored tiers' moves of the customers of ``features``.
     """
-    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace)
+    part = evaluate_partition(workspace, tables, features, ctx, campaigns, trace, tier_moves)
     return combine_partitions(workspace, ctx.as_of, [part], trace, ctx.budget_used, ctx.pending)
 
 
+def member_tier_moves(workspace: LoadedWorkspace, features: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
+    """The stored tiers' moves of this run for the customers of ``features`` (the moves the
+    features' ``tier`` column already shows); none with computed tiers."""
+    if not workspace.program.stored_tiers:
+        return empty_states(MOVE_COLUMNS)
+    return decide_tiers(workspace.program, features, ctx.as_of, workspace.settings.timezone, ctx.tiers).moves
+
+
 def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,
-                       campaigns: list[str] | None = None, trace: bool = False) -> PartitionDecision:
+                       campaigns: list[str] | None = None, trace: bool = False,
+                       tier_moves: bool = True) -> PartitionDecision:
     """Segment, trigger, contact policy, holdout and arbitration for the customers of
-    ``features``: everything decided per customer, so a partition decides it alone."""
+    ``features``: everything decided per customer, so a partition decides it alone; and,
+    with ``tier_moves``, the moves of their stored tiers."""
     settings = workspace.settings
     as_of = ctx.as_of
     ids = features["customer_id"].astype(str)
@@ -276,8 +291,10 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
         everyone = pd.concat(candidates, ignore_index=True)
         outcomes.append(waiting_outcomes(
             workspace, everyone[~everyone["firing_key"].isin(arbitrated["firing_key"]).to_numpy()], "arbitration"))
+    moves = member_tier_moves(workspace, features, ctx) if tier_moves else empty_states(MOVE_COLUMNS)
     return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
-                             warnings, same_run, candidates if trace else [], stops, combined(outcomes), reentered)
+                             warnings, same_run, candidates if trace else [], stops, combined(outcomes), reentered,
+                             tier_moves=moves)
 
 
 HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
@@ -359,8 +376,12 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
             edge_state[campaign] = edge_state.get(campaign, frozenset()) | state
     warnings = list(dict.fromkeys(w for p in parts for w in p.warnings))
     stop_frame = pd.concat(stops, ignore_index=True) if stops else None
+    moves = [p.tier_moves for p in parts if len(p.tier_moves)]
+    tier_moves = pd.concat(moves, ignore_index=True) if len(moves) > 1 else \
+        moves[0].reset_index(drop=True) if moves else empty_states(MOVE_COLUMNS)
     return Evaluation(as_of, offers.reset_index(drop=True), funnels, holdout_frame, edge_state,
-                      warnings, stop_frame, with_expiry(workspace, combined(outcomes)), reentered)
+                      warnings, stop_frame, with_expiry(workspace, combined(outcomes)), reentered,
+                      tier_moves=tier_moves)
 
 
 def _one_per_customer(firings) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:

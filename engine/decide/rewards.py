@@ -22,6 +22,7 @@ import pandas as pd
 
 from engine.config.catalogue import MAX_POINTS
 from engine.config.model import RewardDef, Settings
+from engine.config.tier_rules import trial_days
 
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L
 _ALPHABET_BYTES = np.frombuffer(CODE_ALPHABET.encode("ascii"), dtype=np.uint8)
@@ -88,14 +89,14 @@ def points_for(reward: RewardDef, scope: pd.DataFrame, as_of) -> np.ndarray:
 DESCRIPTIONS = {
     "zh": {
         "percent_off": "{v:g}折优惠券", "amount_off": "立减{m}券", "points": "{v:g}积分",
-        "free_shipping": "免运费", "gift": "礼品 {v}", "tier": "升级为{v}", "message": "关怀消息",
-        "earned": "获得{v:g}积分",
+        "free_shipping": "免运费", "gift": "礼品 {v}", "tier": "升级为{v}", "tier_trial": "体验{v} {d}天",
+        "message": "关怀消息", "earned": "获得{v:g}积分",
         "min_spend": "（满{m}可用）",
     },
     "en": {
         "percent_off": "{v:g}% off coupon", "amount_off": "{m} off coupon", "points": "{v:g} points",
-        "free_shipping": "free shipping", "gift": "gift {v}", "tier": "upgrade to {v}", "message": "message",
-        "earned": "{v:g} points earned",
+        "free_shipping": "free shipping", "gift": "gift {v}", "tier": "upgrade to {v}",
+        "tier_trial": "{v} for {d} days", "message": "message", "earned": "{v:g} points earned",
         "min_spend": " (min. spend {m})",
     },
 }
@@ -121,6 +122,8 @@ def describe(kind: str, params: dict, locale: str, points: float = 0, money: Mon
         return words[kind].format(v=points)
     if kind == "gift":
         return words["gift"].format(v=params.get("name", params.get("sku", "")))
+    if kind == "tier" and params.get("for"):
+        return words["tier_trial"].format(v=params.get("to", ""), d=trial_days(params["for"]))
     if kind == "tier":
         return words["tier"].format(v=params.get("to", ""))
     return words[kind]

@@ -22,7 +22,7 @@ import pandas as pd
 from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.data.sources import Tables
 from engine.decide.assignment import in_holdout
-from engine.decide.evaluation import Evaluation, evaluate, firing_keys, segment_mask
+from engine.decide.evaluation import Evaluation, evaluate, firing_keys, member_tier_moves, segment_mask
 from engine.decide.pending import by_campaign, expired_outcomes, is_expired, utc_key
 from engine.decide.policy import cap_remaining, reachable
 from engine.decide.triggers import EVENT_LOOKBACK, TRIGGERS, RunContext
@@ -166,7 +166,8 @@ def evaluate_step(workspace: LoadedWorkspace, tables: Tables, features: pd.DataF
                   index: pd.Index | None = None) -> tuple[Evaluation, dict[str, frozenset]]:
     """``evaluate`` restricted to the customers who may get an offer; and the new ``becomes`` state.
 
-    The offers are those of evaluating every customer (``pos`` refers to the subset).
+    The offers are those of evaluating every customer (``pos`` refers to the subset); the
+    stored tiers' moves are every customer's.
     ``index``: the customer ids as an object ``pd.Index``, to reuse between steps.
     """
     settings = workspace.settings
@@ -193,14 +194,17 @@ def evaluate_step(workspace: LoadedWorkspace, tables: Tables, features: pd.DataF
             union |= may_get
             active.append(campaign.id)
     rows = np.flatnonzero(union)
+    moves = member_tier_moves(workspace, features, ctx)
     if not active:
         return Evaluation(ctx.as_of, no_offers(), {}, pd.DataFrame(),
-                          pending=expired_outcomes(ctx.pending, ctx.as_of)), edge_state
+                          pending=expired_outcomes(ctx.pending, ctx.as_of), tier_moves=moves), edge_state
     subset = features.iloc[rows, _needed_columns(workspace, features)].reset_index(drop=True)
     # the contact history of the others cannot change the decisions about these customers
     contacts = ctx.contacts[ctx.contacts["customer_id"].astype(object).isin(set(ids.iloc[rows])).to_numpy()]
     ctx = dataclasses.replace(ctx, contacts=contacts.reset_index(drop=True))
-    return evaluate(workspace, step.tables, subset, ctx, active), edge_state
+    evaluation = evaluate(workspace, step.tables, subset, ctx, active, tier_moves=False)
+    evaluation.tier_moves = moves
+    return evaluation, edge_state
 
 
 def customer_index(features: pd.DataFrame) -> pd.Index:
@@ -211,7 +215,7 @@ def _needed_columns(workspace: LoadedWorkspace, features: pd.DataFrame) -> list[
     """Positions of the columns an evaluation reads (a simulation renders no message)."""
     program, settings = workspace.program, workspace.settings
     names = {"customer_id", "timezone", "locale", "birthday", "days_since_last_order", "days_to_birthday",
-             "avg_order_value"}
+             "avg_order_value", "tier"}
     expressions = [s.where for s in program.segments.values()]
     for campaign in program.campaigns.values():
         expressions += [campaign.where, campaign.trigger.where, campaign.trigger.expr,
@@ -292,4 +296,4 @@ def no_offers() -> pd.DataFrame:
                          "channel": pd.Series(dtype=object), "firing_key": pd.Series(dtype=object),
                          "variant": pd.Series(dtype=object), "reward_kind": pd.Series(dtype=object),
                          "cost": pd.Series(dtype=float), "points": pd.Series(dtype=float),
-                         "send_at": pd.Series(dtype="datetime64[us, UTC]")})
+                         "tier_up": pd.Series(dtype=object), "send_at": pd.Series(dtype="datetime64[us, UTC]")})

@@ -35,20 +35,28 @@ class OfferTotals:
 
 @dataclass
 class CampaignTotals:
-    """One campaign's offers counted: how many, their cost, how many of each variant, and how
-    many of them are rewards granted without a message (consent or the frequency cap)."""
+    """One campaign's offers counted: how many, their cost, how many of each variant, how many
+    of them are rewards granted without a message (consent or the frequency cap), and (tier
+    rewards with stored tiers) how many move the member up to each tier."""
 
     offers: int = 0
     cost: float = 0.0
     variants: dict[str, int] = field(default_factory=dict)
     granted_without_message: int = 0
+    tier_up: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: "CampaignTotals") -> "CampaignTotals":
-        variants = dict(self.variants)
-        for name, count in other.variants.items():
-            variants[name] = variants.get(name, 0) + count
-        return CampaignTotals(self.offers + other.offers, self.cost + other.cost, variants,
-                              self.granted_without_message + other.granted_without_message)
+        return CampaignTotals(self.offers + other.offers, self.cost + other.cost,
+                              _added(self.variants, other.variants),
+                              self.granted_without_message + other.granted_without_message,
+                              _added(self.tier_up, other.tier_up))
+
+
+def _added(left: dict[str, int], right: dict[str, int]) -> dict[str, int]:
+    total = dict(left)
+    for name, count in right.items():
+        total[name] = total.get(name, 0) + count
+    return total
 
 
 def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTotals]:
@@ -62,8 +70,11 @@ def campaign_totals(offers: pd.DataFrame, campaign_ids) -> dict[str, CampaignTot
             continue
         variants = mine["variant"].value_counts().to_dict()
         granted = int((mine["no_message"] != "").sum()) if "no_message" in mine else 0
+        ups = mine["tier_up"] if "tier_up" in mine else pd.Series(dtype=object)
+        ups = ups[ups.astype(str) != ""].value_counts().to_dict()
         totals[campaign_id] = CampaignTotals(len(mine), float(mine["cost"].sum()),
-                                             {str(k): int(v) for k, v in variants.items()}, granted)
+                                             {str(k): int(v) for k, v in variants.items()}, granted,
+                                             {str(k): int(v) for k, v in ups.items()})
     return totals
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from engine.config.model import CampaignDef
 from engine.data.points import PointsHistory, earned_rows
+from engine.data.tiers import TierState
 from engine.decide.pending import no_pending
 
 EVENT_LOOKBACK = pd.Timedelta(days=1)   # first run ever: events of the last day fire
@@ -39,10 +40,12 @@ class RunContext:
     recorded: Callable[[list[str]], dict] = field(default=lambda keys: {})
     # campaign -> (offers, cost) that earlier runs of its budget's period recorded (budget.per)
     budget_used: Mapping[str, tuple[int, float]] = field(default_factory=dict)
-    # what earlier runs granted (points campaigns) and recorded (tiers), for the points features
+    # what earlier runs granted (points campaigns) and recorded (tier changes), for the points features
     points: PointsHistory | None = None
     # one-off firings stopped by earlier runs and still waiting (decide.pending.CONTEXT_COLUMNS)
     pending: pd.DataFrame = field(default_factory=no_pending)
+    # the members' stored tiers as earlier runs left them (stored tiers; None: nothing recorded)
+    tiers: TierState | None = None
 
 
 @dataclass

@@ -148,6 +148,7 @@ def preview_on_dask(workspace: LoadedWorkspace, ctx: RunContext, sample: int, *,
     sampled = combine_partitions(workspace, ctx.as_of, decisions, used=ctx.budget_used)
     evaluation = SampledEvaluation(sampled.as_of, sample_rows(sampled.offers, sample).reset_index(drop=True),
                                    funnels, sampled.holdouts, {}, sampled.warnings, reentered=sampled.reentered,
+                                   tier_moves=sampled.tier_moves,
                                    totals=totals)
     frames = [frame for frame in frames if len(frame)] or frames[:1]     # one, for the columns
     features = (pd.concat(frames, ignore_index=True) if len(frames) > 1 else

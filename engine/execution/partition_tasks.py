@@ -37,7 +37,7 @@ from engine.decide.totals import CampaignTotals, campaign_totals
 from engine.decide.triggers import RunContext
 from engine.errors import WorkerSetupError
 from engine.execution.partitioned_data import partition_folder, partition_settings, partitioned_folder
-from engine.execution.partitions import partition_numbers
+from engine.execution.partitions import partition_numbers, tiers_by_partition
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Recorded:
 
 def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[RunContext]:
     """The run context restricted to each partition's customers (contacts, edge state, keys,
-    pending firings)."""
+    points history, stored tiers and pending firings)."""
     contacts = ctx.contacts.reset_index(drop=True)
     numbers = partition_numbers(contacts["customer_id"].astype(str), count) if len(contacts) else np.zeros(0)
     pending = ctx.pending.reset_index(drop=True)
@@ -98,13 +98,14 @@ def context_slices(ctx: RunContext, count: int, recorded: list[dict]) -> list[Ru
         listed = sorted(ids)
         states[campaign] = (listed, partition_numbers(pd.Series(listed, dtype=object), count) if listed else [])
     points = _points_by_partition(ctx.points, count)
+    tiers = tiers_by_partition(ctx.tiers, count)
     slices = []
     for number in range(count):
         edge_state = {campaign: frozenset(i for i, n in zip(listed, mine) if n == number)
                       for campaign, (listed, mine) in states.items()}
         slices.append(replace(ctx, contacts=contacts[numbers == number].reset_index(drop=True),
                               edge_state=edge_state, recorded=Recorded(recorded[number]),
-                              points=points[number],
+                              points=points[number], tiers=tiers[number],
                               pending=pending[waiting == number].reset_index(drop=True)))
     return slices
 
@@ -228,7 +229,7 @@ def decide_partition(job: Job, number: int, ctx: RunContext, thresholds: dict,
         return None, None, 0, []
     workspace, tables, frame = _local_features(job, number)
     features = finish_features(frame, workspace.program, workspace.settings, job.as_of,
-                               _scores_from(frame, thresholds), tables, ctx.points)
+                               _scores_from(frame, thresholds), tables, ctx.points, ctx.tiers)
     decision = evaluate_partition(workspace, tables, features, ctx, job.campaigns)
     keep_within(workspace, decision, within_budgets(decision.arbitrated, caps))
     positions = np.unique(decision.arbitrated["pos"].to_numpy(dtype=np.int64))

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from engine.config.model import LoadedWorkspace
 from engine.data.features import compute_features, finish_features, local_features, rfm_from_inputs, rfm_inputs
 from engine.data.sources import Tables, load_tables, merge_warnings
+from engine.data.tiers import TierState
 from engine.decide.budgets import budget_caps
 from engine.decide.evaluation import evaluate
 from engine.decide.triggers import RunContext
@@ -55,7 +56,7 @@ from engine.execution.parts import Decided, combine_parts, decide_part
 from engine.progress import say
 
 __all__ = ["Decided", "auto_partitions", "evaluate_in_partitions", "evaluate_streamed", "partition_numbers",
-           "split_tables"]
+           "split_tables", "tiers_by_partition"]
 
 BYTES_PER_CUSTOMER = 2_500           # loaded tables and features of one customer with ~10 orders, measured
 ROWS_PER_PARTITION = 2_000_000       # default size when memory allows
@@ -100,6 +101,14 @@ def partition_tables(tables: Tables, numbers: np.ndarray, number: int) -> Tables
                    redemptions=None, point_redemptions=None if points is None else _rows_of(points, local))
 
 
+def tiers_by_partition(state: TierState | None, count: int) -> list[TierState | None]:
+    """The stored tiers of each partition's customers (None: none recorded)."""
+    if state is None:
+        return [None] * count
+    ids = state.members["customer_id"].astype(str)
+    return state.split(partition_numbers(ids, count) if len(ids) else np.zeros(0), count)
+
+
 def _rows_of(frame: pd.DataFrame, local: np.ndarray) -> pd.DataFrame:
     codes = local[frame["cust_code"].to_numpy(dtype=np.int64)]
     keep = codes >= 0
@@ -124,7 +133,7 @@ def evaluate_in_partitions(workspace: LoadedWorkspace, tables: Tables, ctx: RunC
     customers = len(tables.customers)
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
-        features = compute_features(tables, program, settings, ctx.as_of, ctx.points)
+        features = compute_features(tables, program, settings, ctx.as_of, ctx.points, ctx.tiers)
         workers = 1 if trace else worker_count(customers, workers)
         if workers > 1:
             decided = evaluate_in_workers(workspace, tables, features, ctx, workers, campaigns, progress)
@@ -164,12 +173,14 @@ def _evaluate_parts(workspace: LoadedWorkspace, ctx: RunContext, count: int, cam
 
     decided, customers = [], 0
     caps = budget_caps(workspace, ctx.budget_used)
+    tiers = tiers_by_partition(ctx.tiers, count)
     for number in inputs:
         say(progress, f"features and evaluation, partition {number + 1}/{count}")
         part, local = second(number)
-        features = finish_features(local, program, settings, ctx.as_of, scores[number], part, ctx.points)
+        mine = replace(ctx, tiers=tiers[number])           # the stored tiers of this partition's members
+        features = finish_features(local, program, settings, ctx.as_of, scores[number], part, ctx.points, mine.tiers)
         customers += len(features)
-        decision, rows = decide_part(workspace, part, features, ctx, campaigns, caps)
+        decision, rows = decide_part(workspace, part, features, mine, campaigns, caps)
         length = len(rows)
         if spill is not None:
             path = spill / f"rows-{number}.pickle"

@@ -89,9 +89,14 @@ def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
     used = store.budget_used({campaign: _utc_key(start) for campaign, start in budget_periods(workspace, as_of).items()},
                              _utc_key(as_of))
-    points = PointsHistory(grants=store.points_granted(before=_utc_key(as_of)))
+    program = workspace.program
+    stored = program.stored_tiers
+    multiplied = program.points is not None and any(rule.multiplier for rule in program.points.earn.values())
+    points = PointsHistory(grants=store.points_granted(before=_utc_key(as_of)),
+                           tiers=store.tier_changes(before=_utc_key(as_of)) if stored and multiplied else None)
+    tiers = store.tier_state(before=_utc_key(as_of)) if stored else None
     return RunContext(as_of, previous_as_of, contacts, edge_state, recorded=store.recorded_at, budget_used=used,
-                      points=points, pending=store.pending_before(_utc_key(as_of)))
+                      points=points, tiers=tiers, pending=store.pending_before(_utc_key(as_of)))
 
 
 def _utc_key(stamp: pd.Timestamp) -> str:
@@ -137,10 +142,12 @@ def edge_state_rows(evaluation: Evaluation, previous: dict) -> list[dict]:
     return rows
 
 
-def prepare(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None, tables=None) -> Prepared:
+def prepare(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None, tables=None,
+            context: RunContext | None = None) -> Prepared:
+    """Data and features at ``as_of``, with what earlier runs did (``context``, else read from ``store``)."""
     tables = tables if tables is not None else load_tables(workspace.settings, workspace.root)
-    context = run_context(workspace, as_of, store, since)
-    features = compute_features(tables, workspace.program, workspace.settings, as_of, context.points)
+    context = context if context is not None else run_context(workspace, as_of, store, since)
+    features = compute_features(tables, workspace.program, workspace.settings, as_of, context.points, context.tiers)
     return Prepared(tables, features, context)
 
 

@@ -88,6 +88,21 @@ CREATE INDEX holdouts_customer ON holdouts (customer_id);
 CREATE TABLE schedules (campaign TEXT PRIMARY KEY, last_run_at TEXT)
 """
 
+# Stored tiers: each member's tier state now (member_tiers) and every change of it, with the
+# state after it (tier_history), so that a rerun at an earlier instant reads the state of then.
+_TIERS_V2 = """
+CREATE TABLE member_tiers (
+    customer_id TEXT PRIMARY KEY, tier TEXT, since TEXT, review_at TEXT, grace_until TEXT,
+    trial_until TEXT, trial_from TEXT, run_id TEXT, as_of_utc TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX member_tiers_as_of ON member_tiers (as_of_utc);
+CREATE TABLE tier_history (
+    customer_id TEXT NOT NULL, from_tier TEXT, to_tier TEXT, reason TEXT NOT NULL, run_id TEXT,
+    as_of TEXT NOT NULL, as_of_utc TEXT NOT NULL, seq INTEGER NOT NULL,
+    since TEXT, review_at TEXT, grace_until TEXT, trial_until TEXT, trial_from TEXT,
+    PRIMARY KEY (customer_id, as_of_utc, seq)) WITHOUT ROWID;
+CREATE INDEX tier_history_as_of ON tier_history (as_of_utc)
+"""
+
 # Version 3 (issue 17, loyalty accounts): one-off firings that wait for a later run, and the
 # reason a reward was granted without a message (an offer recorded as suppressed).
 # ``first_as_of``, ``expires_at`` and ``status_as_of`` are UTC ISO text (they compare as text);
@@ -111,8 +126,10 @@ CREATE INDEX offers_granted ON offers (due_at) WHERE suppressed_reason IS NOT NU
 """
 
 # (version, DDL) in order; a database at version N gets every later entry applied. Version 2
-# is reserved for another change; a database at version 1 gets 3 applied.
-MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (3, _SCHEMA_V3)]
+# (stored tiers) came after version 3 (pending firings): a file that reached version 3 without it
+# gets it when it is opened (``_LATE``: a migration and a table only it makes).
+MIGRATIONS: list[tuple[int, str]] = [(1, _SCHEMA_V1), (2, _TIERS_V2), (3, _SCHEMA_V3)]
+_LATE = {2: "member_tiers"}
 # --------------------------------------------------------------------------- helpers
 
 
@@ -384,19 +401,24 @@ class Database:
         if self.schema_version() == 0 and self.db["runs"].exists():
             raise StateError(f"the state database {self.label} is damaged (its schema version is lost); nothing "
                              f"was changed. {RESTORE_HINT}")
-        if self.schema_version() == SCHEMA_VERSION:
+        if self.schema_version() == SCHEMA_VERSION and not self._skipped(SCHEMA_VERSION):
             return                       # the usual case: no write lock needed
         with self._transaction() as conn:
             version = self.schema_version()          # again, under the write lock
             self._check_version(version)
+            skipped = self._skipped(version)
             for target, script in MIGRATIONS:
-                if target <= version:
+                if target <= version and target not in skipped:
                     continue
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                             "('schema_version', ?)", (str(target),))
+                             "('schema_version', ?)", (str(max(target, version)),))
+
+    def _skipped(self, version: int) -> set[int]:
+        """Migrations numbered at or below ``version`` that the file never got (``_LATE``)."""
+        return {target for target, table in _LATE.items() if target <= version and not self.db[table].exists()}
 
     @contextmanager
     def lock(self, timeout: float = 5.0) -> Iterator[None]:

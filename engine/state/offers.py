@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 import pandas as pd
 
+from engine.data.tiers import TierRun
 from engine.decide.evaluation import offer_id
 from engine.errors import StateError
 from engine.faults import checkpoint
@@ -56,6 +57,7 @@ class RecordResult:
     new: int
     existing: int
     conflicts: list[dict] = field(default_factory=list)
+    tier_moves: dict = field(default_factory=dict)      # stored tiers: the moves written, per tier
 
 
 def payload_hash(offer: Mapping[str, Any]) -> str:
@@ -149,7 +151,8 @@ class OfferBook(PendingFirings):
                    points_rows: list[dict] | None = None,
                    holdouts: Iterable[dict] = (),
                    prepared: list[tuple[dict, dict]] | None = None,
-                   pending: pd.DataFrame | None = None) -> RecordResult:
+                   pending: pd.DataFrame | None = None,
+                   tiers: TierRun | None = None) -> RecordResult:
         """Record a run's offers and state in ONE transaction; set the run ``recorded``.
 
         Offers are unique by ``firing_key``: an already-recorded key with the same
@@ -165,6 +168,8 @@ class OfferBook(PendingFirings):
         (``Evaluation.pending``), written to ``pending_firings`` in the same transaction. An offer
         with a ``suppressed_reason`` (a reward granted without a message) is recorded as
         ``suppressed``: never delivered and no contact, but its points are credited.
+        ``tiers``: the run's moves of stored tiers, written with those of its newly recorded
+        tier rewards (``tiers.TierBook``), granted with or without a message.
         """
         created = now_utc()
         if prepared is None:
@@ -209,8 +214,9 @@ class OfferBook(PendingFirings):
                            iso(h["as_of"]) if h.get("as_of") is not None else None)
                           for h in holdouts), verb="INSERT OR IGNORE")
             self._write_pending(conn, pending, run_id)
+            moved = self._record_tiers(conn, run_id, tiers, new_rows) if tiers is not None else {}
             conn.execute("UPDATE runs SET status = 'recorded' WHERE run_id = ?", (run_id,))
-        return RecordResult(new=len(new_rows), existing=existing, conflicts=conflicts)
+        return RecordResult(new=len(new_rows), existing=existing, conflicts=conflicts, tier_moves=moved)
 
     @staticmethod
     def _offer_row(offer: Mapping[str, Any], run_id: str, created: str) -> tuple[dict, dict]:

@@ -2,14 +2,15 @@
 
 It holds runs, the offer outbox (one row per offer, unique by firing key), the points
 ledger, trigger state (``becomes:`` edges, event watermarks), coupon codes, redemptions,
-holdouts, campaign schedules and pending firings (one-off firings waiting for a later run). A run records all of its offers in one transaction;
+holdouts, campaign schedules, pending firings (one-off firings waiting for a later run) and
+stored tiers. A run records all of its offers in one transaction;
 delivery reads them back from here, so a rerun or a crash at any point neither duplicates
 nor loses an offer.
 
 ``StateStore`` is assembled from one part per kind of record, each in its own module over
 the same file (``database.Database``): ``runs.RunLog``, ``offers.OfferBook`` (with
-``pending.PendingFirings``, written in the same transaction), ``outbox.Outbox``,
-``ledger.Ledger`` and ``trigger_state.TriggerState``.
+``pending.PendingFirings`` and ``tiers.TierBook``, written in the same transaction),
+``outbox.Outbox``, ``ledger.Ledger`` and ``trigger_state.TriggerState``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from engine.state.offers import OfferBook
 from engine.state.outbox import Outbox
 from engine.state.pending import PendingFirings
 from engine.state.runs import RunLog
+from engine.state.tiers import TierBook
 from engine.state.trigger_state import TriggerState
 
 
-class StateStore(RunLog, OfferBook, Outbox, Ledger, TriggerState, PendingFirings):
+class StateStore(RunLog, OfferBook, Outbox, Ledger, TriggerState, PendingFirings, TierBook):
     """The one SQLite state file of a workspace.
 
     ``StateStore(path)`` creates the file and applies pending migrations; a file

@@ -108,7 +108,7 @@ CASES = [
      {RULES: ("    cooldown: 30d\n", "    cooldown: 30d\n    variants:\n      - {name: A, weight: 1, template: ../../x}\n")},
      (RULES, 32, 40, ["must be a name, not a path"], [])),
     ("missing-required-where", {RULES: ("  gold:   {where: monetary_365d >= 5000}", "  gold:   {benefits: [x]}")},
-     (RULES, 16, 3, ["missing required key 'where'"], ["add a condition"])),
+     (RULES, 16, 3, ["tier 'gold' needs where: (a computed tier) or qualify: (a stored tier)"], ["qualify:"])),
     ("invalid-segment-name", {RULES: ("  at_risk:\n", "  At-Risk:\n")},
      (RULES, 8, 3, ["'At-Risk' is not a valid name"], ["lower-case"])),
     ("unknown-version", {RULES: ("segments:\n", "version: 2\nsegments:\n")},

@@ -57,7 +57,7 @@ def test_new_file_is_created_at_the_current_schema_version(tmp_path):
         assert store.schema_version() == database.SCHEMA_VERSION == 3
         tables = set(store.db.table_names())
         assert {"meta", "runs", "offers", "points_ledger", "trigger_state", "coupon_codes",
-                "redemptions", "schedules", "holdouts", "pending_firings"} <= tables
+                "redemptions", "schedules", "holdouts", "pending_firings", "member_tiers", "tier_history"} <= tables
         assert "contacts" in store.db.view_names()
         assert "suppressed_reason" in {c.name for c in store.db["offers"].columns}
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -68,16 +68,17 @@ def test_new_file_is_created_at_the_current_schema_version(tmp_path):
 def test_pending_migrations_are_applied_in_order(tmp_path, monkeypatch):
     path = tmp_path / "loyalty.db"
     StateStore(path).close()
+    later = database.SCHEMA_VERSION + 1
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS + [
-        (4, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 4)
+        (later, "CREATE TABLE notes (note TEXT); INSERT INTO notes VALUES ('hello')")])
+    monkeypatch.setattr(database, "SCHEMA_VERSION", later)
     with StateStore(path) as store:
-        assert store.schema_version() == 4
+        assert store.schema_version() == later
         assert store.db.execute("SELECT note FROM notes").fetchone() == ("hello",)
 
 
-def test_a_file_at_version_1_gets_version_3_applied_and_keeps_its_offers(tmp_path):
-    """Version 2 is reserved for another change: a file of version 1 goes straight to 3."""
+def test_a_file_at_version_1_gets_versions_2_and_3_applied_and_keeps_its_offers(tmp_path):
+    """A file of version 1 gets the stored tiers (2) and the pending firings (3)."""
     path = tmp_path / "loyalty.db"
     with sqlite3.connect(path) as conn:        # a state file as version 1 wrote it
         conn.executescript(dict(database.MIGRATIONS)[1] + ";\nINSERT INTO meta VALUES ('schema_version', '1');")
@@ -86,9 +87,11 @@ def test_a_file_at_version_1_gets_version_3_applied_and_keeps_its_offers(tmp_pat
         conn.execute("INSERT INTO offers (offer_id, firing_key, run_id, campaign, customer_id, channel, send_at, "
                      "due_at, payload_hash, created_at) VALUES ('of_1', 'k1', 'r1', 'c', 'C1', 'sms', "
                      "'2026-11-23T10:00:00+08:00', '2026-11-23T02:00:00+00:00', 'h', 'x')")
-    assert [version for version, _ in database.MIGRATIONS] == [1, 3]
+    assert [version for version, _ in database.MIGRATIONS] == [1, 2, 3]
     with StateStore(path) as store:
         assert store.schema_version() == 3
+        assert {"member_tiers", "tier_history"} <= set(store.db.table_names())
+        assert store.tier_history("C1") == []
         assert store.db.execute("SELECT firing_key, status, suppressed_reason FROM offers").fetchall() == \
             [("k1", "pending", None)]
         assert store.db.execute("SELECT count(*) FROM pending_firings").fetchone() == (0,)
@@ -386,3 +389,20 @@ def test_a_big_commit_is_copied_into_the_database_file_and_the_log_cut_back(tmp_
         assert time.monotonic() < deadline, "the log was never cut back"   # from the top, cut
         store.mark_sent(next(ids))                     # back to its limit: it never piles up
     store.close()
+
+
+def test_a_file_that_reached_version_3_without_the_tier_tables_gets_them(tmp_path):
+    """Version 2 (stored tiers) came after version 3: a file made at 3 without it gets it."""
+    path = tmp_path / "loyalty.db"
+    with sqlite3.connect(path) as conn:        # a state file as version 3 wrote it before version 2 came
+        for version in (1, 3):
+            conn.executescript(dict(database.MIGRATIONS)[version])
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+        conn.execute("INSERT INTO runs (run_id, as_of, as_of_utc, started_at, status) "
+                     "VALUES ('r1', '2026-11-23T10:00:00+08:00', '2026-11-23T02:00:00+00:00', 'x', 'recorded')")
+    with StateStore(path) as store:
+        assert store.schema_version() == 3
+        assert {"member_tiers", "tier_history", "pending_firings"} <= set(store.db.table_names())
+        assert count(store, "runs") == 1
+    with StateStore(path) as again:            # nothing more to do
+        assert again.schema_version() == 3 and not again._skipped(3)

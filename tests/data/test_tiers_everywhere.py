@@ -1,0 +1,153 @@
+"""Stored tiers decide and record the same whichever way a run goes: in several partitions, in
+worker processes, after a crash at any checkpoint, and in a simulation of the daily runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_tiers import TRIAL, day, programme, tables
+
+from engine import Workspace
+from engine.app.simulation import format_text
+from engine.faults import CHECKPOINTS
+
+ROOT = Path(__file__).resolve().parents[2]
+MEMBERS = [f"M{i:03d}" for i in range(40)]
+WELCOME = """\
+gold_welcome:
+  when: {becomes: tier == "gold"}
+  reward: {message: {}}
+  channel: sms
+  template: t
+  priority: 10
+"""
+
+
+def members_orders(seed: int = 7, days: int = 60) -> list[tuple[str, int, float]]:
+    """Members spending now and then, some a lot: every tier is reached, kept and lost."""
+    rng = random.Random(seed)
+    orders = []
+    for member in MEMBERS:
+        big = rng.random() < 0.4
+        for n in range(-5, days):
+            if rng.random() < (0.12 if big else 0.05):
+                orders.append((member, n, round(rng.choice([150, 900, 2500, 7000, 12000, 26000][: 6 if big else 3])
+                                              * rng.uniform(0.8, 1.2), 2)))
+    return orders
+
+
+def busy(root: Path, step: str = "one") -> Workspace:
+    return programme(root, MEMBERS, members_orders(), campaigns=TRIAL + WELCOME, step=step)
+
+
+def offers(root: Path) -> list[tuple]:
+    with sqlite3.connect(root / "state" / "loyalty.db") as conn:
+        return conn.execute("SELECT firing_key, reward FROM offers ORDER BY firing_key").fetchall()
+
+
+def simulated_moves(history: pd.DataFrame) -> list[tuple]:
+    """(customer, from, to, reason, as_of) of a simulation's tier history, as ``recorded_moves``."""
+    return sorted(zip(history["customer_id"], history["from_tier"].fillna("-"), history["tier"].fillna("-"),
+                      history["reason"], [t.isoformat() for t in history["as_of"]]))
+
+
+def recorded_moves(root: Path, since: str = "") -> list[tuple]:
+    recorded, _ = tables(root)
+    return sorted((row[0], row[1] or "-", row[2] or "-", row[3], row[4]) for row in recorded if row[4] >= since)
+
+
+def test_the_scenario_moves_members_every_way(tmp_path):
+    ws = busy(tmp_path / "ws")
+    for n in range(21):
+        ws.run(day(n), deliver=False)
+    history, _ = tables(tmp_path / "ws")
+    reasons = {row[3] for row in history}
+    assert {"joined", "qualified", "retained", "grace", "stepped down", "campaign gold_trial",
+            "trial ended"} <= reasons, reasons
+
+
+@pytest.mark.parametrize("options", [{"partitions": 3}, {"workers": 2}], ids=["partitions=3", "workers=2"])
+def test_several_partitions_or_workers_record_what_one_records(tmp_path, options):
+    one, split = busy(tmp_path / "one"), busy(tmp_path / "split")
+    for n in range(0, 21, 2):
+        assert one.run(day(n), deliver=False, partitions=1, workers=1).tier_moves == \
+            split.run(day(n), deliver=False, **options).tier_moves, n
+    assert tables(tmp_path / "one") == tables(tmp_path / "split")
+    assert offers(tmp_path / "one") == offers(tmp_path / "split")
+    assert one.preview(day(21), sample=0, partitions=1).tier_moves == \
+        split.preview(day(21), sample=0, **options).tier_moves
+
+
+def _cli_run(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LOYALTY_CRASH_AT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if crash_at is not None:
+        env["LOYALTY_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "cli", "run", str(root), "--as-of", as_of, "--no-deliver"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def halfway(tmp_path_factory) -> tuple[Path, Path]:
+    """A programme run daily up to day 12, and the same run once more at day 13."""
+    base = tmp_path_factory.mktemp("tiers") / "base"
+    ws = busy(base)
+    for n in range(13):
+        ws.run(day(n), deliver=False)
+    reference = base.parent / "reference"
+    shutil.copytree(base, reference)
+    Workspace(reference).run(day(13), deliver=False)
+    return base, reference
+
+
+@pytest.mark.parametrize("crash_at", [c for c in CHECKPOINTS if c != "mid_delivery"])
+def test_a_crash_then_a_rerun_records_every_move_once(halfway, tmp_path, crash_at):
+    base, reference = halfway
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    crashed = _cli_run(root, day(13), crash_at)
+    assert crashed.returncode == -9, crashed.stderr
+    after_crash = tables(root)
+    if crash_at == "after_commit":
+        assert after_crash == tables(reference)            # committed: everything is there
+    else:
+        assert after_crash == tables(base)                 # nothing of day 13 is half-written
+    rerun = _cli_run(root, day(13))
+    assert rerun.returncode == 0, rerun.stderr
+    assert tables(root) == tables(reference)
+    assert offers(root) == offers(reference)
+    assert any(row[4] == day(13) for row in tables(reference)[0]), "day 13 should move someone"
+
+
+def test_a_simulation_of_sixty_days_agrees_with_sixty_runs(tmp_path):
+    real, forecast = busy(tmp_path / "real"), busy(tmp_path / "forecast")
+    for n in range(60):
+        real.run(day(n), deliver=False)
+    simulated = forecast.simulate(day(0), day(59), fresh=True)
+    assert simulated_moves(simulated.tier_history) == recorded_moves(tmp_path / "real")
+    assert len(recorded_moves(tmp_path / "real")) > 100
+    made = {key for key, _ in offers(tmp_path / "real")}
+    assert set(simulated.offers["firing_key"]) == made
+    assert simulated.as_dict()["tier_moves"]["down"]
+    assert "Tier moves over the simulation: up " in format_text(simulated)
+
+
+def test_a_simulation_continues_from_the_recorded_tiers(tmp_path):
+    real, seeded = busy(tmp_path / "real"), busy(tmp_path / "seeded")
+    for n in range(30):
+        real.run(day(n), deliver=False)
+        if n < 15:
+            seeded.run(day(n), deliver=False)
+    rest = seeded.simulate(day(15), day(29))
+    assert rest.earlier_runs == 15
+    assert simulated_moves(rest.tier_history) == recorded_moves(tmp_path / "real", since=day(15))
+    # the points multipliers and features read the simulated history, as the runs read theirs
+    assert pd.Index(rest.offers["firing_key"]).isin([k for k, _ in offers(tmp_path / "real")]).all()
