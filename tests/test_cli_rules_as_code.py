@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from engine import Workspace
 from engine.data.sampledata import copy_example_programme, write_sample_workspace
 
 AS_OF = "2026-11-23T10:00:00+08:00"
@@ -113,7 +114,7 @@ def test_a_workspace_without_golden_tests(workspace):
 def test_the_example_programme_golden_tests_pass(example):
     result = invoke("test", example)
     assert result.exit_code == 0, result.output
-    assert "72 passed, 0 failed (8 file(s))." in result.output
+    assert "84 passed, 0 failed (11 file(s))." in result.output
 
 
 def test_init_example_ships_golden_tests_that_pass(tmp_path):
@@ -212,9 +213,11 @@ def test_preview_trace_writes_one_row_per_customer_and_campaign(example, tmp_pat
     path = tmp_path / name
     result = invoke("preview", example, "--as-of", AS_OF, "--trace", path)
     assert result.exit_code == 0, result.output
-    assert f"decision trace: {200 * 20} rows written to {path}" in result.stderr
+    campaigns = len(Workspace(example).load().program.campaigns)      # the example's, and its points notice
+    assert campaigns == 21
+    assert f"decision trace: {200 * campaigns} rows written to {path}" in result.stderr
     trace = pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path, dtype={"customer_id": str})
-    assert len(trace) == 200 * 20 and trace["customer_id"].nunique() == 200
+    assert len(trace) == 200 * campaigns and trace["customer_id"].nunique() == 200
     shanghai = trace[(trace["city"] == "上海") & (trace["campaign"] == "winback_at_risk")]
     assert len(shanghai) and set(shanghai["stage"]) <= {"segment", "trigger", "consent", "frequency_cap",
                                                          "cooldown", "holdout", "arbitration", "budget", "offers"}

@@ -51,6 +51,7 @@ _EXPECTATION = {
         "campaign": {"type": "string", "description": "with suppressed_by: the campaign concerned"},
         "points_balance": {"type": "number", "description": "the member's points balance at as_of"},
         "points_expiring_30d": {"type": "number", "description": "the member's points expiring within 30 days"},
+        "tier": {"type": ["string", "null"], "description": "the member's tier at as_of (after the run's moves)"},
     },
 }
 SCHEMA = {
@@ -227,11 +228,11 @@ def _run_file(workspace: LoadedWorkspace, data: dict, smap: SourceMap) -> tuple[
             line, _ = smap.value_position(("previous_runs",))
             return 0, [Failure(smap.file, line, f"previous run {earlier.isoformat()} is not before as_of")]
         context = state.context(workspace, earlier)
-        features = fixture_features(workspace, tables, data, earlier, context.points)
+        features = fixture_features(workspace, tables, data, earlier, context.points, context.tiers)
         evaluation = evaluate(workspace, tables, features, context, campaigns)
-        state.record(evaluation, evaluation.edge_state)
+        state.record(evaluation, evaluation.edge_state, workspace)
     context = state.context(workspace, as_of)
-    features = fixture_features(workspace, tables, data, as_of, context.points)
+    features = fixture_features(workspace, tables, data, as_of, context.points, context.tiers)
     evaluation = evaluate(workspace, tables, features, context, campaigns, trace=True)
     records, errors = build_messages(workspace, evaluation, features, make_renderer(workspace))
     stages = trace_frame(evaluation, features)[["customer_id", "campaign", "stage"]]
@@ -282,6 +283,12 @@ def _judge(customer_id: str, expect, outcome: _Outcome) -> str | None:
             return problem
     if "suppressed_by" in expect:
         return _suppressed(customer_id, expect["suppressed_by"], expect.get("campaign"), outcome, got_text)
+    if "tier" in expect:
+        row = outcome.features[outcome.features["customer_id"].astype(str) == customer_id]
+        tier = row["tier"].iloc[0] if len(row) else None
+        tier = None if pd.isna(tier) else str(tier)
+        if tier != expect["tier"]:
+            return f"expected tier {expect['tier']}, got {tier}"
     for feature in ("points_balance", "points_expiring_30d"):
         if feature in expect:
             row = outcome.features[outcome.features["customer_id"].astype(str) == customer_id]
@@ -366,6 +373,8 @@ def _trigger_lines(campaign, explained: dict) -> list[str]:
     trigger = campaign.trigger
     if trigger.kind == "always":
         return []
+    if trigger.kind == "earned":         # an earn rule's message: the rule, not its whole definition
+        return [f"  when: a credit of the earn rule {trigger.params['rule'].name}"]
     params = ", ".join(f"{k}: {_show(v)}" for k, v in trigger.params.items())
     line = f"  when: {trigger.kind}" + (f" {{{params}}}" if params else "")
     feature = _TRIGGER_FEATURES.get(trigger.kind)

@@ -15,6 +15,7 @@ from engine.config.rulefiles import SourceMap
 from engine.config.schema import did_you_mean
 from engine.data.features import assign_tiers, compute_features, feature_order
 from engine.data.points import PointsHistory
+from engine.data.tiers import TierState
 from engine.data.sources import Tables, load_tables
 from engine.execution.pipeline import parse_as_of
 
@@ -86,11 +87,11 @@ def fixture_tables(workspace: LoadedWorkspace, data: dict, as_of: pd.Timestamp, 
 
 
 def fixture_features(workspace: LoadedWorkspace, tables: Tables, data: dict, as_of: pd.Timestamp,
-                     history: PointsHistory | None = None) -> pd.DataFrame:
-    """Features from the fixture data (and the points granted by earlier runs), then the
-    fixture's feature values; tiers and expression features are computed again from them
-    (RFM scores are not)."""
-    features = compute_features(tables, workspace.program, workspace.settings, as_of, history)
+                     history: PointsHistory | None = None, tiers: TierState | None = None) -> pd.DataFrame:
+    """Features from the fixture data (and what earlier runs granted and left: points, stored
+    tiers), then the fixture's feature values; tiers and expression features are computed
+    again from them (RFM scores are not)."""
+    features = compute_features(tables, workspace.program, workspace.settings, as_of, history, tiers)
     overrides = [(i, c.get("features") or {}) for i, c in enumerate(data["customers"])]
     if not any(values for _, values in overrides):
         return features
@@ -106,9 +107,9 @@ def fixture_features(workspace: LoadedWorkspace, tables: Tables, data: dict, as_
     apply()
     program = workspace.program
     for name in feature_order(program.features, program.tiers):
-        if name == "tier":      # stored tiers: as members without a recorded tier would enter
+        if name == "tier":      # stored tiers: from what the previous runs left
             features["tier"], features["tier_since"] = assign_tiers(program, features, as_of,
-                                                                    workspace.settings.timezone)
+                                                                    workspace.settings.timezone, tiers)
         elif program.features[name].expr is not None:
             value = program.features[name].expr.evaluate(features, as_of)
             features[name] = pd.Series(value, index=features.index).astype(features[name].dtype)

@@ -234,8 +234,9 @@ def _expressions():
             yield f"features.{name}.where", text, TABLE_COLUMNS[feature["from"]]
     for section in ("segments", "tiers"):
         for name, item in PROGRAMME[section].items():
-            for text in conditions(item["where"]):
-                yield f"{section}.{name}", text, set()
+            for key in ("where", "qualify", "retain"):
+                for text in conditions(item.get(key)):
+                    yield f"{section}.{name}.{key}", text, set()
     for cid, campaign in CAMPAIGNS.items():
         when = campaign.get("when", {})
         event_names = EVENT_ATTRIBUTES if "event" in when else set()
