@@ -462,6 +462,32 @@ class Database:
     def _frame(self, sql: str, params: list, columns: list[str]) -> pd.DataFrame:
         return pd.DataFrame(self.db.execute(sql, params).fetchall(), columns=columns)
 
+    def _pairs_for_keys(self, sql: str, params: list, column: str, keys: Iterable[str] | None) -> dict:
+        """The (key, value) rows of ``sql`` (which ends in a WHERE clause) as a dict; with
+        ``keys``, only the rows whose ``column`` is one of them, looked up 50,000 at a time."""
+        db = self._reader()
+        if keys is None:
+            return dict(db.execute(sql, params).fetchall())
+        keys = list(keys)
+        found: dict = {}
+        for start in range(0, len(keys), 50_000):
+            found.update(db.execute(f"{sql} AND {column} IN (SELECT value FROM json_each(?))",
+                                    [*params, orjson.dumps(keys[start:start + 50_000]).decode()]).fetchall())
+        return found
+
+
+def instant_bounds(column: str, before: str | None, through: str | None) -> tuple[list[str], list[str]]:
+    """SQL conditions (and their parameters) keeping the rows whose ``column`` (a UTC ISO key)
+    is before ``before`` and at or before ``through``, where given."""
+    where, params = [], []
+    if before is not None:
+        where.append(f"{column} < ?")
+        params.append(before)
+    if through is not None:
+        where.append(f"{column} <= ?")
+        params.append(through)
+    return where, params
+
 
 # --------------------------------------------------------------------------- check and backup
 

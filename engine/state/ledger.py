@@ -6,7 +6,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from engine.state.database import Database, plain
+from engine.state.database import Database, instant_bounds, plain
 
 
 class Ledger(Database):
@@ -20,13 +20,7 @@ class Ledger(Database):
     def points_granted(self, before: str | None = None, through: str | None = None) -> pd.DataFrame:
         """customer_id, points, granted_at (UTC), campaign of the points campaigns granted by
         runs at instants before ``before`` (or at or before ``through``), UTC ISO keys."""
-        where, params = [], []
-        if before is not None:
-            where.append("granted < ?")
-            params.append(before)
-        if through is not None:
-            where.append("granted <= ?")
-            params.append(through)
+        where, params = instant_bounds("granted", before, through)
         rows = self._frame(
             "SELECT customer_id, points, granted, campaign FROM (SELECT l.customer_id, l.points, "
             "coalesce(r.as_of_utc, l.as_of) AS granted, coalesce(o.campaign, '') AS campaign "

@@ -25,6 +25,7 @@ from engine.state.database import (
     decode_json,
     dumps_json,
     gc_paused,
+    instant_bounds,
     iso,
     iso_utc,
     now_utc,
@@ -94,20 +95,11 @@ class OfferBook(PendingFirings):
         closed it as a pending firing that expired or was held out (``pending_firings``); for
         the given keys (all such firings with None), of runs at an as_of before ``before``
         (UTC ISO) if given. ``RunContext.recorded``: none of them fires again."""
+        keys = None if firing_keys is None else list(firing_keys)
+        where, params = instant_bounds("r.as_of_utc", before, None)
         sql = "SELECT o.firing_key, r.as_of_utc FROM offers o JOIN runs r ON r.run_id = o.run_id WHERE 1"
-        params: list = []
-        if before is not None:
-            sql += " AND r.as_of_utc < ?"
-            params.append(before)
-        db = self._reader()
-        if firing_keys is None:
-            return self.closed_firings(None, before) | dict(db.execute(sql, params).fetchall())
-        keys = list(firing_keys)
-        found: dict[str, str] = self.closed_firings(keys, before)
-        for start in range(0, len(keys), 50_000):
-            found.update(db.execute(sql + " AND o.firing_key IN (SELECT value FROM json_each(?))",
-                                         [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
-        return found
+        return self.closed_firings(keys, before) | self._pairs_for_keys(" AND ".join([sql, *where]), params,
+                                                                        "o.firing_key", keys)
 
     def budget_used(self, starts: Mapping[str, str], before: str) -> dict[str, tuple[int, float]]:
         """Campaign -> (offers, cost) recorded by runs at an as_of from its period's start up

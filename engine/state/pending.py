@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from engine.decide.pending import CONTEXT_COLUMNS
-from engine.state.database import Database
+from engine.state.database import Database, instant_bounds
 
 _CLOSED = ("expired", "held_out")      # acted on without an offer: never fires again
 
@@ -38,20 +38,9 @@ class PendingFirings(Database):
     def closed_firings(self, firing_keys: Iterable[str] | None = None,
                        before: str | None = None) -> dict[str, str]:
         """firing key -> as_of (UTC) of the run that closed it without an offer (expired, held out)."""
+        where, params = instant_bounds("status_as_of", before, None)
         sql = "SELECT firing_key, status_as_of FROM pending_firings WHERE status IN ('expired', 'held_out')"
-        params: list = []
-        if before is not None:
-            sql += " AND status_as_of < ?"
-            params.append(before)
-        db = self._reader()
-        if firing_keys is None:
-            return dict(db.execute(sql, params).fetchall())
-        keys = list(firing_keys)
-        found: dict[str, str] = {}
-        for start in range(0, len(keys), 50_000):
-            found.update(db.execute(sql + " AND firing_key IN (SELECT value FROM json_each(?))",
-                                    [*params, json.dumps(keys[start:start + 50_000])]).fetchall())
-        return found
+        return self._pairs_for_keys(" AND ".join([sql, *where]), params, "firing_key", firing_keys)
 
     def pending_firings(self, customer_id: str | None = None) -> list[dict]:
         """Every pending firing (of one customer), oldest first."""

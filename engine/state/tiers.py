@@ -18,7 +18,7 @@ import pandas as pd
 
 from engine.config.tier_rules import trial_days
 from engine.data.tiers import DATES, STATE_COLUMNS, TierRun, TierState, campaign_moves, move_counts
-from engine.state.database import Database, iso, iso_utc
+from engine.state.database import Database, instant_bounds, iso, iso_utc
 
 _STATE_SQL = "customer_id, tier, since, review_at, grace_until, trial_until, trial_from"
 _HISTORY_COLUMNS = ("customer_id", "from_tier", "to_tier", "reason", "run_id", "as_of", "as_of_utc", "seq",
@@ -42,13 +42,8 @@ class TierBook(Database):
     def tier_changes(self, before: str | None = None, through: str | None = None) -> pd.DataFrame:
         """customer_id, tier, since (UTC) of every change of tier recorded by runs at instants
         before ``before`` (or at or before ``through``), UTC ISO keys: what points multiply by."""
-        where, params = ["from_tier IS NOT to_tier"], []
-        if before is not None:
-            where.append("as_of_utc < ?")
-            params.append(before)
-        if through is not None:
-            where.append("as_of_utc <= ?")
-            params.append(through)
+        bounds, params = instant_bounds("as_of_utc", before, through)
+        where = ["from_tier IS NOT to_tier", *bounds]
         frame = self._frame("SELECT customer_id, to_tier, as_of_utc FROM tier_history WHERE "
                             + " AND ".join(where) + " ORDER BY as_of_utc, seq", params,
                             ["customer_id", "tier", "since"])
