@@ -133,10 +133,10 @@ def _shift(stamp: pd.Timestamp, days: int) -> pd.Timestamp:
 def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_of: pd.Timestamp,
                    timezone: str, history: PointsHistory | None) -> Entries:
     """Every entry up to ``as_of`` of the members in ``features`` (whose row order the
-    tables' ``cust_code`` follows)."""
+    tables' ``cust_code`` follows); without ``tables``, only what ``history`` granted."""
     parts: list[Entries] = []
     now = _instant(as_of)
-    if points is not None:
+    if points is not None and tables is not None:
         start = None
         if points.start is not None:
             start = _instant(pd.Timestamp(points.start).tz_localize(timezone))
@@ -293,19 +293,9 @@ class _TierAt:
 def member_accounts(points: PointsDef | None, tables, features: pd.DataFrame, as_of: pd.Timestamp,
                     timezone: str, history: PointsHistory | None) -> Accounts:
     """The account at ``as_of`` of every member of ``features``."""
-    empty = tables is None
-    entries = Entries.empty() if empty and history is None else \
-        member_entries(points, tables if not empty else _NO_TABLES, features, as_of, timezone, history)
+    entries = member_entries(points, tables, features, as_of, timezone, history)
     expire = points.expire_days if points is not None else None
     return accounts(entries, len(features), as_of, expire, timezone)
-
-
-class _NoTables:
-    orders = events = pd.DataFrame()
-    point_redemptions = None
-
-
-_NO_TABLES = _NoTables()
 
 
 def accounts(entries: Entries, n: int, as_of: pd.Timestamp, expire_days: int | None, timezone: str) -> Accounts:
