@@ -170,16 +170,16 @@ KIND_NAMES = {CREDIT: "earned", REDEMPTION: "redeemed"}
 
 def _lines(entries, position: int, expire_days: int | None, timezone: str) -> list[dict]:
     """One member's ledger lines, oldest first."""
-    mine = entries.pos == position
-    at = entries.at[mine]
+    mine = entries.take(entries.pos == position).sorted()
+    at = mine.at
     ends = shift_days(at, expire_days, timezone) if expire_days is not None else np.full(len(at), -1)
-    kinds = entries.kind[mine]
+    kinds = mine.kind
     dates = _dates(at, timezone)
     expires = _dates(np.where(kinds == CREDIT, ends, -1), timezone)
     return [{"date": day, "kind": KIND_NAMES.get(int(kind), "refund"),
              "source": f"point_redemptions row {source}" if kind == REDEMPTION else str(source),
              "points": int(round(points if kind == CREDIT else -points)), "expires": end}
-            for day, kind, source, points, end in zip(dates, kinds, entries.source[mine], entries.points[mine],
+            for day, kind, source, points, end in zip(dates, kinds, mine.source, mine.points,
                                                       expires)]
 
 

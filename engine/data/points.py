@@ -60,7 +60,8 @@ class PointsHistory:
 
 @dataclass
 class Entries:
-    """Every entry of the members of one frame, sorted by member, time, credits first."""
+    """Entries of the members of one frame, in any order (``sorted``: by member, time,
+    credits first)."""
 
     pos: np.ndarray          # member position in the features frame
     at: np.ndarray           # int64 microseconds UTC
@@ -74,8 +75,21 @@ class Entries:
                    np.array([], np.int8), np.array([], object))
 
     def sorted(self) -> "Entries":
-        order = np.lexsort((self.kind, self.at, self.pos))
-        return Entries(self.pos[order], self.at[order], self.points[order], self.kind[order], self.source[order])
+        return self.take(np.lexsort((self.kind, self.at, self.pos)))
+
+    def take(self, rows: np.ndarray) -> "Entries":
+        """The entries at ``rows`` (positions or a mask)."""
+        return Entries(self.pos[rows], self.at[rows], self.points[rows], self.kind[rows], self.source[rows])
+
+    @classmethod
+    def joined(cls, parts: list["Entries"]) -> "Entries":
+        parts = [p for p in parts if len(p.pos)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("pos", "at", "points", "kind", "source")))
 
 
 @dataclass
@@ -133,7 +147,7 @@ def _shift(stamp: pd.Timestamp, days: int) -> pd.Timestamp:
 def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_of: pd.Timestamp,
                    timezone: str, history: PointsHistory | None) -> Entries:
     """Every entry up to ``as_of`` of the members in ``features`` (whose row order the
-    tables' ``cust_code`` follows); without ``tables``, only what ``history`` granted."""
+    tables' ``cust_code`` follows), unsorted; without ``tables``, only what ``history`` granted."""
     parts: list[Entries] = []
     now = _instant(as_of)
     if points is not None and tables is not None:
@@ -154,11 +168,7 @@ def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_
                              redemptions["points"].to_numpy(float)[seen],
                              np.full(int(seen.sum()), REDEMPTION, np.int8),
                              redemptions["source_row"].astype(str).to_numpy(object)[seen]))
-    parts = [p for p in parts if len(p.pos)]
-    if not parts:
-        return Entries.empty()
-    return Entries(*(np.concatenate([getattr(p, name) for p in parts])
-                     for name in ("pos", "at", "points", "kind", "source"))).sorted()
+    return Entries.joined(parts)
 
 
 def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: pd.Timestamp, now: int,
@@ -205,10 +215,14 @@ def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_o
         keep &= at >= start
     if rule.event_type is not None:
         keep &= (table["type"] == rule.event_type).to_numpy(dtype=bool, na_value=False)
-    rows = table[keep].reset_index(drop=True)
-    at = at[keep]
-    if not len(rows):
+    if not keep.any():
         return None
+    if not keep_columns:        # only what the rule reads: copying whole order tables is slow
+        prefix = "order." if rule.source == "orders" else "event."
+        used = {name[len(prefix):] for name in _names(rule) if name.startswith(prefix)}
+        table = table[[c for c in table.columns if c in used or c in ("cust_code", "amount")]]
+    rows = table.reset_index(drop=True) if keep.all() else table[keep].reset_index(drop=True)
+    at = at[keep]
     written = rows
     pos = rows["cust_code"].to_numpy(np.int64)
     refund = np.zeros(len(rows), dtype=bool)
@@ -238,7 +252,7 @@ def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_o
 def _scope(rule: EarnRule, rows: pd.DataFrame, features: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:
     """``order.*``/``event.*`` of each row beside the member's features the rule reads."""
     prefix = "order." if rule.source == "orders" else "event."
-    used = set(rule.amount.names) | (set(rule.where.names) if rule.where is not None else set())
+    used = _names(rule)
     columns = {name: rows[name[len(prefix):]].reset_index(drop=True)
                for name in used if name.startswith(prefix) and name[len(prefix):] in rows}
     member = [name for name in used if not name.startswith(prefix) and name in features]
@@ -246,6 +260,11 @@ def _scope(rule: EarnRule, rows: pd.DataFrame, features: pd.DataFrame, pos: np.n
     for name, column in columns.items():
         scope[name] = column
     return scope
+
+
+def _names(rule: EarnRule) -> set[str]:
+    """The names an earn rule's amount and condition read."""
+    return set(rule.amount.names) | (set(rule.where.names) if rule.where is not None else set())
 
 
 def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
@@ -270,21 +289,28 @@ class _TierAt:
         if tiers is not None:
             pos = pd.Index(features["customer_id"].astype(str)).get_indexer(tiers["customer_id"].astype(str))
             keep = pos >= 0
-            self.changes = pd.DataFrame({"pos": pos[keep], "since": _micros(tiers["since"])[keep],
-                                         "tier": tiers["tier"].astype(object).to_numpy()[keep]}) \
-                .sort_values("since", kind="stable")
+            pos, since = pos[keep].astype(np.int64), _micros(tiers["since"])[keep]
+            order = np.lexsort((since, pos))        # by member, then time (stable: the later row wins a tie)
+            self.changes = (pos[order], since[order], tiers["tier"].astype(object).to_numpy()[keep][order])
+            count = np.bincount(pos, minlength=len(features))
+            self.first, self.count = np.r_[0, np.cumsum(count)[:-1]], count
 
     def multiplier(self, pos: np.ndarray, at: np.ndarray, factors) -> np.ndarray:
+        """The factor of each (member, instant): the tier's in ``factors``, else 1."""
+        def factor(tiers: np.ndarray) -> np.ndarray:
+            return pd.Series(tiers, dtype=object).map(dict(factors)).fillna(1.0).to_numpy(float)
         if self.changes is None:
-            tier = self.current[pos]
-        else:
-            query = pd.DataFrame({"pos": pos, "since": at, "row": np.arange(len(pos))}).sort_values("since",
-                                                                                                    kind="stable")
-            found = pd.merge_asof(query, self.changes, on="since", by="pos", direction="backward",
-                                  allow_exact_matches=False)
-            tier = np.full(len(pos), None, dtype=object)
-            tier[found["row"].to_numpy()] = found["tier"].to_numpy(dtype=object)
-        return pd.Series(tier, dtype=object).map(dict(factors)).fillna(1.0).to_numpy(float)
+            return factor(self.current)[pos]
+        _, since, tier = self.changes
+        change_factor = factor(tier)
+        found = np.ones(len(pos))
+        first, count = self.first[pos], self.count[pos]
+        # a member has few changes: the k-th change of every member at once, the last one before wins
+        for k in range(int(count.max()) if len(pos) else 0):
+            row = np.where(count > k, first + k, 0)
+            before = (count > k) & (since[row] < at) if len(since) else np.zeros(len(pos), dtype=bool)
+            found[before] = change_factor[row[before]]
+        return found
 
 
 # --------------------------------------------------------------------------- accounts
@@ -299,33 +325,62 @@ def member_accounts(points: PointsDef | None, tables, features: pd.DataFrame, as
 
 
 def accounts(entries: Entries, n: int, as_of: pd.Timestamp, expire_days: int | None, timezone: str) -> Accounts:
-    """Every member's account at ``as_of`` from their entries (all at or before ``as_of``)."""
-    debits = entries.kind != CREDIT
+    """Every member's account at ``as_of`` from their entries (all at or before ``as_of``, in
+    any order). Members without a debit need no order: what expired is every credit that ended.
+    Only the entries of members with a debit are sorted and go through FIFO."""
+    debit = entries.kind != CREDIT
     overdrawn: list[tuple[str, int, float, float]] = []
-    bad = _overdrawn_members(entries, expire_days, timezone)
-    if len(bad):
-        entries, overdrawn = _clip_debits(entries, bad, expire_days, timezone)
-        debits = entries.kind != CREDIT
-    pos, pts = entries.pos, entries.points
-    credit = np.where(debits, 0.0, pts)
-    redemption = np.where(entries.kind == REDEMPTION, pts, 0.0)
-    refund = np.where(entries.kind == REFUND, pts, 0.0)
-    earned = np.bincount(pos, credit, minlength=n) - np.bincount(pos, refund, minlength=n)
-    redeemed = np.bincount(pos, redemption, minlength=n)
+    plain, mixed = entries, Entries.empty()
+    if debit.any():
+        has_debit = np.zeros(n, dtype=bool)
+        has_debit[entries.pos[debit]] = True
+        involved = has_debit[entries.pos]
+        plain, mixed = entries.take(~involved), entries.take(involved).sorted()
+        bad = _overdrawn_members(mixed, expire_days, timezone)
+        if len(bad):
+            mixed, overdrawn = _clip_debits(mixed, bad, expire_days, timezone)
     year_ago = _instant(_shift(as_of, -365))
-    recent = entries.at > year_ago
-    earned_365d = np.bincount(pos[recent], (credit - refund)[recent], minlength=n).clip(min=0)
-    redeemed_365d = np.bincount(pos[recent], redemption[recent], minlength=n)
+    earned, redeemed, earned_365d, redeemed_365d = (np.zeros(n) for _ in range(4))
+    for part in (plain, mixed):
+        pos, pts, kind = part.pos, part.points, part.kind
+        credit = np.where(kind == CREDIT, pts, 0.0) - np.where(kind == REFUND, pts, 0.0)
+        redemption = np.where(kind == REDEMPTION, pts, 0.0)
+        recent = part.at > year_ago
+        earned += np.bincount(pos, credit, minlength=n)
+        redeemed += np.bincount(pos, redemption, minlength=n)
+        earned_365d += np.bincount(pos[recent], credit[recent], minlength=n)
+        redeemed_365d += np.bincount(pos[recent], redemption[recent], minlength=n)
     expired = np.zeros(n)
     expiring = np.zeros(n)
     next_expiry = np.full(n, -1, dtype=np.int64)
-    if expire_days is not None and len(pos):
+    if expire_days is not None:
         now, month = _instant(as_of), _instant(_shift(as_of, 30))
-        expired, expiring, next_expiry = _expiry(entries, n, expire_days, timezone, now, month)
+        if len(plain.pos):
+            expired, expiring, next_expiry = _expiry_without_debits(plain, n, expire_days, timezone, now, month)
+        if len(mixed.pos):
+            more = _expiry(mixed, n, expire_days, timezone, now, month)
+            expired, expiring, next_expiry = expired + more[0], expiring + more[1], np.maximum(next_expiry, more[2])
     balance = (earned - redeemed - expired).clip(min=0)
     return Accounts(np.round(balance, 6), np.round(earned, 6), np.round(redeemed, 6), np.round(expired, 6),
-                    np.round(earned_365d, 6), np.round(redeemed_365d, 6), np.round(expiring, 6), next_expiry,
-                    overdrawn)
+                    np.round(earned_365d.clip(min=0), 6), np.round(redeemed_365d, 6), np.round(expiring, 6),
+                    next_expiry, overdrawn)
+
+
+def _expiry_without_debits(credits: Entries, n: int, expire_days: int, timezone: str, now: int,
+                           month: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_expiry`` of members whose entries are all credits: what ended by ``now`` expired, what
+    ends by ``month`` expires then, and the next expiry is the first end after ``now``."""
+    pos, pts = credits.pos, credits.points
+    ends = shift_days(credits.at, expire_days, timezone)
+    gone = ends <= now
+    expired = np.bincount(pos[gone], pts[gone], minlength=n)
+    soon = ~gone & (ends <= month)
+    expiring = np.bincount(pos[soon], pts[soon], minlength=n)
+    never = np.iinfo(np.int64).max
+    next_expiry = np.full(n, never, dtype=np.int64)
+    np.minimum.at(next_expiry, pos[~gone], ends[~gone])
+    next_expiry[next_expiry == never] = -1
+    return expired, expiring, next_expiry
 
 
 def _cumulative(pos: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.data.keys import is_in
 from engine.data.tiers import MOVE_COLUMNS, decide_tiers, empty_states
 from engine.decide.assignment import in_holdout
 from engine.decide.budgets import apply_budgets, budget_caps
@@ -130,7 +131,7 @@ class PartitionDecision:
 def keep_within(workspace: LoadedWorkspace, decision: PartitionDecision, kept: pd.DataFrame) -> None:
     """Cut a partition's arbitrated candidates to ``kept`` (what the budgets can still keep):
     the firings cut off that wait are recorded as stopped by the budget."""
-    lost = decision.arbitrated[~decision.arbitrated["firing_key"].isin(kept["firing_key"]).to_numpy()]
+    lost = decision.arbitrated[~is_in(decision.arbitrated["firing_key"], kept["firing_key"])]
     if len(lost):
         decision.pending = combined([decision.pending, waiting_outcomes(workspace, lost, "budget")])
     decision.arbitrated = kept
@@ -213,7 +214,7 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
                 waiting[campaign.id], ids, positions, keys, events, first, campaign.trigger.kind == "event",
                 getattr(tables, "events", None))
         if expired_keys and len(keys):
-            fresh = ~pd.Series(keys, dtype=object).isin(expired_keys).to_numpy()
+            fresh = ~is_in(keys, expired_keys)
             positions, keys, events, first = positions[fresh], keys[fresh], events[fresh].reset_index(drop=True), \
                 first[fresh]
         if len(keys):
@@ -226,7 +227,7 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
             if done:
                 earlier = {k for k, at in done.items() if at != as_of_key}
                 same_run.update(k for k, at in done.items() if at == as_of_key)
-                fresh = ~pd.Series(keys).isin(earlier).to_numpy()
+                fresh = ~is_in(keys, earlier)
                 positions, keys, events, first = positions[fresh], keys[fresh], \
                     events[fresh].reset_index(drop=True), first[fresh]
         if len(positions) and _before(first, as_of_key).any():
@@ -290,7 +291,7 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
     if candidates:
         everyone = pd.concat(candidates, ignore_index=True)
         outcomes.append(waiting_outcomes(
-            workspace, everyone[~everyone["firing_key"].isin(arbitrated["firing_key"]).to_numpy()], "arbitration"))
+            workspace, everyone[~is_in(everyone["firing_key"], arbitrated["firing_key"])], "arbitration"))
     moves = member_tier_moves(workspace, features, ctx) if tier_moves else empty_states(MOVE_COLUMNS)
     return PartitionDecision(arbitrated, funnels, _frame_of(holdouts, HOLDOUT_COLUMNS), edge_state,
                              warnings, same_run, candidates if trace else [], stops, combined(outcomes), reentered,
@@ -339,8 +340,8 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
         candidates = [frame for part in parts for frame in part.candidates]
         if candidates:
             everyone = pd.concat(candidates, ignore_index=True)[["campaign", "pos", "firing_key"]]
-            lost = everyone[~everyone["firing_key"].isin(arbitrated["firing_key"])]
-            stopped_budget = arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"])]
+            lost = everyone[~is_in(everyone["firing_key"], arbitrated["firing_key"])]
+            stopped_budget = arbitrated[~is_in(arbitrated["firing_key"], offers["firing_key"])]
             for name, frame in (("arbitration", lost), ("budget", stopped_budget)):
                 for campaign_id, group in frame.groupby("campaign"):
                     stops.append(pd.DataFrame({"campaign": campaign_id, "pos": group["pos"].to_numpy(),
@@ -356,7 +357,7 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
     outcomes = [part.pending for part in parts]
     if len(arbitrated):
         outcomes.append(waiting_outcomes(
-            workspace, arbitrated[~arbitrated["firing_key"].isin(offers["firing_key"]).to_numpy()], "budget"))
+            workspace, arbitrated[~is_in(arbitrated["firing_key"], offers["firing_key"])], "budget"))
     if len(offers) and "reentered" in offers and offers["reentered"].any():
         outcomes.append(closed_outcomes(offers[offers["reentered"].to_numpy(dtype=bool)], "offered"))
     if pending is not None and len(pending):
@@ -366,7 +367,7 @@ def combine_partitions(workspace: LoadedWorkspace, as_of: pd.Timestamp, parts: l
         for campaign, count in part.reentered.items():
             reentered[campaign] = reentered.get(campaign, 0) + count
     same_run = set().union(*(p.same_run for p in parts))
-    offers["recorded"] = offers["firing_key"].isin(same_run).to_numpy(dtype=bool) if same_run \
+    offers["recorded"] = is_in(offers["firing_key"], same_run) if same_run \
         else np.zeros(len(offers), dtype=bool)
     holdouts = [p.holdouts for p in parts if len(p.holdouts)]
     holdout_frame = pd.concat(holdouts, ignore_index=True) if holdouts else pd.DataFrame(columns=HOLDOUT_COLUMNS)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
+from engine.data.keys import is_in
 
 REASONS = ("consent", "frequency_cap", "cooldown", "arbitration", "budget", "render")
 STATUSES = ("pending", "offered", "expired", "held_out")
@@ -141,10 +142,10 @@ def render_outcomes(workspace: LoadedWorkspace, evaluation_offers: pd.DataFrame,
     offers = evaluation_offers
     if not len(offers):
         return outcomes
-    missed = offers[~offers["firing_key"].isin(rendered).to_numpy()]
+    missed = offers[~is_in(offers["firing_key"], rendered)]
     if not len(missed):
         return outcomes
-    outcomes = outcomes[~outcomes["firing_key"].isin(set(missed["firing_key"])).to_numpy()]
+    outcomes = outcomes[~is_in(outcomes["firing_key"], missed["firing_key"])]
     return with_expiry(workspace, combined([outcomes, waiting_outcomes(workspace, missed, "render")]))
 
 
@@ -229,7 +230,7 @@ def join_pending(waiting: pd.DataFrame, ids: pd.Series, positions: np.ndarray, k
     known = dict(zip(waiting["firing_key"], waiting["first_as_of"]))
     if len(keys):
         first = pd.Series(keys, dtype=object).map(known).fillna(pd.Series(first, dtype=object)).to_numpy(dtype=object)
-    others = waiting[~waiting["firing_key"].isin(set(keys))]
+    others = waiting[~is_in(waiting["firing_key"], keys)]
     where = pd.Index(ids.to_numpy(dtype=object)).get_indexer(others["customer_id"].astype(str).to_numpy(dtype=object))
     others, where = others[where >= 0], where[where >= 0]
     if not len(others):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import ChannelDef, ContactPolicy
+from engine.data.keys import is_in
 
 _TRUE = {"true", "1", "yes", "y", "是", "t"}
 
@@ -64,7 +65,7 @@ def cooling_down(features: pd.DataFrame, contacts: pd.DataFrame, campaign: str,
         return np.zeros(len(features), dtype=bool)
     mine = contacts[(contacts["campaign"] == campaign)
                     & (contacts["contacted_at"] > as_of - pd.Timedelta(days=days))]
-    return features["customer_id"].astype(str).isin(set(mine["customer_id"].astype(str))).to_numpy()
+    return is_in(features["customer_id"].astype(str), mine["customer_id"].astype(str))
 
 
 def _minutes(text: str) -> int:

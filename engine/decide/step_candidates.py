@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
+from engine.data.keys import is_in
 from engine.data.sources import Tables
 from engine.decide.assignment import in_holdout
 from engine.decide.evaluation import Evaluation, evaluate, firing_keys, member_tier_moves, segment_mask
@@ -200,7 +201,7 @@ def evaluate_step(workspace: LoadedWorkspace, tables: Tables, features: pd.DataF
                           pending=expired_outcomes(ctx.pending, ctx.as_of), tier_moves=moves), edge_state
     subset = features.iloc[rows, _needed_columns(workspace, features)].reset_index(drop=True)
     # the contact history of the others cannot change the decisions about these customers
-    contacts = ctx.contacts[ctx.contacts["customer_id"].astype(object).isin(set(ids.iloc[rows])).to_numpy()]
+    contacts = ctx.contacts[is_in(ctx.contacts["customer_id"].astype(str), ids.iloc[rows].astype(str))]
     ctx = dataclasses.replace(ctx, contacts=contacts.reset_index(drop=True))
     evaluation = evaluate(workspace, step.tables, subset, ctx, active, tier_moves=False)
     evaluation.tier_moves = moves

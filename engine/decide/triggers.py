@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import CampaignDef
+from engine.data.keys import is_in
 from engine.data.points import PointsHistory, earned_rows
 from engine.data.tiers import TierState
 from engine.decide.pending import no_pending
@@ -205,7 +206,7 @@ def becomes(campaign: CampaignDef, eligible, features, tables, ctx, settings) ->
     previous = ctx.edge_state.get(campaign.id)
     if previous is None:   # first evaluation: remember, fire nobody
         return Firings(np.array([], dtype=int), np.array([], dtype=str), state=state)
-    was_true = ids.isin(previous).to_numpy()
+    was_true = is_in(ids, previous)
     positions = np.flatnonzero(eligible & now_true & ~was_true)
     key = ctx.as_of.isoformat()
     return Firings(positions, np.full(len(positions), key, dtype=object).astype(str), state=state)

@@ -64,7 +64,7 @@ def _expire(lots: deque, at: int) -> float:
     return gone
 
 
-def _entries(members: list[list[tuple[int, int, float]]]) -> Entries:
+def _in_order(members: list[list[tuple[int, int, float]]]) -> Entries:
     pos, at, points, kind = [], [], [], []
     for member, rows in enumerate(members):
         for when, what, amount in rows:
@@ -73,7 +73,13 @@ def _entries(members: list[list[tuple[int, int, float]]]) -> Entries:
             points.append(amount)
             kind.append(what)
     return Entries(np.array(pos, np.int64), np.array(at, np.int64), np.array(points, float),
-                   np.array(kind, np.int8), np.array([str(i) for i in range(len(pos))], dtype=object)).sorted()
+                   np.array(kind, np.int8), np.array([str(i) for i in range(len(pos))], dtype=object))
+
+
+def _entries(members: list[list[tuple[int, int, float]]]) -> Entries:
+    """The members' entries, newest first: ``accounts`` takes them in any order, as the data comes."""
+    entries = _in_order(members)
+    return entries.take(np.arange(len(entries.pos))[::-1])
 
 
 def _check(members, as_of_day: int, expire_days: int | None) -> None:
