@@ -82,13 +82,13 @@ def waiting_outcomes(workspace: LoadedWorkspace, frame: pd.DataFrame, reason: st
     first = np.asarray(frame["first_as_of"] if first_as_of is None else first_as_of, dtype=object)
     again = np.asarray(frame["reentered"] if reentered is None else reentered, dtype=bool)
     campaigns = workspace.program.campaigns
-    keeps = frame["campaign"].map(lambda c: c in campaigns and campaigns[c].keeps_pending).to_numpy(dtype=bool)
+    keeps = per_campaign(frame["campaign"], lambda c: c in campaigns and campaigns[c].keeps_pending, bool)
     waits = keeps | again
     if not waits.any():
         return no_outcomes()
     chosen = frame[waits]
-    events = event_texts(chosen, [campaigns[c].trigger.kind == "event" if c in campaigns else False
-                                  for c in chosen["campaign"]])
+    events = event_texts(chosen, per_campaign(chosen["campaign"], lambda c: c in campaigns and
+                                              campaigns[c].trigger.kind == "event", bool))
     return pd.DataFrame({
         "firing_key": chosen["firing_key"].to_numpy(dtype=object),
         "campaign": chosen["campaign"].to_numpy(dtype=object),
@@ -117,12 +117,22 @@ def with_expiry(workspace: LoadedWorkspace, outcomes: pd.DataFrame) -> pd.DataFr
     if not missing.any():
         return outcomes
     campaigns = workspace.program.campaigns
-    days = outcomes["campaign"].map(lambda c: campaigns[c].pending_days if c in campaigns else 0)
+    days = per_campaign(outcomes["campaign"], lambda c: campaigns[c].pending_days if c in campaigns else 0, np.int64)
     outcomes = outcomes.copy()
-    pairs = list(zip(outcomes.loc[missing, "first_as_of"], days[missing]))
-    ends = {pair: expiry(*pair) for pair in set(pairs)}       # a run's firings share a handful of instants
-    outcomes.loc[missing, "expires_at"] = [ends[pair] for pair in pairs]
+    # a run's firings share a handful of (first instant, days) pairs: each expiry computed once
+    pairs = pd.DataFrame({"first": outcomes.loc[missing, "first_as_of"].astype(str).to_numpy(dtype=object),
+                          "days": days[missing]})
+    codes, unique = pd.MultiIndex.from_frame(pairs).factorize()
+    ends = np.array([expiry(first, int(n)) for first, n in unique], dtype=object)
+    outcomes.loc[missing, "expires_at"] = ends[codes]
     return outcomes
+
+
+def per_campaign(campaigns: pd.Series, value, dtype) -> np.ndarray:
+    """``value(campaign)`` for each row, computed once per campaign."""
+    codes, unique = pd.factorize(campaigns)
+    found = np.array([value(str(c)) for c in unique], dtype=dtype)
+    return found[codes] if len(found) else np.zeros(len(campaigns), dtype=dtype)
 
 
 def combined(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
