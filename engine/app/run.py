@@ -19,6 +19,7 @@ import pandas as pd
 from engine.app.validation import check_campaigns, load_workspace
 from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
+from engine.data.keys import is_in
 from engine.data.sources import Tables, load_tables
 from engine.data.tiers import TierRules, TierRun
 from engine.decide.pending import render_outcomes, tally
@@ -28,7 +29,7 @@ from engine.decide.schedule import due_campaigns
 from engine.decide.totals import campaign_totals
 from engine.execution.pipeline import build_messages, decide, edge_state_rows, parse_as_of
 from engine.faults import checkpoint
-from engine.messages.offers import make_renderer
+from engine.messages.offers import make_renderer, unrendered_offers
 from engine.progress import Progress
 from engine.state.database import storage_error, storage_failures
 from engine.state.delivery import DeliveryResult
@@ -101,9 +102,13 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             del tables
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
-            # offers recorded by an earlier attempt at this as_of go to record_run again: it
+            # offers recorded by an earlier attempt at this as_of are not rendered again: record_run
             # counts them as existing, or reports a conflict if the rules changed in between
             offers = evaluation.offers
+            with storage_failures(store.label, "read"):
+                again = store.existing_offers(offers.loc[offers["recorded"], "firing_key"]) \
+                    if len(offers) and offers["recorded"].any() else {}
+            known = unrendered_offers(workspace, offers[is_in(offers["firing_key"], again)]) if again else []
             coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
                 if len(offers) else []
             codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
@@ -116,10 +121,12 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                     record["rule_version"] = version
                 return StateStore.prepare_offers(records, run_id)
 
-            rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, codes=codes,
+            fresh = offers[~is_in(offers["firing_key"], again)] if again else offers
+            rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, fresh, codes=codes,
                                           workers=workers or settings.workers, finish=to_rows)
             # a one-off firing whose message was not rendered waits for a later run
-            pending = render_outcomes(workspace, offers, evaluation.pending, {row["firing_key"] for row, _ in rows})
+            pending = render_outcomes(workspace, offers, evaluation.pending,
+                                      {row["firing_key"] for row, _ in rows} | set(again))
             timings["render"] = round(time.perf_counter() - started, 3)
             with storage_failures(store.label):
                 store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
@@ -128,7 +135,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
                 recorded = store.record_run(run_id, trigger_state_rows=state_rows,
                                             holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
-                                            pending=pending,
+                                            pending=pending, known=known,
                                             tiers=_tier_run(workspace, evaluation))
                 if due:
                     for campaign in result.campaigns:

@@ -16,6 +16,7 @@ from engine.decide.evaluation import Evaluation
 from engine.decide.rewards import reward_payload
 from engine.errors import TemplateError
 from engine.messages.rendering import Renderer, money_in
+from engine.state.offers import meaning_hash, reward_meaning
 
 
 def make_renderer(workspace: LoadedWorkspace) -> Renderer:
@@ -118,6 +119,41 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
         records.append(record)
     errors.extend(out_of_time_error(campaign, count, renderer.max_render_seconds_per_run)
                   for campaign, count in left_out.items())
+
+
+def unrendered_offers(workspace: LoadedWorkspace, rows: pd.DataFrame) -> list[dict]:
+    """Offers recorded by an earlier attempt at this ``as_of``, as ``record_run`` compares them
+    (``known``) without rendering their messages again: firing key, offer id, campaign,
+    customer and payload hash. The reward's meaning is worked out once per campaign, variant,
+    cost and points, not once per offer."""
+    if not len(rows):
+        return []
+    program = workspace.program
+    rewards = {(c.id, v.name): v.reward for c in program.campaigns.values() for v in c.variants
+               if v.reward is not None}
+    earned = rows["reward_kind"].to_numpy(dtype=object) == "earned"
+    points = rows["points"].to_numpy(dtype=np.float64, na_value=np.nan).copy()
+    if earned.any():
+        points[earned] = rows.loc[earned, "event.points"].to_numpy(dtype=np.float64, na_value=np.nan)
+    meaning = pd.DataFrame({"campaign": rows["campaign"].to_numpy(dtype=object),
+                            "variant": rows["variant"].to_numpy(dtype=object),
+                            "cost": rows["cost"].to_numpy(dtype=np.float64), "points": points})
+    codes, groups = pd.MultiIndex.from_frame(meaning).factorize()
+    texts, channels = [], []
+    for campaign_id, variant, cost, group_points in groups:
+        campaign = program.campaigns[campaign_id]
+        reward = rewards.get((campaign_id, variant), campaign.reward)
+        payload = reward_payload(reward.kind, dict(reward.params), group_points, pd.Timestamp(0, tz="UTC"),
+                                 None, workspace.settings.default_locale, cost)
+        texts.append(reward_meaning(payload))
+        channels.append(campaign.channel)
+    text, channel = np.array(texts, dtype=object)[codes], np.array(channels, dtype=object)[codes]
+    names = ("firing_key", "offer_id", "campaign", "customer_id", "variant")
+    columns = [rows[name].astype(str).tolist() for name in names]
+    return [{"firing_key": key, "offer_id": offer, "campaign": campaign_id, "customer_id": customer,
+             "payload_hash": meaning_hash(campaign_id, customer, via, variant, reward_text)}
+            for key, offer, campaign_id, customer, variant, via, reward_text
+            in zip(*columns, channel.tolist(), text.tolist())]
 
 
 def out_of_time_error(campaign: str, count: int, seconds: float) -> dict:

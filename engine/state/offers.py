@@ -7,6 +7,7 @@ history is the ``contacts`` view over offers that were not suppressed."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import secrets
 import sqlite3
@@ -69,9 +70,19 @@ def payload_hash(offer: Mapping[str, Any]) -> str:
     a changed reward, variant or channel is a conflict.
     """
     get = offer.get
-    reward = {k: v for k, v in (get("reward") or {}).items() if k not in VOLATILE_REWARD_FIELDS}
-    text = (f"{get('campaign')}\x1f{get('customer_id')}\x1f{get('channel')}\x1f"
-            f"{get('variant')}\x1f{_JSON.encode(reward)}")
+    return meaning_hash(get("campaign"), get("customer_id"), get("channel"), get("variant"),
+                        reward_meaning(get("reward") or {}))
+
+
+def reward_meaning(reward: Mapping[str, Any]) -> str:
+    """The part of a reward that ``payload_hash`` counts, as text: one per reward, however many
+    offers share it."""
+    return _JSON.encode({k: v for k, v in reward.items() if k not in VOLATILE_REWARD_FIELDS})
+
+
+def meaning_hash(campaign, customer_id, channel, variant, reward_text: str) -> str:
+    """``payload_hash`` from its parts (``reward_text`` from ``reward_meaning``)."""
+    text = f"{campaign}\x1f{customer_id}\x1f{channel}\x1f{variant}\x1f{reward_text}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -144,7 +155,8 @@ class OfferBook(PendingFirings):
                    holdouts: Iterable[dict] = (),
                    prepared: list[tuple[dict, dict]] | None = None,
                    pending: pd.DataFrame | None = None,
-                   tiers: TierRun | None = None) -> RecordResult:
+                   tiers: TierRun | None = None,
+                   known: Iterable[Mapping[str, Any]] = ()) -> RecordResult:
         """Record a run's offers and state in ONE transaction; set the run ``recorded``.
 
         Offers are unique by ``firing_key``: an already-recorded key with the same
@@ -161,18 +173,26 @@ class OfferBook(PendingFirings):
         with a ``suppressed_reason`` (a reward granted without a message) is recorded as
         ``suppressed``: never delivered and no contact, but its points are credited.
         ``tiers``: the run's moves of stored tiers, written with those of its newly recorded
-        tier rewards (``tiers.TierBook``), granted with or without a message.
+        tier rewards (``tiers.TierBook``), granted with or without a message. ``known``: offers
+        found recorded before their messages were rendered (firing_key, offer_id, campaign,
+        customer_id and payload_hash, ``unrendered_offers``): they count as existing or as
+        conflicts like the others, and are never written.
         """
         created = now_utc()
         if prepared is None:
             prepared = self.prepare_offers(offers, run_id)
         with gc_paused(), self._transaction() as conn:
-            recorded = self.existing_offers(row["firing_key"] for row, _ in prepared)
+            known = list(known)
+            recorded = self.existing_offers([row["firing_key"] for row, _ in prepared] +
+                                            [row["firing_key"] for row in known])
             new_rows: list[tuple[dict, dict]] = []
             conflicts: list[dict] = []
             existing = 0
-            for row, reward in prepared:
+            for row, reward, rendered in itertools.chain(((row, reward, True) for row, reward in prepared),
+                                                         ((row, None, False) for row in known)):
                 prior = recorded.get(row["firing_key"])
+                if prior is None and not rendered:     # the caller holds the run lock: cannot be
+                    raise StateError(f"offer {row['firing_key']} was taken as recorded but is not")
                 if prior is None:
                     recorded[row["firing_key"]] = row["payload_hash"]
                     new_rows.append((row, reward))

@@ -30,7 +30,10 @@ from aiosmtpd.controller import Controller
 from engine import Workspace
 from engine.app.demo import build_demo_workspace
 from engine.app.scaffold import init_workspace
+from engine.app.validation import load_workspace
+from engine.execution.pipeline import decide, parse_as_of
 from engine.faults import CHECKPOINTS
+from engine.messages.offers import unrendered_offers
 from engine.state.store import StateStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,6 +299,42 @@ def test_a_changed_reward_never_records_or_sends_a_second_offer(small_workspace)
     assert second.new_offers == 0 and second.delivery.sent == 0
     assert query(small_workspace, "SELECT firing_key, offer_id, payload_hash FROM offers") == before
     assert outbox_lines(small_workspace) == outbox_before
+
+
+def test_a_rerun_never_renders_again_what_is_recorded(small_workspace):
+    """Messages recorded by a run at this as_of are not rendered again by a rerun: templates
+    broken since then neither fail the rerun nor change what was recorded."""
+    as_of, now = "2026-12-25T10:00:00+08:00", "2026-12-26T12:00:00+08:00"
+    assert Workspace(small_workspace).run(as_of, now=now).new_offers == 3
+    before = query(small_workspace, "SELECT firing_key, payload_hash, subject, body FROM offers ORDER BY 1")
+    outbox_before = outbox_lines(small_workspace)
+    templates = [path for path in (small_workspace / "templates").rglob("*") if path.is_file()]
+    assert templates
+    for path in templates:     # still checks (the sample offer renders), fails for every real offer
+        path.write_text('{% if offer.offer_id != "of_sample" %}{{ 1 // 0 }}{% endif %}' +
+                        path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert all(c.errors for c in Workspace(small_workspace).preview(as_of).campaigns if c.offers), \
+        "the templates fail for real offers"
+    again = Workspace(small_workspace).run(as_of, now=now)
+    assert (again.new_offers, again.already_recorded, again.conflicts) == (0, 3, [])
+    assert again.render_errors == []
+    assert query(small_workspace, "SELECT firing_key, payload_hash, subject, body FROM offers ORDER BY 1") == before
+    assert outbox_lines(small_workspace) == outbox_before
+
+
+def test_offers_taken_as_recorded_hash_as_their_recorded_rows(demo_template, tmp_path):
+    """The payload hash worked out without rendering equals the one recorded with the message,
+    for every reward the demo programme gives (coupons, points, free shipping, tiers...)."""
+    workspace = copy_of(demo_template, tmp_path / "ws")
+    Workspace(workspace).run(AS_OF, deliver=False)
+    loaded = load_workspace(workspace)
+    with StateStore(loaded.settings.state_path) as store:
+        _, evaluation = decide(loaded, parse_as_of(AS_OF, loaded.settings.timezone), store, None, None)
+    offers = evaluation.offers
+    assert offers["recorded"].all() and offers["reward_kind"].nunique() >= 3
+    recorded = dict(query(workspace, "SELECT firing_key, payload_hash FROM offers"))
+    assert {row["firing_key"]: row["payload_hash"] for row in unrendered_offers(loaded, offers)} == \
+        {key: recorded[key] for key in offers["firing_key"]}
 
 
 # --------------------------------------------------------------------------- real servers
