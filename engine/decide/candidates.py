@@ -76,6 +76,19 @@ def candidate_frame(workspace: LoadedWorkspace, campaign: CampaignDef, features:
     return frame
 
 
+def _rank_per_customer(pos: np.ndarray, counted: np.ndarray | None = None) -> np.ndarray:
+    """For rows sorted by customer (``pos``), each row's place among its customer's rows, 0
+    first; with ``counted``, among the customer's counted rows (meaningful for those rows)."""
+    size = len(pos)
+    if not size:
+        return np.zeros(0, dtype=np.int64)
+    steps = np.ones(size, dtype=np.int64) if counted is None else counted.astype(np.int64)
+    running = np.cumsum(steps)
+    starts = np.flatnonzero(np.concatenate([[True], pos[1:] != pos[:-1]]))
+    before = (running - steps)[starts]          # counted rows before each customer's first
+    return running - np.repeat(before, np.diff(np.append(starts, size))) - 1
+
+
 def _upgrades(workspace: LoadedWorkspace, to: str, scope: pd.DataFrame) -> np.ndarray:
     """``to`` where a tier reward moves the member up from their (stored) tier, else ""."""
     rules = TierRules.of(workspace.program, workspace.settings.timezone)
@@ -114,20 +127,20 @@ def arbitrate(candidates: list[pd.DataFrame], capacity: np.ndarray, per_run: int
                                      "variant", "cost", "points", "tier_up", "template", "reward_kind", "locale",
                                      "first_as_of", "reentered", "no_message"])
     frame = pd.concat(candidates, ignore_index=True)
-    # a customer has at most one candidate per campaign: position, priority and campaign order them
+    # a customer has at most one candidate per campaign: position, priority and campaign order
+    # them; who keeps what is worked out on the sorted numbers, then the rows are taken once
     campaign_rank = pd.Index(sorted(frame["campaign"].unique())).get_indexer(frame["campaign"])
-    frame = frame.iloc[np.lexsort((campaign_rank, -frame["priority"].to_numpy(dtype=np.int64),
-                                   frame["pos"].to_numpy(dtype=np.int64)))]
-    message = (frame["no_message"] == "").to_numpy(dtype=bool)
+    order = np.lexsort((campaign_rank, -frame["priority"].to_numpy(dtype=np.int64),
+                        frame["pos"].to_numpy(dtype=np.int64)))
+    pos = frame["pos"].to_numpy(dtype=np.int64)[order]
+    message = (frame["no_message"] == "").to_numpy(dtype=bool)[order]
     if message.all():
-        order = frame.groupby("pos", sort=False).cumcount().to_numpy()
-        frame = frame[order < capacity[frame["pos"].to_numpy()]]
+        keep = _rank_per_customer(pos) < capacity[pos]
     else:
         # messages beyond what the cap leaves never go; then the run's places, in the same order
-        rank = np.zeros(len(frame), dtype=np.int64)
-        rank[message] = frame[message].groupby("pos", sort=False).cumcount().to_numpy()
-        frame = frame[~message | (rank < capacity[frame["pos"].to_numpy()])]
-        frame = frame[frame.groupby("pos", sort=False).cumcount().to_numpy() < per_run]
+        keep = ~message | (_rank_per_customer(pos, message) < capacity[pos])
+        keep &= _rank_per_customer(pos, keep) < per_run
+    frame = frame.take(order[keep])
     counts = frame["campaign"].value_counts()
     for campaign, funnel in funnels.items():
         funnel["arbitration"] = int(counts.get(campaign, 0))

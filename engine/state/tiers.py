@@ -17,6 +17,7 @@ import sqlite3
 import pandas as pd
 
 from engine.config.tier_rules import trial_days
+from engine.data.keys import is_in
 from engine.data.tiers import DATES, STATE_COLUMNS, TierRun, TierState, campaign_moves, move_counts
 from engine.state.database import Database, instant_bounds, iso, iso_utc
 
@@ -70,7 +71,7 @@ class TierBook(Database):
         for customer_id, seq in conn.execute("SELECT customer_id, seq FROM tier_history WHERE as_of_utc = ?",
                                              [at_utc]):
             done[customer_id] = max(done.get(customer_id, -1), seq)
-        own = run.moves[~run.moves["customer_id"].isin(list(done))] if done else run.moves
+        own = run.moves[~is_in(run.moves["customer_id"].astype(str), list(done))] if done else run.moves
         self._write_moves(conn, run_id, run, own, [0] * len(own))
         rewards = [{"customer_id": row["customer_id"], "campaign": row["campaign"], "to": reward["to"],
                     "trial_days": trial_days(reward.get("for"))}
