@@ -58,6 +58,42 @@ class PointsHistory:
                              "since": pd.Series(dtype="datetime64[us, UTC]")})
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where each entry comes from, as codes into a few names: an earn rule's ten million
+    entries share one name (an array of ten million references to it is slow to make)."""
+
+    codes: np.ndarray        # int64 positions in ``names``
+    names: np.ndarray        # object: the texts
+
+    @classmethod
+    def of(cls, names) -> "Sources":
+        """One name per entry (an array or list of texts)."""
+        names = np.asarray(names, dtype=object)
+        return cls(np.arange(len(names), dtype=np.int64), names)
+
+    @classmethod
+    def repeated(cls, name: str, count: int) -> "Sources":
+        return cls(np.zeros(count, dtype=np.int64), np.array([name], dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            return self.names[self.codes[rows]]
+        return Sources(self.codes[rows], self.names)
+
+    def __iter__(self):
+        return iter(self.names[self.codes])
+
+    @classmethod
+    def joined(cls, parts: list["Sources"]) -> "Sources":
+        offsets = np.cumsum([0] + [len(p.names) for p in parts])
+        return cls(np.concatenate([p.codes + offset for p, offset in zip(parts, offsets)]),
+                   np.concatenate([p.names for p in parts]))
+
+
 @dataclass
 class Entries:
     """Entries of the members of one frame, in any order (``sorted``: by member, time,
@@ -67,12 +103,12 @@ class Entries:
     at: np.ndarray           # int64 microseconds UTC
     points: np.ndarray       # float64, positive
     kind: np.ndarray         # CREDIT | REDEMPTION | REFUND
-    source: np.ndarray       # earn rule, "campaign:ID" or the redemption's source row (as text)
+    source: Sources          # earn rule, "campaign:ID" or the redemption's source row (as text)
 
     @classmethod
     def empty(cls) -> "Entries":
         return cls(np.array([], np.int64), np.array([], np.int64), np.array([], float),
-                   np.array([], np.int8), np.array([], object))
+                   np.array([], np.int8), Sources.of([]))
 
     def sorted(self) -> "Entries":
         return self.take(np.lexsort((self.kind, self.at, self.pos)))
@@ -88,8 +124,8 @@ class Entries:
             return parts[0]
         if not parts:
             return cls.empty()
-        return cls(*(np.concatenate([getattr(p, name) for p in parts])
-                     for name in ("pos", "at", "points", "kind", "source")))
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("pos", "at", "points", "kind")),
+                   Sources.joined([p.source for p in parts]))
 
 
 @dataclass
@@ -167,7 +203,7 @@ def member_entries(points: PointsDef | None, tables, features: pd.DataFrame, as_
         parts.append(Entries(redemptions["cust_code"].to_numpy(np.int64)[seen], at[seen],
                              redemptions["points"].to_numpy(float)[seen],
                              np.full(int(seen.sum()), REDEMPTION, np.int8),
-                             redemptions["source_row"].astype(str).to_numpy(object)[seen]))
+                             Sources.of(redemptions["source_row"].astype(str).to_numpy(object)[seen])))
     return Entries.joined(parts)
 
 
@@ -178,7 +214,7 @@ def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: 
     if rows is None:
         return Entries.empty()
     return Entries(rows["pos"].to_numpy(np.int64), rows["at"].to_numpy(np.int64), rows["points"].to_numpy(float),
-                   rows["kind"].to_numpy(np.int8), np.full(len(rows), rule.name, dtype=object))
+                   rows["kind"].to_numpy(np.int8), Sources.repeated(rule.name, len(rows)))
 
 
 def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFrame, as_of: pd.Timestamp,
@@ -274,7 +310,7 @@ def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
     source = ("campaign:" + grants["campaign"].astype(str)).to_numpy(object) if "campaign" in grants \
         else np.full(len(grants), "campaign", dtype=object)
     return Entries(pos[keep].astype(np.int64), at[keep], grants["points"].to_numpy(float)[keep],
-                   np.full(int(keep.sum()), CREDIT, np.int8), source[keep])
+                   np.full(int(keep.sum()), CREDIT, np.int8), Sources.of(source[keep]))
 
 
 class _TierAt:
