@@ -302,8 +302,15 @@ HOLDOUT_COLUMNS = ["campaign", "customer_id", "firing_key", "group"]
 
 
 def _before(instants: np.ndarray, key: str) -> np.ndarray:
-    """Which of the UTC keys ``instants`` come before ``key``: firings of earlier runs."""
-    return np.fromiter((instant < key for instant in instants), dtype=bool, count=len(instants))
+    """Which of the UTC keys ``instants`` come before ``key``: firings of earlier runs (most
+    are this run's own, ``key`` itself: only the others are compared one by one)."""
+    instants = np.asarray(instants, dtype=object)
+    before = np.zeros(len(instants), dtype=bool)
+    others = np.flatnonzero(instants != key)
+    if others.size:
+        before[others] = np.fromiter((instant < key for instant in instants[others]), dtype=bool,
+                                     count=others.size)
+    return before
 
 
 def _frame_of(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
