@@ -188,6 +188,14 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
             stops.append(pd.DataFrame({"campaign": campaign_id, "pos": where, "stage": stage,
                                        "firing_key": key_values if key_values is not None else ""}))
 
+    reach: dict[str, np.ndarray] = {}
+
+    def consent(name: str) -> np.ndarray:
+        """Who can be reached on the channel: worked out once per channel, not per campaign."""
+        if name not in reach:
+            reach[name] = reachable(features, settings.channels[name])
+        return reach[name]
+
     def waits(campaign, reason, rows, positions, keys, events, first):
         """The firings at ``rows`` stopped by ``reason``: those that wait are recorded."""
         if rows.any():
@@ -250,7 +258,7 @@ def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFram
         keep = np.ones(len(positions), dtype=bool)
         no_message = np.full(len(positions), "", dtype=object)
         for stage, passes in (
-                ("consent", reachable(features, channel)[positions]),
+                ("consent", consent(campaign.channel)[positions]),
                 ("frequency_cap", capacity[positions] > 0),
                 ("cooldown", ~cooling_down(features, ctx.contacts, campaign.id, as_of,
                                            campaign.cooldown_days)[positions])):
