@@ -108,7 +108,8 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             with storage_failures(store.label, "read"):
                 again = store.existing_offers(offers.loc[offers["recorded"], "firing_key"]) \
                     if len(offers) and offers["recorded"].any() else {}
-            known = unrendered_offers(workspace, offers[is_in(offers["firing_key"], again)]) if again else []
+            known = unrendered_offers(workspace, offers[is_in(offers["firing_key"], again)], again) \
+                if again else []
             coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
                 if len(offers) else []
             codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
@@ -135,7 +136,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
                 recorded = store.record_run(run_id, trigger_state_rows=state_rows,
                                             holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
-                                            pending=pending, known=known,
+                                            pending=pending, known=known, absent=True,
                                             tiers=_tier_run(workspace, evaluation))
                 if due:
                     for campaign in result.campaigns:

@@ -7,6 +7,7 @@ execution layer decides how many processes run it at once.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -121,11 +122,12 @@ def render_offers(workspace: LoadedWorkspace, evaluation: Evaluation, renderer: 
                   for campaign, count in left_out.items())
 
 
-def unrendered_offers(workspace: LoadedWorkspace, rows: pd.DataFrame) -> list[dict]:
+def unrendered_offers(workspace: LoadedWorkspace, rows: pd.DataFrame, recorded: Mapping[str, str]) -> list[dict]:
     """Offers recorded by an earlier attempt at this ``as_of``, as ``record_run`` compares them
     (``known``) without rendering their messages again: firing key, offer id, campaign,
-    customer and payload hash. The reward's meaning is worked out once per campaign, variant,
-    cost and points, not once per offer."""
+    customer, payload hash and the payload hash ``recorded`` (firing key -> hash). The
+    reward's meaning is worked out once per campaign, variant, cost and points, not once per
+    offer."""
     if not len(rows):
         return []
     program = workspace.program
@@ -151,7 +153,8 @@ def unrendered_offers(workspace: LoadedWorkspace, rows: pd.DataFrame) -> list[di
     names = ("firing_key", "offer_id", "campaign", "customer_id", "variant")
     columns = [rows[name].astype(str).tolist() for name in names]
     return [{"firing_key": key, "offer_id": offer, "campaign": campaign_id, "customer_id": customer,
-             "payload_hash": meaning_hash(campaign_id, customer, via, variant, reward_text)}
+             "payload_hash": meaning_hash(campaign_id, customer, via, variant, reward_text),
+             "recorded_payload_hash": recorded[key]}
             for key, offer, campaign_id, customer, variant, via, reward_text
             in zip(*columns, channel.tolist(), text.tolist())]
 

@@ -156,7 +156,7 @@ class OfferBook(PendingFirings):
                    prepared: list[tuple[dict, dict]] | None = None,
                    pending: pd.DataFrame | None = None,
                    tiers: TierRun | None = None,
-                   known: Iterable[Mapping[str, Any]] = ()) -> RecordResult:
+                   known: Iterable[Mapping[str, Any]] = (), absent: bool = False) -> RecordResult:
         """Record a run's offers and state in ONE transaction; set the run ``recorded``.
 
         Offers are unique by ``firing_key``: an already-recorded key with the same
@@ -175,24 +175,23 @@ class OfferBook(PendingFirings):
         ``tiers``: the run's moves of stored tiers, written with those of its newly recorded
         tier rewards (``tiers.TierBook``), granted with or without a message. ``known``: offers
         found recorded before their messages were rendered (firing_key, offer_id, campaign,
-        customer_id and payload_hash, ``unrendered_offers``): they count as existing or as
-        conflicts like the others, and are never written.
+        customer_id, payload_hash and the recorded_payload_hash found, ``unrendered_offers``): they
+        count as existing or as conflicts like the others, and are never written. ``absent``: the
+        caller found none of the ``prepared`` offers recorded, under the run lock, so they are not
+        looked up again (the unique firing key still refuses a second copy of one).
         """
         created = now_utc()
         if prepared is None:
             prepared = self.prepare_offers(offers, run_id)
         with gc_paused(), self._transaction() as conn:
             known = list(known)
-            recorded = self.existing_offers([row["firing_key"] for row, _ in prepared] +
-                                            [row["firing_key"] for row in known])
+            recorded = {} if absent else self.existing_offers(row["firing_key"] for row, _ in prepared)
+            recorded.update((row["firing_key"], row["recorded_payload_hash"]) for row in known)
             new_rows: list[tuple[dict, dict]] = []
             conflicts: list[dict] = []
             existing = 0
-            for row, reward, rendered in itertools.chain(((row, reward, True) for row, reward in prepared),
-                                                         ((row, None, False) for row in known)):
+            for row, reward in itertools.chain(prepared, ((row, None) for row in known)):
                 prior = recorded.get(row["firing_key"])
-                if prior is None and not rendered:     # the caller holds the run lock: cannot be
-                    raise StateError(f"offer {row['firing_key']} was taken as recorded but is not")
                 if prior is None:
                     recorded[row["firing_key"]] = row["payload_hash"]
                     new_rows.append((row, reward))

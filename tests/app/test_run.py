@@ -333,7 +333,7 @@ def test_offers_taken_as_recorded_hash_as_their_recorded_rows(demo_template, tmp
     offers = evaluation.offers
     assert offers["recorded"].all() and offers["reward_kind"].nunique() >= 3
     recorded = dict(query(workspace, "SELECT firing_key, payload_hash FROM offers"))
-    assert {row["firing_key"]: row["payload_hash"] for row in unrendered_offers(loaded, offers)} == \
+    assert {row["firing_key"]: row["payload_hash"] for row in unrendered_offers(loaded, offers, recorded)} == \
         {key: recorded[key] for key in offers["firing_key"]}
 
 
