@@ -74,7 +74,8 @@ channels:
   push:  {send: file, path: outbox/push.jsonl}
 """
 
-# A low-priority newsletter that brings a run to about 0.2 offers per customer (200k at 1M).
+# A low-priority newsletter that brings a run to about 0.4 offers per customer (400k at 1M, as in
+# issue 20's measurements): its budget is --newsletter-share of the customers.
 NEWSLETTER = """\
 version: 1
 campaigns:
@@ -132,8 +133,12 @@ def _stamps(rng: np.random.Generator, m: int, days: int) -> np.ndarray:
     return end - (rng.random(m) * days * DAY_US).astype(np.int64)
 
 
+NEWSLETTER_SHARE = 0.375
+
+
 def generate(folder: Path, customers: int, orders_per_customer: float = 10.0,
-             events_per_customer: float = 3.0, seed: int = 7) -> dict[str, int]:
+             events_per_customer: float = 3.0, seed: int = 7,
+             newsletter_share: float = NEWSLETTER_SHARE) -> dict[str, int]:
     """Write the bench workspace (same arguments, same bytes); return the row counts."""
     rng = np.random.default_rng(seed)
     (folder / "data").mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,7 @@ def generate(folder: Path, customers: int, orders_per_customer: float = 10.0,
     shutil.copytree(ROOT / "rules", folder / "rules", dirs_exist_ok=True)
     shutil.copytree(ROOT / "templates", folder / "templates", dirs_exist_ok=True)
     (folder / "rules" / "bench.yaml").write_text(
-        NEWSLETTER.format(max_offers=int(customers * 0.187)), encoding="utf-8")
+        NEWSLETTER.format(max_offers=int(customers * newsletter_share)), encoding="utf-8")
     n = customers
     table = _customers(rng, n)
     ids = table["customer_id"].combine_chunks()
@@ -228,7 +233,7 @@ def step_rules(folder: Path) -> dict:
     features = compute_features(load_tables(workspace.settings, folder), program, workspace.settings, as_of)
     rules = [s.where for s in program.segments.values()] + \
         [c.where for c in program.campaigns.values() if c.where is not None] + \
-        [t.where for t in program.tiers.values()]
+        [t.where for t in program.tiers.values() if t.where is not None]
     for rule in rules:   # warm up
         rule.mask(features, as_of)
     start = time.perf_counter()
@@ -241,16 +246,21 @@ def step_rules(folder: Path) -> dict:
             "peak": _peak_bytes()}
 
 
-def step_preview(folder: Path, partitions: int | None) -> dict:
+def step_preview(folder: Path, partitions: int | None, workers: int | None = None) -> dict:
     from engine import Workspace
     from engine.app.validation import load_workspace
     from engine.execution.partitions import streamed_count
     count = streamed_count(load_workspace(folder), partitions)     # what the preview will use
     start = time.perf_counter()
-    result = Workspace(folder).preview(AS_OF, sample=3, partitions=partitions)
+    result = Workspace(folder).preview(AS_OF, sample=3, partitions=partitions, workers=workers)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "offers": result.total_offers, "partitions": count,
+    return {"seconds": seconds, "offers": result.total_offers, "partitions": count, "workers": workers,
             "campaigns": len(result.campaigns), "peak": _peak_bytes()}
+
+
+def step_preview1(folder: Path, partitions: int | None) -> dict:
+    """The same preview in one process (--workers 1): automatic workers must not be slower."""
+    return step_preview(folder, partitions, workers=1)
 
 
 def step_convert(folder: Path, partitions: int | None) -> dict:
@@ -270,12 +280,12 @@ def step_run(folder: Path, partitions: int | None) -> dict:
     result = Workspace(folder).run(AS_OF, now=NOW, partitions=partitions)
     seconds = time.perf_counter() - start
     delivered = sum(1 for path in (folder / "outbox").glob("*.jsonl") for _ in path.open(encoding="utf-8"))
-    return {"seconds": seconds, "offers": result.new_offers, "delivered": delivered,
-            "timings": result.timings, "peak": _peak_bytes()}
+    return {"seconds": seconds, "offers": result.new_offers, "existing": result.already_recorded,
+            "delivered": delivered, "timings": result.timings, "peak": _peak_bytes()}
 
 
-STEPS = {"features": step_features, "rules": step_rules, "preview": step_preview, "convert": step_convert,
-         "run": step_run}
+STEPS = {"features": step_features, "rules": step_rules, "preview": step_preview, "preview1": step_preview1,
+         "convert": step_convert, "run": step_run, "rerun": step_run}
 
 
 def _memory_in_use() -> int:
@@ -367,10 +377,16 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
         ("rule evaluation (target <= 20 ns/customer-rule)", *(cell(r, "rules", lambda v:
                                                                    f"{v['ns_per_customer_rule']:.1f} ns ({v['rules']} rules)")
                                                               for r in results)),
-        ("preview, 1 partition (target <= 10 s at 1M)", *(cell(r, "preview", lambda v:
-                                                               f"{v['seconds']:.1f} s, {v['offers']:,} offers")
-                                                          for r in results)),
-        ("  peak memory", *(cell(r, "preview", lambda v: _gb(v["peak"])) for r in results)),
+        ("preview, 1 partition, automatic workers (target <= 3 s at 1M)",
+         *(cell(r, "preview", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} offers") for r in results)),
+        ("  / DuckDB's load + features + segments (target <= 2.5x)",
+         *(f"{r['preview']['seconds'] / r['features']['duckdb']:.1f}x"
+           if "seconds" in r.get("preview", {}) and "duckdb" in r.get("features", {}) else "not run"
+           for r in results)),
+        ("  peak memory (target <= 2 GB at 1M)", *(cell(r, "preview", lambda v: _gb(v["peak"])) for r in results)),
+        ("the same preview in one process (--workers 1)",
+         *(cell(r, "preview1", lambda v: f"{v['seconds']:.1f} s") for r in results)),
+        ("  peak memory", *(cell(r, "preview1", lambda v: _gb(v["peak"])) for r in results)),
         ("convert to partitioned Parquet (once per data change)", *(cell(r, "convert", lambda v:
                                                                f"{v['seconds']:.1f} s, {v['partitions']} partitions")
                                                           for r in results)),
@@ -379,10 +395,13 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
                                                                f"{v['seconds']:.1f} s, {v['offers']:,} offers")
                                                           for r in results)),
         ("  peak memory", *(cell(r, "preview_parts", lambda v: _gb(v["peak"])) for r in results)),
-        ("run: render + record + deliver to files (target <= 30 s)",
+        ("run: evaluate + render + record + deliver to files",
          *(cell(r, "run", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} offers, {v['delivered']:,} lines")
            for r in results)),
-        ("  peak memory (target <= 4 GB)", *(cell(r, "run", lambda v: _gb(v["peak"])) for r in results)),
+        ("  peak memory", *(cell(r, "run", lambda v: _gb(v["peak"])) for r in results)),
+        ("rerun at the same as_of, nothing new (target <= the preview)",
+         *(cell(r, "rerun", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} new, {v['existing']:,} recorded")
+           for r in results)),
     ]
     return rows
 
@@ -396,33 +415,39 @@ def render_table(results: list[dict]) -> str:
 
 
 def targets(results: list[dict]) -> list[str]:
-    """Each target of issue 8 against the figures measured, met or not."""
+    """Each target of issue 20 against the figures measured, met or not."""
     by_size = {r["counts"]["customers"]: r for r in results}
     lines = []
 
     def verdict(name: str, ok: bool, figure: str) -> None:
         lines.append(f"- {name}: {figure} — {'met' if ok else '**not met**'}")
     one = by_size.get(1_000_000, {})
-    if "duckdb" in one.get("features", {}):
-        f = one["features"]
-        verdict("features <= 1.2x DuckDB at 1M", f["compute_features"] <= 1.2 * f["duckdb"],
-                f"{f['compute_features']:.2f} s vs {f['duckdb']:.2f} s")
-    if "ns_per_customer_rule" in one.get("rules", {}):
-        ns = one["rules"]["ns_per_customer_rule"]
-        verdict("rule evaluation <= 20 ns per customer-rule", ns <= 20, f"{ns:.1f} ns")
-    if "seconds" in one.get("preview", {}):
-        verdict("preview <= 10 s at 1M", one["preview"]["seconds"] <= 10, f"{one['preview']['seconds']:.1f} s")
-    if "seconds" in one.get("run", {}):
-        run = one["run"]
-        verdict("run with ~200k offers <= 30 s at 1M", run["seconds"] <= 30,
-                f"{run['seconds']:.1f} s, {run['offers']:,} offers")
-        peak = max(one[k]["peak"] for k in ("preview", "run", "preview_parts") if "peak" in one.get(k, {}))
-        verdict("peak memory <= 4 GB at 1M", peak <= 4 << 30, _gb(peak))
+    preview, duck = one.get("preview", {}), one.get("features", {}).get("duckdb")
+    if "seconds" in preview and duck:
+        verdict("preview <= 2.5x DuckDB's load + features + segments at 1M", preview["seconds"] <= 2.5 * duck,
+                f"{preview['seconds']:.1f} s vs {duck:.2f} s, {preview['seconds'] / duck:.1f}x")
+        verdict("preview <= 3 s at 1M", preview["seconds"] <= 3, f"{preview['seconds']:.1f} s")
+    if "seconds" in preview and "seconds" in one.get("preview1", {}):
+        single = one["preview1"]["seconds"]
+        verdict("automatic workers never slower than one process", preview["seconds"] <= single * 1.05,
+                f"{preview['seconds']:.1f} s automatic vs {single:.1f} s in one process")
+    run = one.get("run", {})
+    if "seconds" in run:
+        scaled = run["seconds"] * 400_000 / max(run["offers"], 1)
+        verdict("run: 400k offers rendered, recorded and written <= 15 s", scaled <= 15,
+                f"{run['seconds']:.1f} s for {run['offers']:,} offers")
+    rerun = one.get("rerun", {})
+    if "seconds" in rerun and "seconds" in preview:
+        verdict("rerun with nothing new <= the preview", rerun["seconds"] <= preview["seconds"],
+                f"{rerun['seconds']:.1f} s vs {preview['seconds']:.1f} s ({rerun['offers']} new)")
+    peaks = [one[k]["peak"] for k in ("preview", "run", "rerun", "preview_parts") if "peak" in one.get(k, {})]
+    if peaks:
+        verdict("peak memory <= 2 GB at 1M, all processes together", max(peaks) <= 2 << 30, _gb(max(peaks)))
     for size, r in sorted(by_size.items()):
         if size >= 10_000_000 and "seconds" in r.get("preview_parts", {}) and "seconds" in r.get("convert", {}):
             total = r["convert"]["seconds"] + r["preview_parts"]["seconds"]
             peak = max(r["convert"]["peak"], r["preview_parts"]["peak"])
-            verdict(f"streamed preview <= 5 min at {size // 1_000_000}M, conversion included", total <= 300,
+            verdict(f"streamed preview <= 120 s at {size // 1_000_000}M, conversion included", total <= 120,
                     f"{total:.0f} s ({r['convert']['seconds']:.0f} s converting, "
                     f"{r['preview_parts']['seconds']:.0f} s previewing), peak {_gb(peak)}")
     return lines
@@ -578,11 +603,13 @@ def main() -> None:
     parser.add_argument("--only-streamed", action="store_true",
                         help="measure only the conversion and the streamed preview")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
+    parser.add_argument("--newsletter-share", type=float, default=NEWSLETTER_SHARE,
+                        help="the bench newsletter's budget per customer (0.375: ~400k offers at 1M)")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.step:   # inside the measuring subprocess
-        if args.step in ("preview", "run", "convert"):
+        if args.step in ("preview", "preview1", "run", "rerun", "convert"):
             result = STEPS[args.step](args.dir, _count(args.partitions[0]))
         else:
             result = STEPS[args.step](args.dir)
@@ -598,16 +625,17 @@ def main() -> None:
         if folder.exists():
             shutil.rmtree(folder)
         start = time.perf_counter()
-        counts = generate(folder, customers)
+        counts = generate(folder, customers, newsletter_share=args.newsletter_share)
         result = {"counts": counts, "generate": time.perf_counter() - start}
         _say(f"{customers:,} customers generated in {result['generate']:.1f} s")
-        steps = [("features", "features", None), ("rules", "rules", None), ("preview", "preview", 1)]
+        steps = [("features", "features", None), ("rules", "rules", None), ("preview", "preview", 1),
+                 ("preview1", "preview1", 1)]
         whole = not args.only_streamed and customers <= args.whole_up_to
         if not whole:
             steps = []
         steps += [("convert", "convert", partitions), ("preview_parts", "preview", partitions)]
-        if not args.skip_run and whole:
-            steps.append(("run", "run", 1))
+        if not args.skip_run and whole:     # the rerun, at the same as_of, finds everything recorded
+            steps += [("run", "run", 1), ("rerun", "rerun", 1)]
         for key, step, partitions in steps:
             result[key] = _in_subprocess(step, folder, partitions)
             _say(f"  {key}: {json.dumps(result[key], default=str)}")
