@@ -284,7 +284,54 @@ def step_run(folder: Path, partitions: int | None) -> dict:
             "delivered": delivered, "timings": result.timings, "peak": _peak_bytes()}
 
 
-STEPS = {"features": step_features, "rules": step_rules, "preview": step_preview, "preview1": step_preview1,
+def step_render(folder: Path, messages: int = 20_000) -> dict:
+    """Microseconds per message of the run's renderer (sandboxed Jinja with its per-message
+    limits, strict undefined names; the newsletter's e-mail: subject, text and HTML parts),
+    against the same template file rendered by a plain ``jinja2.Environment`` with the same
+    filters (no sandbox, no limits): what the sandbox costs per message."""
+    import jinja2
+    import pandas as pd
+
+    from engine.app.validation import load_workspace
+    from engine.decide.rewards import reward_payload
+    from engine.messages.offers import make_renderer
+    from engine.messages.template_checks import sample_customer
+    workspace = load_workspace(folder)
+    renderer = make_renderer(workspace)
+    send_at = pd.Timestamp(AS_OF)
+    base = sample_customer(workspace)
+    contexts = [{"customer": dict(base, customer_id=f"C{i:09d}", name=f"会员{i}"),
+                 "reward": reward_payload("message", {}, 0, send_at, None, "zh-CN", 0.0),
+                 "offer": {"offer_id": f"of_{i}", "campaign": "bench_newsletter", "campaign_name": "月度会员通讯",
+                           "variant": "", "channel": "email", "send_at": send_at.isoformat()},
+                 "event": {}} for i in range(messages)]
+    for context in contexts[:100]:     # warm up: templates compiled once
+        renderer.render("holiday_greetings", "email", "zh-CN", context)
+    start = time.perf_counter()
+    for context in contexts:
+        renderer.render("holiday_greetings", "email", "zh-CN", context)
+    sandboxed = (time.perf_counter() - start) / messages * 1e6
+    plain_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder / "templates")),
+                                   undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    plain_env.filters.update(renderer.text_env.filters)
+    html_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder / "templates")), autoescape=True,
+                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    html_env.filters.update(renderer.html_env.filters)
+    text, html = (env.get_template("holiday_greetings.email.zh-CN.j2") for env in (plain_env, html_env))
+
+    def plain(template, context, blocks):
+        ctx = template.new_context(dict(context, program=renderer.program, locale="zh-CN"))
+        return [("".join(template.blocks[name](ctx))) for name in blocks]
+    for context in contexts[:100]:
+        plain(text, context, ("subject", "text")), plain(html, context, ("html",))
+    start = time.perf_counter()
+    for context in contexts:
+        plain(text, context, ("subject", "text")), plain(html, context, ("html",))
+    unsandboxed = (time.perf_counter() - start) / messages * 1e6
+    return {"messages": messages, "us_sandboxed": sandboxed, "us_plain": unsandboxed, "peak": _peak_bytes()}
+
+
+STEPS = {"render": step_render, "features": step_features, "rules": step_rules, "preview": step_preview, "preview1": step_preview1,
          "convert": step_convert, "run": step_run, "rerun": step_run}
 
 
@@ -377,6 +424,8 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
         ("rule evaluation (target <= 20 ns/customer-rule)", *(cell(r, "rules", lambda v:
                                                                    f"{v['ns_per_customer_rule']:.1f} ns ({v['rules']} rules)")
                                                               for r in results)),
+        ("one e-mail rendered (sandboxed / plain Jinja)",
+         *(cell(r, "render", lambda v: f"{v['us_sandboxed']:.0f} µs / {v['us_plain']:.0f} µs") for r in results)),
         ("preview, 1 partition, automatic workers (target <= 3 s at 1M)",
          *(cell(r, "preview", lambda v: f"{v['seconds']:.1f} s, {v['offers']:,} offers") for r in results)),
         ("  / DuckDB's load + features + segments (target <= 2.5x)",
@@ -433,9 +482,9 @@ def targets(results: list[dict]) -> list[str]:
                 f"{preview['seconds']:.1f} s automatic vs {single:.1f} s in one process")
     run = one.get("run", {})
     if "seconds" in run:
-        scaled = run["seconds"] * 400_000 / max(run["offers"], 1)
-        verdict("run: 400k offers rendered, recorded and written <= 15 s", scaled <= 15,
-                f"{run['seconds']:.1f} s for {run['offers']:,} offers")
+        after = run["seconds"] - run["timings"].get("evaluate", 0.0)     # rendered, recorded, written
+        verdict("run: 400k offers rendered, recorded and written <= 15 s", after * 400_000 / max(run["offers"], 1) <= 15,
+                f"{after:.1f} s after the evaluation ({run['seconds']:.1f} s in all) for {run['offers']:,} offers")
     rerun = one.get("rerun", {})
     if "seconds" in rerun and "seconds" in preview:
         verdict("rerun with nothing new <= the preview", rerun["seconds"] <= preview["seconds"],
@@ -628,7 +677,8 @@ def main() -> None:
         counts = generate(folder, customers, newsletter_share=args.newsletter_share)
         result = {"counts": counts, "generate": time.perf_counter() - start}
         _say(f"{customers:,} customers generated in {result['generate']:.1f} s")
-        steps = [("features", "features", None), ("rules", "rules", None), ("preview", "preview", 1),
+        steps = [("features", "features", None), ("rules", "rules", None), ("render", "render", None),
+                 ("preview", "preview", 1),
                  ("preview1", "preview1", 1)]
         whole = not args.only_streamed and customers <= args.whole_up_to
         if not whole:
