@@ -37,11 +37,16 @@ from engine.decide.triggers import RunContext
 from engine.execution.parts import Decided, combine_parts, decide_part
 from engine.faults import checkpoint
 
-__all__ = ["MIN_CUSTOMERS_PER_WORKER", "MIN_OFFERS_PER_WORKER", "can_fork", "evaluate_in_workers", "in_workers",
-           "worker_count"]
+__all__ = ["MIN_CORES_TO_DECIDE", "MIN_CUSTOMERS_PER_WORKER", "MIN_OFFERS_PER_WORKER", "can_fork",
+           "deciding_workers", "evaluate_in_workers", "in_workers", "worker_count"]
 
 MIN_CUSTOMERS_PER_WORKER = 50_000     # below these, starting a process costs more than it saves
 MIN_OFFERS_PER_WORKER = 20_000        # messages rendered
+# Deciding in worker processes pays only with more cores than two: the decisions are about a
+# third of a preview, and forking, the pages a worker's reference counts copy and sending its
+# offers and their customers' features back cost about what a second core saves (measured at
+# 1M customers on 2 cores: 8.0 s with two processes against 6.7 s in one; docs/performance.md).
+MIN_CORES_TO_DECIDE = 4
 T = TypeVar("T")
 
 
@@ -66,6 +71,14 @@ def worker_count(items: int, configured: int | None = None, per_worker: int = MI
     if configured is not None:
         return max(1, int(configured))
     return max(1, min(cores(), items // per_worker))
+
+
+def deciding_workers(customers: int, configured: int | None = None) -> int:
+    """How many processes take the decisions for ``customers``: ``configured``, else, with at
+    least MIN_CORES_TO_DECIDE cores, ``worker_count``; one process on smaller machines."""
+    if configured is None and cores() < MIN_CORES_TO_DECIDE:
+        return 1
+    return worker_count(customers, configured)
 
 
 # The task the forked workers run: set by in_workers just before it forks them.

@@ -42,7 +42,7 @@ from engine.decide.budgets import budget_caps
 from engine.decide.evaluation import evaluate
 from engine.decide.triggers import RunContext
 from engine.errors import DataError
-from engine.execution.parallel import evaluate_in_workers, worker_count
+from engine.execution.parallel import deciding_workers, evaluate_in_workers
 from engine.execution.partitioned_data import (
     ensure_partitioned,
     estimated_customers,
@@ -134,7 +134,7 @@ def evaluate_in_partitions(workspace: LoadedWorkspace, tables: Tables, ctx: RunC
     count = auto_partitions(customers) if count is None else max(1, int(count))
     if count == 1 or trace:
         features = compute_features(tables, program, settings, ctx.as_of, ctx.points, ctx.tiers)
-        workers = 1 if trace else worker_count(customers, workers)
+        workers = 1 if trace else deciding_workers(customers, workers)
         if workers > 1:
             decided = evaluate_in_workers(workspace, tables, features, ctx, workers, campaigns, progress)
             decided.warnings = tables.warnings

@@ -125,3 +125,14 @@ def test_worker_count_follows_the_setting_else_the_cores_for_large_programmes(mo
     assert parallel.worker_count(5_000_000) == 4
     assert parallel.worker_count(10_000, configured=3) == 3
     assert parallel.worker_count(5_000_000, configured=1) == 1
+
+
+def test_decisions_stay_in_one_process_on_two_cores_unless_asked(monkeypatch):
+    """On two cores a second deciding process costs about what it saves: automatic is one."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    assert parallel.deciding_workers(5_000_000) == 1
+    assert parallel.deciding_workers(5_000_000, configured=2) == 2
+    assert parallel.worker_count(5_000_000) == 2, "rendering still uses both cores"
+    monkeypatch.setattr(parallel, "cores", lambda: 8)
+    assert parallel.deciding_workers(5_000_000) == 8
+    assert parallel.deciding_workers(60_000) == 1
