@@ -26,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from aiosmtpd.controller import Controller
+from click.testing import CliRunner
 
+from cli import main
 from engine import Workspace
 from engine.app.demo import build_demo_workspace
 from engine.app.scaffold import init_workspace
@@ -68,6 +70,11 @@ def cli_env(crash_at: str | None = None) -> dict[str, str]:
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def invoke(*args: str):
+    """`loyalty ARGS` in-process."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def query(workspace: Path, sql: str, params=()) -> list[tuple]:
@@ -259,10 +266,11 @@ def test_a_second_run_waits_for_the_lock_then_refuses_with_exit_3(small_workspac
 
 
 def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(small_workspace):
+    """`loyalty run` (in-process) twice, the reward changed in between: exit 1 and the conflicts."""
     args = ("run", str(small_workspace), "--as-of", "2026-12-25T10:00:00+08:00",
             "--now", "2026-12-26T12:00:00+08:00", "--format", "json")
-    first = cli(*args)
-    assert first.returncode == 0, first.stderr
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
     before = query(small_workspace, "SELECT firing_key, offer_id, payload_hash, reward FROM offers "
                                     "ORDER BY firing_key")
     outbox_before = outbox_lines(small_workspace)
@@ -272,8 +280,8 @@ def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(
     rules = small_workspace / "rules" / "programme.yaml"
     rules.write_text(rules.read_text(encoding="utf-8").replace("percent_off: 20", "percent_off: 25"),
                      encoding="utf-8")
-    second = cli(*args)
-    assert second.returncode == 1, (second.stdout, second.stderr)
+    second = invoke(*args)
+    assert second.exit_code == 1, (second.stdout, second.stderr)
     result = json.loads(second.stdout)
     assert result["new_offers"] == 0
     assert sorted(c["firing_key"] for c in result["conflicts"]) == sorted(winback)
