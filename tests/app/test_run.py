@@ -159,7 +159,8 @@ def start_run(workspace: Path, crash_at: str | None = None) -> subprocess.Popen:
 def crashes(demo_template, tmp_path_factory) -> dict[str, dict]:
     """For each checkpoint, a workspace whose run was SIGKILLed there and then rerun.
 
-    The four cases are independent, so their subprocesses run side by side."""
+    The four cases are independent, so their subprocesses run side by side; the reruns
+    (`loyalty run` again, in-process) one after the other."""
     cases = {name: {"workspace": copy_of(demo_template, tmp_path_factory.mktemp(name) / "ws")}
              for name in CHECKPOINTS}
     running = {name: start_run(case["workspace"], crash_at=name) for name, case in cases.items()}
@@ -169,10 +170,10 @@ def crashes(demo_template, tmp_path_factory) -> dict[str, dict]:
         case["crash_code"], case["crash_err"] = process.returncode, err
         case["after_crash"] = recorded_offers(case["workspace"])
         case["outbox_after_crash"] = outbox_lines(case["workspace"])
-    running = {name: start_run(case["workspace"]) for name, case in cases.items()}
-    for name, process in running.items():
-        out, err = process.communicate(timeout=120)
-        cases[name].update(rerun_code=process.returncode, rerun_err=err, rerun=out)
+    for name, case in cases.items():
+        rerun = CliRunner().invoke(main, ["run", str(case["workspace"]), "--as-of", AS_OF, "--now", NOW,
+                                          "--format", "json"], env={"LOYALTY_CRASH_AT": None})
+        case.update(rerun_code=rerun.exit_code, rerun_err=rerun.stderr or repr(rerun.exception), rerun=rerun.stdout)
     return cases
 
 
