@@ -47,11 +47,11 @@ def _init(root: Path, *options: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> dict[str, Path]:
-    """One workspace made by `loyalty init`, one by `loyalty init --example`."""
+def fresh(tmp_path_factory, example_programme) -> dict[str, Path]:
+    """One workspace made by `loyalty init`, one by `loyalty init --example` (the session's
+    ``example_programme``, conftest.py). Read-only: ``copy_of`` one to break it."""
     base = tmp_path_factory.mktemp("scaffold_ci")
-    return {"init": _init(base / "init"),
-            "example": _init(base / "example", "--example", "--customers", "100")}
+    return {"init": _init(base / "init"), "example": example_programme}
 
 
 def copy_of(fresh: dict[str, Path], kind: str, tmp_path: Path) -> Path:
