@@ -39,3 +39,14 @@ def example_copy(example_programme, tmp_path) -> Path:
     root = tmp_path / "ws"
     shutil.copytree(example_programme, root, symlinks=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """One LocalCluster of 2 single-threaded worker processes for every module that needs one
+    (started at the first, stopped at the end of the session). Each module connects its own
+    Client to it; a test that kills a worker waits for its replacement."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as local:
+        yield local

@@ -111,18 +111,13 @@ def test_a_workspace_without_golden_tests(workspace):
     assert missing.exit_code == 1 and "no golden test file or folder" in missing.output
 
 
-def test_the_example_programme_golden_tests_pass(example):
-    result = invoke("test", example)
-    assert result.exit_code == 0, result.output
-    assert "84 passed, 0 failed (11 file(s))." in result.output
-
-
-def test_init_example_ships_golden_tests_that_pass(tmp_path):
-    result = invoke("init", tmp_path / "programme", "--example", "--customers", "100")
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "programme" / "tests" / "winback.yaml").is_file()
-    check = invoke("test", tmp_path / "programme")
+def test_init_example_ships_golden_tests_that_pass(example_programme):
+    """`loyalty init --example` (the session's ``example_programme``, conftest.py) ships the
+    example programme's golden files, and `loyalty test` passes all 84 of them."""
+    assert (example_programme / "tests" / "winback.yaml").is_file()
+    check = invoke("test", example_programme)
     assert check.exit_code == 0, check.output
+    assert "84 passed, 0 failed (11 file(s))." in check.output
 
 
 # --------------------------------------------------------------------------- templates

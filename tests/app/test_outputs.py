@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,18 @@ from engine.app.scaffold import init_workspace
 AS_OF = "2026-12-25T10:00:00+08:00"
 
 
-@pytest.fixture
-def workspace(tmp_path) -> Path:
-    root = tmp_path / "ws"
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """The tutorial workspace after one run (read-only: ``workspace`` is a copy of it)."""
+    root = tmp_path_factory.mktemp("outputs") / "ws"
     init_workspace(root)
     assert CliRunner().invoke(main, ["run", str(root), "--as-of", AS_OF, "--no-deliver"]).exit_code == 0
     return root
+
+
+@pytest.fixture
+def workspace(recorded, tmp_path) -> Path:
+    return Path(shutil.copytree(recorded, tmp_path / "ws"))
 
 
 def digest(path: Path) -> str:

@@ -26,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from aiosmtpd.controller import Controller
+from click.testing import CliRunner
 
+from cli import main
 from engine import Workspace
 from engine.app.demo import build_demo_workspace
 from engine.app.scaffold import init_workspace
@@ -71,6 +73,11 @@ def cli_env(crash_at: str | None = None) -> dict[str, str]:
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def invoke(*args: str):
+    """`loyalty ARGS` in-process."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def query(workspace: Path, sql: str, params=()) -> list[tuple]:
@@ -155,7 +162,8 @@ def start_run(workspace: Path, crash_at: str | None = None) -> subprocess.Popen:
 def crashes(demo_template, tmp_path_factory) -> dict[str, dict]:
     """For each checkpoint, a workspace whose run was SIGKILLed there and then rerun.
 
-    The four cases are independent, so their subprocesses run side by side."""
+    The four cases are independent, so their subprocesses run side by side; the reruns
+    (`loyalty run` again, in-process) one after the other."""
     cases = {name: {"workspace": copy_of(demo_template, tmp_path_factory.mktemp(name) / "ws")}
              for name in CHECKPOINTS}
     running = {name: start_run(case["workspace"], crash_at=name) for name, case in cases.items()}
@@ -165,10 +173,10 @@ def crashes(demo_template, tmp_path_factory) -> dict[str, dict]:
         case["crash_code"], case["crash_err"] = process.returncode, err
         case["after_crash"] = recorded_offers(case["workspace"])
         case["outbox_after_crash"] = outbox_lines(case["workspace"])
-    running = {name: start_run(case["workspace"]) for name, case in cases.items()}
-    for name, process in running.items():
-        out, err = process.communicate(timeout=120)
-        cases[name].update(rerun_code=process.returncode, rerun_err=err, rerun=out)
+    for name, case in cases.items():
+        rerun = CliRunner().invoke(main, ["run", str(case["workspace"]), "--as-of", AS_OF, "--now", NOW,
+                                          "--format", "json"], env={"LOYALTY_CRASH_AT": None})
+        case.update(rerun_code=rerun.exit_code, rerun_err=rerun.stderr or repr(rerun.exception), rerun=rerun.stdout)
     return cases
 
 
@@ -262,10 +270,11 @@ def test_a_second_run_waits_for_the_lock_then_refuses_with_exit_3(small_workspac
 
 
 def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(small_workspace):
+    """`loyalty run` (in-process) twice, the reward changed in between: exit 1 and the conflicts."""
     args = ("run", str(small_workspace), "--as-of", "2026-12-25T10:00:00+08:00",
             "--now", "2026-12-26T12:00:00+08:00", "--format", "json")
-    first = cli(*args)
-    assert first.returncode == 0, first.stderr
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
     before = query(small_workspace, "SELECT firing_key, offer_id, payload_hash, reward FROM offers "
                                     "ORDER BY firing_key")
     outbox_before = outbox_lines(small_workspace)
@@ -275,8 +284,8 @@ def test_a_changed_reward_for_a_recorded_firing_is_a_conflict_and_sends_nothing(
     rules = small_workspace / "rules" / "programme.yaml"
     rules.write_text(rules.read_text(encoding="utf-8").replace("percent_off: 20", "percent_off: 25"),
                      encoding="utf-8")
-    second = cli(*args)
-    assert second.returncode == 1, (second.stdout, second.stderr)
+    second = invoke(*args)
+    assert second.exit_code == 1, (second.stdout, second.stderr)
     result = json.loads(second.stdout)
     assert result["new_offers"] == 0
     assert sorted(c["firing_key"] for c in result["conflicts"]) == sorted(winback)

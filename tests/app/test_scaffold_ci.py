@@ -2,18 +2,20 @@
 `loyalty init` and `loyalty init --example` write, checked by running their own commands.
 
 The `loyalty …` lines are taken from the generated files themselves and run with this checkout's
-cli.py in a fresh workspace, so the files cannot drift from what the CLI accepts.
+cli.py in a fresh workspace, so the files cannot drift from what the CLI accepts. They run
+in-process (click's test runner, in the workspace folder); tests/test_cli.py and
+tests/app/test_data_outside.py run the command as a process of its own from other folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -26,7 +28,6 @@ from cli import main
 from engine.app.scaffold import MODELINE_PREFIX
 from engine.resources import schemas_dir
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ".github/workflows/loyalty.yml"
 PRE_COMMIT = ".pre-commit-config.yaml"
 NEW_FILES = [WORKFLOW, PRE_COMMIT, ".vscode/settings.json", ".vscode/extensions.json",
@@ -46,11 +47,11 @@ def _init(root: Path, *options: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> dict[str, Path]:
-    """One workspace made by `loyalty init`, one by `loyalty init --example`."""
+def fresh(tmp_path_factory, example_programme) -> dict[str, Path]:
+    """One workspace made by `loyalty init`, one by `loyalty init --example` (the session's
+    ``example_programme``, conftest.py). Read-only: ``copy_of`` one to break it."""
     base = tmp_path_factory.mktemp("scaffold_ci")
-    return {"init": _init(base / "init"),
-            "example": _init(base / "example", "--example", "--customers", "100")}
+    return {"init": _init(base / "init"), "example": example_programme}
 
 
 def copy_of(fresh: dict[str, Path], kind: str, tmp_path: Path) -> Path:
@@ -68,11 +69,20 @@ def loyalty_commands(script: str) -> list[list[str]]:
     return commands
 
 
-def run_loyalty(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_loyalty(words: list[str], cwd: Path) -> Ran:
     """Run `loyalty …` as CI would, with this checkout's cli.py, in the workspace folder."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *words[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(main, words[1:])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def workflow(root: Path) -> dict:
@@ -87,6 +97,20 @@ def workflow_commands(root: Path) -> list[list[str]]:
 def hooks(root: Path) -> list[dict]:
     config = yaml.safe_load((root / PRE_COMMIT).read_text(encoding="utf-8"))
     return [hook for repo in config["repos"] for hook in repo["hooks"]]
+
+
+@pytest.fixture(scope="module")
+def ran(fresh) -> dict[tuple[str, tuple[str, ...]], Ran]:
+    """Each distinct `loyalty …` line of a fresh workspace's workflow steps and pre-commit
+    entries, run once in that workspace: {(kind, words): result}. (The workflow and the hooks
+    both run `loyalty test`; neither command changes the workspace.)"""
+    results = {}
+    for kind, root in fresh.items():
+        lines = workflow_commands(root) + [words for hook in hooks(root) for words in loyalty_commands(hook["entry"])]
+        for words in lines:
+            if (kind, tuple(words)) not in results:
+                results[kind, tuple(words)] = run_loyalty(words, root)
+    return results
 
 
 def break_rule(root: Path, kind: str) -> tuple[str, int]:
@@ -149,9 +173,9 @@ def test_workflow_runs_on_push_and_pull_request_and_says_how_to_install(fresh):
 
 
 @pytest.mark.parametrize("kind", ["init", "example"])
-def test_workflow_steps_pass_on_a_fresh_workspace(fresh, kind):
+def test_workflow_steps_pass_on_a_fresh_workspace(fresh, ran, kind):
     for words in workflow_commands(fresh[kind]):
-        result = run_loyalty(words, fresh[kind])
+        result = ran[kind, tuple(words)]
         assert result.returncode == 0, (words, result.stdout, result.stderr)
 
 
@@ -186,10 +210,10 @@ def test_pre_commit_hooks_are_local_and_watch_the_rules(fresh):
 
 
 @pytest.mark.parametrize("kind", ["init", "example"])
-def test_pre_commit_entries_pass_on_a_fresh_workspace(fresh, kind):
+def test_pre_commit_entries_pass_on_a_fresh_workspace(fresh, ran, kind):
     for hook in hooks(fresh[kind]):
         (words,) = loyalty_commands(hook["entry"])
-        result = run_loyalty(words, fresh[kind])
+        result = ran[kind, tuple(words)]
         assert result.returncode == 0, (hook["id"], result.stdout, result.stderr)
 
 

@@ -44,16 +44,28 @@ def _recorded_offers(workspace: Path) -> pd.DataFrame:
                                  "JOIN runs r ON r.run_id = o.run_id", db)
 
 
+FIRST_RUNS = 10      # the runs a simulation continues from (a copy of the workspace is kept after them)
+
+
 @pytest.fixture(scope="module")
-def real_runs(workspace, tmp_path_factory) -> pd.DataFrame:
-    """The offers of 30 real `loyalty run`s, one a day, on a copy of the workspace."""
-    copy = tmp_path_factory.mktemp("real") / "copy"
+def runs(workspace, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    """The offers of 30 real `loyalty run`s, one a day, on a copy of the workspace; and a copy
+    of that workspace as it was after the first ten of them (read-only: copy it to change it)."""
+    base = tmp_path_factory.mktemp("real")
+    copy = base / "copy"
     shutil.copytree(workspace, copy)
-    for as_of in step_times(START, END, "1d", "Asia/Shanghai"):
+    for n, as_of in enumerate(step_times(START, END, "1d", "Asia/Shanghai")):
+        if n == FIRST_RUNS:
+            shutil.copytree(copy, base / "after_ten")
         Workspace(copy).run(as_of.isoformat(), deliver=False)
     real = _recorded_offers(copy)
     real["day"] = pd.to_datetime(real["as_of"]).map(lambda t: t.date().isoformat())
-    return real
+    return real, base / "after_ten"
+
+
+@pytest.fixture(scope="module")
+def real_runs(runs) -> pd.DataFrame:
+    return runs[0]
 
 
 def _by_day(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -77,15 +89,16 @@ def test_thirty_daily_steps_agree_with_thirty_real_runs(workspace, forecast, rea
     assert forecast.earlier_runs == 0
 
 
-def test_a_simulation_continues_from_the_recorded_runs_without_changing_them(workspace, real_runs, tmp_path):
+def test_a_simulation_continues_from_the_recorded_runs_without_changing_them(runs, tmp_path):
     """Ten real runs, then a simulation of the twenty days after them: the same offers as the
     last twenty of thirty real runs (cooldowns, caps, firings already acted on and `becomes:`
-    state come from the state database), and the database is left exactly as it was."""
+    state come from the state database), and the database is left exactly as it was.
+
+    The ten runs are the first ten of the thirty (``runs`` keeps the workspace after them)."""
+    real_runs, after_ten = runs
     copy = tmp_path / "copy"
-    shutil.copytree(workspace, copy)
+    shutil.copytree(after_ten, copy)
     times = step_times(START, END, "1d", "Asia/Shanghai")
-    for as_of in times[:10]:
-        Workspace(copy).run(as_of.isoformat(), deliver=False)
     state = copy / "state"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.iterdir()}
     result = simulate(copy, times[10].isoformat(), END, "1d")

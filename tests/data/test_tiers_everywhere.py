@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from test_tiers import TRIAL, day, programme, tables
 
+from cli import main
 from engine import Workspace
 from engine.app.simulation import format_text
 from engine.faults import CHECKPOINTS
@@ -64,26 +66,35 @@ def recorded_moves(root: Path, since: str = "") -> list[tuple]:
     return sorted((row[0], row[1] or "-", row[2] or "-", row[3], row[4]) for row in recorded if row[4] >= since)
 
 
-def test_the_scenario_moves_members_every_way(tmp_path):
-    ws = busy(tmp_path / "ws")
-    for n in range(21):
-        ws.run(day(n), deliver=False)
-    history, _ = tables(tmp_path / "ws")
+def test_the_scenario_moves_members_every_way(busy_days):
+    history, _ = tables(busy_days[20])          # after the daily runs of days 0 to 20
     reasons = {row[3] for row in history}
     assert {"joined", "qualified", "retained", "grace", "stepped down", "campaign gold_trial",
             "trial ended"} <= reasons, reasons
 
 
+EVERY_OTHER_DAY = range(0, 21, 2)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """What one partition in one process records and shows, running every other day: the tier
+    moves of each run, both tier tables, the offers, and the tier moves a preview at day 21 shows."""
+    root = tmp_path_factory.mktemp("one") / "one"
+    one = busy(root)
+    moved = [one.run(day(n), deliver=False, partitions=1, workers=1).tier_moves for n in EVERY_OTHER_DAY]
+    return {"moves": moved, "tables": tables(root), "offers": offers(root),
+            "preview": one.preview(day(21), sample=0, partitions=1).tier_moves}
+
+
 @pytest.mark.parametrize("options", [{"partitions": 3}, {"workers": 2}], ids=["partitions=3", "workers=2"])
-def test_several_partitions_or_workers_record_what_one_records(tmp_path, options):
-    one, split = busy(tmp_path / "one"), busy(tmp_path / "split")
-    for n in range(0, 21, 2):
-        assert one.run(day(n), deliver=False, partitions=1, workers=1).tier_moves == \
-            split.run(day(n), deliver=False, **options).tier_moves, n
-    assert tables(tmp_path / "one") == tables(tmp_path / "split")
-    assert offers(tmp_path / "one") == offers(tmp_path / "split")
-    assert one.preview(day(21), sample=0, partitions=1).tier_moves == \
-        split.preview(day(21), sample=0, **options).tier_moves
+def test_several_partitions_or_workers_record_what_one_records(one_process, tmp_path, options):
+    split = busy(tmp_path / "split")
+    for n, moves_of_one in zip(EVERY_OTHER_DAY, one_process["moves"]):
+        assert moves_of_one == split.run(day(n), deliver=False, **options).tier_moves, n
+    assert one_process["tables"] == tables(tmp_path / "split")
+    assert one_process["offers"] == offers(tmp_path / "split")
+    assert one_process["preview"] == split.preview(day(21), sample=0, **options).tier_moves
 
 
 def _cli_run(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
@@ -96,16 +107,9 @@ def _cli_run(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def halfway(tmp_path_factory) -> tuple[Path, Path]:
-    """A programme run daily up to day 12, and the same run once more at day 13."""
-    base = tmp_path_factory.mktemp("tiers") / "base"
-    ws = busy(base)
-    for n in range(13):
-        ws.run(day(n), deliver=False)
-    reference = base.parent / "reference"
-    shutil.copytree(base, reference)
-    Workspace(reference).run(day(13), deliver=False)
-    return base, reference
+def halfway(busy_days) -> tuple[Path, Path]:
+    """A programme run daily up to day 12, and the same run once more at day 13 (read-only)."""
+    return busy_days[12], busy_days[13]
 
 
 @pytest.mark.parametrize("crash_at", [c for c in CHECKPOINTS if c != "mid_delivery"])
@@ -120,34 +124,31 @@ def test_a_crash_then_a_rerun_records_every_move_once(halfway, tmp_path, crash_a
         assert after_crash == tables(reference)            # committed: everything is there
     else:
         assert after_crash == tables(base)                 # nothing of day 13 is half-written
-    rerun = _cli_run(root, day(13))
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = CliRunner().invoke(main, ["run", str(root), "--as-of", day(13), "--no-deliver"],      # in-process
+                               env={"LOYALTY_CRASH_AT": None}, catch_exceptions=False)
+    assert rerun.exit_code == 0, rerun.output
     assert tables(root) == tables(reference)
     assert offers(root) == offers(reference)
     assert any(row[4] == day(13) for row in tables(reference)[0]), "day 13 should move someone"
 
 
-def test_a_simulation_of_sixty_days_agrees_with_sixty_runs(tmp_path):
-    real, forecast = busy(tmp_path / "real"), busy(tmp_path / "forecast")
-    for n in range(60):
-        real.run(day(n), deliver=False)
+def test_a_simulation_of_sixty_days_agrees_with_sixty_runs(busy_days, tmp_path):
+    real = busy_days[59]                    # after the daily runs of days 0 to 59
+    forecast = busy(tmp_path / "forecast")
     simulated = forecast.simulate(day(0), day(59), fresh=True)
-    assert simulated_moves(simulated.tier_history) == recorded_moves(tmp_path / "real")
-    assert len(recorded_moves(tmp_path / "real")) > 100
-    made = {key for key, _ in offers(tmp_path / "real")}
+    assert simulated_moves(simulated.tier_history) == recorded_moves(real)
+    assert len(recorded_moves(real)) > 100
+    made = {key for key, _ in offers(real)}
     assert set(simulated.offers["firing_key"]) == made
     assert simulated.as_dict()["tier_moves"]["down"]
     assert "Tier moves over the simulation: up " in format_text(simulated)
 
 
-def test_a_simulation_continues_from_the_recorded_tiers(tmp_path):
-    real, seeded = busy(tmp_path / "real"), busy(tmp_path / "seeded")
-    for n in range(30):
-        real.run(day(n), deliver=False)
-        if n < 15:
-            seeded.run(day(n), deliver=False)
+def test_a_simulation_continues_from_the_recorded_tiers(busy_days, tmp_path):
+    real = busy_days[29]                    # after the daily runs of days 0 to 29
+    seeded = Workspace(shutil.copytree(busy_days[14], tmp_path / "seeded"))    # ... of days 0 to 14
     rest = seeded.simulate(day(15), day(29))
     assert rest.earlier_runs == 15
-    assert simulated_moves(rest.tier_history) == recorded_moves(tmp_path / "real", since=day(15))
+    assert simulated_moves(rest.tier_history) == recorded_moves(real, since=day(15))
     # the points multipliers and features read the simulated history, as the runs read theirs
-    assert pd.Index(rest.offers["firing_key"]).isin([k for k, _ in offers(tmp_path / "real")]).all()
+    assert pd.Index(rest.offers["firing_key"]).isin([k for k, _ in offers(real)]).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -256,26 +257,38 @@ def test_a_simulation_forecasts_pending_firings_as_the_runs_make_them(tmp_path):
     assert list(rest.offers["firing_key"]) == list(pending_rows(tmp_path / "half"))
 
 
-@pytest.mark.parametrize("split", [{"partitions": 2}, {"partitions": 3}, {"workers": 2}])
-def test_partitions_and_workers_decide_pending_firings_as_one_process_does(tmp_path, split):
+SPLIT_DAYS = (DAY1, DAY2, DAY3, DAY4, DAY5)
+
+
+def twelve_milestones(root: Path) -> Path:
+    """Twelve customers cross the milestone on 1 December; three offers a day, the rest wait 3 days."""
     customers = "".join(customer(f"C{i:04d}") for i in range(1, 13))
     orders = "".join(f"O{i},C{i:04d},2026-12-01 12:00:00,{100 + i}\n" for i in range(1, 13))
-    roots = []
-    for name in ("one", "split"):
-        make_workspace(tmp_path / name, """\
-            milestone:
-              when: {becomes: lifetime_spend >= 100}
-              reward: {coupon: {amount_off: 5}}
-              channel: sms
-              template: t
-              budget: {max_offers: 3, per: day}
-              pending: 3d
-            """, customers, orders=orders)
-        roots.append(tmp_path / name)
-    days = (DAY1, DAY2, DAY3, DAY4, DAY5)
-    one = [Workspace(roots[0]).run(day, deliver=False) for day in days]
+    make_workspace(root, """\
+        milestone:
+          when: {becomes: lifetime_spend >= 100}
+          reward: {coupon: {amount_off: 5}}
+          channel: sms
+          template: t
+          budget: {max_offers: 3, per: day}
+          pending: 3d
+        """, customers, orders=orders)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[list, Path]:
+    """The daily runs of ``twelve_milestones`` in one process, and the workspace after them (read-only)."""
+    root = twelve_milestones(tmp_path_factory.mktemp("pending") / "one")
+    return [Workspace(root).run(day, deliver=False) for day in SPLIT_DAYS], root
+
+
+@pytest.mark.parametrize("split", [{"partitions": 2}, {"partitions": 3}, {"workers": 2}])
+def test_partitions_and_workers_decide_pending_firings_as_one_process_does(one_process, tmp_path, split):
+    one, one_root = one_process
+    roots = [one_root, twelve_milestones(tmp_path / "split")]
     shown, apart = [], []
-    for day in days:          # a preview (streamed partitions) of each run, then the run
+    for day in SPLIT_DAYS:    # a preview (streamed partitions) of each run, then the run
         [campaign] = Workspace(roots[1]).preview(day, sample=0, **split).campaigns
         shown.append((campaign.offers, campaign.pending))
         apart.append(Workspace(roots[1]).run(day, deliver=False, **split))
@@ -302,10 +315,17 @@ def run_cli(root: Path, as_of: str, crash_at: str | None = None) -> subprocess.C
                            "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.parametrize("crash_at", ["after_evaluation", "mid_transaction", "after_commit"])
-def test_a_crash_between_evaluation_and_commit_leaves_nothing_half_written_and_the_rerun_records_it(
-        tmp_path, crash_at):
-    root = tmp_path / "ws"
+def invoke_run(root: Path, as_of: str):
+    """`loyalty run` in-process (never at a fault checkpoint)."""
+    return CliRunner().invoke(main, ["run", str(root), "--as-of", as_of, "--no-deliver", "--format", "json"],
+                              env={"LOYALTY_CRASH_AT": None}, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory) -> Path:
+    """Three customers cross the milestone, one offer a day: after the runs of DAY1 and DAY2, one
+    offer and two pending firings (read-only: copy it to change it)."""
+    root = tmp_path_factory.mktemp("pending") / "ws"
     make_workspace(root, """\
         milestone:
           when: {becomes: lifetime_spend >= 100}
@@ -316,11 +336,19 @@ def test_a_crash_between_evaluation_and_commit_leaves_nothing_half_written_and_t
         """, "".join(customer(f"C000{i}") for i in range(1, 5)),
         orders=ORDERS + "O4,C0004,2026-12-01 14:00:00,300\n")
     for day in (DAY1, DAY2):
-        assert run_cli(root, day).returncode == 0
+        done = invoke_run(root, day)
+        assert done.exit_code == 0, done.output
+    return root
+
+
+@pytest.mark.parametrize("crash_at", ["after_evaluation", "mid_transaction", "after_commit"])
+def test_a_crash_between_evaluation_and_commit_leaves_nothing_half_written_and_the_rerun_records_it(
+        two_days, tmp_path, crash_at):
+    root = Path(shutil.copytree(two_days, tmp_path / "ws"))
     before = (offers(root), pending_rows(root))
     assert len(before[0]) == 1 and [s for s, *_ in before[1].values()] == ["pending", "pending"]
 
-    crashed = run_cli(root, DAY3, crash_at)
+    crashed = run_cli(root, DAY3, crash_at)       # a process of its own, SIGKILLed at the checkpoint
     assert crashed.returncode == -9, crashed.stderr
     after_crash = (offers(root), pending_rows(root))
     if crash_at == "after_commit":
@@ -331,8 +359,8 @@ def test_a_crash_between_evaluation_and_commit_leaves_nothing_half_written_and_t
         assert query(root, "SELECT count(*) FROM pending_firings WHERE status_as_of > ?",
                      ["2026-12-02T02:00:00+00:00"]) == [(0,)]
 
-    rerun = run_cli(root, DAY3)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = invoke_run(root, DAY3)
+    assert rerun.exit_code == 0, rerun.output
     result = json.loads(rerun.stdout)
     assert result["conflicts"] == [] and result["reentered"] == {"milestone": 2}
     assert result["new_offers"] == (0 if crash_at == "after_commit" else 1)

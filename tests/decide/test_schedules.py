@@ -8,18 +8,16 @@ campaigns without a schedule run on every run (the documented choice).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from cli import main
 from engine import Workspace
 
-ROOT = Path(__file__).resolve().parents[2]
 TZ = "Asia/Shanghai"
 
 SETTINGS = """\
@@ -171,14 +169,10 @@ def test_a_run_exactly_at_the_tick_runs_the_campaign_every_day(workspace):
 
 
 def test_cli_run_due(workspace):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("LOYALTY_CRASH_AT", None)
-
     def run(as_of: str) -> dict:
-        done = subprocess.run([sys.executable, "-m", "cli", "run", str(workspace), "--as-of", as_of,
-                               "--due", "--now", as_of, "--format", "json"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = CliRunner().invoke(main, ["run", str(workspace), "--as-of", as_of, "--due", "--now", as_of,
+                                         "--format", "json"], env={"LOYALTY_CRASH_AT": None}, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
         return json.loads(done.stdout)
 
     first = run("2026-03-03T10:07:00+08:00")          # a Tuesday

@@ -1,10 +1,10 @@
 """The dask engine decides exactly what the local partitioned engine decides.
 
-One LocalCluster of 2 single-threaded worker processes serves the module. The example
-programme on sample data and on random orders with budgets that bind, before and after
-a recorded run (recorded keys, contacts, cooldowns), gives the same offers (firing keys,
-variants, costs), funnels, holdouts and budget outcomes on both engines; a worker
-killed mid-evaluation changes nothing; an unreachable scheduler fails fast.
+One LocalCluster of 2 single-threaded worker processes (the session's, see conftest.py)
+serves the module. The example programme on sample data and on random orders with budgets
+that bind, before and after a recorded run (recorded keys, contacts, cooldowns), gives the
+same offers (firing keys, variants, costs), funnels, holdouts and budget outcomes on both
+engines; a worker killed mid-evaluation changes nothing; an unreachable scheduler fails fast.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ OFFER_COLUMNS = ["campaign", "customer_id", "firing_key", "offer_id", "variant",
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as local, distributed.Client(local) as client:
-        yield local, client
+def cluster(dask_cluster):
+    """The session's LocalCluster (2 single-threaded worker processes) and a client of this module's."""
+    with distributed.Client(dask_cluster) as client:
+        yield dask_cluster, client
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +123,13 @@ def test_after_a_recorded_run_both_engines_see_the_same_history(tight, tmp_path,
     root = Path(shutil.copytree(tight, tmp_path / "ws"))
     first = Workspace(root).run(DEMO_AS_OF, deliver=False)
     assert first.new_offers > 0
+    decided = {}
     for as_of in (DEMO_AS_OF, LATER):      # a rerun (keys recorded at this as_of), and a later run
-        local, remote = _both(root, as_of, cluster, store=True)
+        decided[as_of] = local, remote = _both(root, as_of, cluster, store=True)
         _assert_same(local, remote)
-    assert remote.evaluation.offers["recorded"].sum() == 0
-    again, _ = _both(root, DEMO_AS_OF, cluster, store=True)
+    assert decided[LATER][1].evaluation.offers["recorded"].sum() == 0
+    # evaluating records nothing: the rerun at the recorded instant finds every one of its offers recorded
+    again, _ = decided[DEMO_AS_OF]
     assert again.evaluation.offers["recorded"].all()
 
 
@@ -310,8 +312,8 @@ def test_an_unreachable_scheduler_fails_fast_with_exit_3_and_records_nothing(dem
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in done.stderr
     assert "nothing was evaluated or recorded" in done.stderr
     assert "Traceback" not in done.stderr
-    runs = _cli("runs", str(root), "--format", "json")
-    assert runs.returncode == 0 and json.loads(runs.stdout) == []
+    runs = CliRunner().invoke(main, ["runs", str(root), "--format", "json"], catch_exceptions=False)
+    assert runs.exit_code == 0 and json.loads(runs.stdout) == []
     assert not (root / "outbox").exists() or not any((root / "outbox").iterdir())
 
 

@@ -62,8 +62,13 @@ def _same_decisions(one, many) -> None:
     pd.testing.assert_frame_equal(rows, expected)
 
 
-def test_workers_decide_exactly_as_one_process(workspace):
-    one = _decide(workspace, 1)
+@pytest.fixture(scope="module")
+def one(workspace):
+    """One process's decisions: what the worker processes must decide."""
+    return _decide(workspace, 1)
+
+
+def test_workers_decide_exactly_as_one_process(workspace, one):
     funnels = one.evaluation.funnels
     assert len(one.evaluation.offers) > 100
     assert len([c for c, f in funnels.items() if f["budget"] < f["arbitration"]]) >= 3, "budgets should bind"
@@ -96,8 +101,7 @@ def test_with_the_history_of_earlier_runs_workers_decide_as_one_process(workspac
     assert previews[0] == previews[1]
 
 
-def test_a_worker_that_dies_is_replaced_by_the_parent(workspace, monkeypatch):
-    one = _decide(workspace, 1)
+def test_a_worker_that_dies_is_replaced_by_the_parent(workspace, one, monkeypatch):
     monkeypatch.setenv("LOYALTY_CRASH_AT", "in_worker")
     _same_decisions(one, _decide(workspace, 3))
 

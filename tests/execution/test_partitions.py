@@ -104,8 +104,13 @@ def _offers(decided) -> pd.DataFrame:
     return decided.evaluation.offers[columns].sort_values("firing_key").reset_index(drop=True)
 
 
-def test_partitions_decide_exactly_as_one_evaluation(workspace):
-    whole = _decide(workspace, 1)
+@pytest.fixture(scope="module")
+def whole(workspace):
+    """The evaluation in one partition: what every other way of evaluating must decide."""
+    return _decide(workspace, 1)
+
+
+def test_partitions_decide_exactly_as_one_evaluation(workspace, whole):
     offers = _offers(whole)
     funnels = whole.evaluation.funnels
     assert len(offers) > 100
@@ -161,10 +166,9 @@ def _stream(root: Path, count: int):
     return evaluate_streamed(workspace, run_context(workspace, as_of), count)
 
 
-def test_streamed_partitions_decide_exactly_as_one_evaluation(workspace):
+def test_streamed_partitions_decide_exactly_as_one_evaluation(workspace, whole):
     """Each partition read alone from the partitioned copy (CSV, Parquet and SQLite sources
     converted once), budgets binding: the same offers, funnels, holdouts and edge state."""
-    whole = _decide(workspace, 1)
     for count in PARTITIONS[1:]:
         streamed = _stream(workspace, count)
         assert streamed.partitions == count and streamed.customers == CUSTOMERS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,9 +24,16 @@ NEXT = "2026-12-26T10:00:00+08:00"
 
 
 def loyalty(*args: str, preexec=None) -> subprocess.CompletedProcess:
+    """`loyalty ARGS` as a process of its own."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, preexec_fn=preexec)
+
+
+def invoke(*args: str):
+    """`loyalty ARGS` in-process (its ``exit_code``, ``stdout`` and ``stderr``): an unexpected
+    exception is exit code 1 with the exception kept, as a process would end with a traceback."""
+    return CliRunner().invoke(main, list(args))
 
 
 def offers(root: Path) -> list[tuple]:
@@ -33,14 +41,20 @@ def offers(root: Path) -> list[tuple]:
         return conn.execute("SELECT offer_id, firing_key, payload_hash FROM offers ORDER BY offer_id").fetchall()
 
 
-@pytest.fixture
-def workspace(tmp_path) -> Path:
-    root = tmp_path / "ws"
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """The tutorial workspace after one run (read-only: ``workspace`` is a copy of it)."""
+    root = tmp_path_factory.mktemp("recorded") / "ws"
     init_workspace(root)
     first = loyalty("run", str(root), "--as-of", AS_OF, "--no-deliver")
     assert first.returncode == 0, first.stderr
     assert offers(root)
     return root
+
+
+@pytest.fixture
+def workspace(recorded, tmp_path) -> Path:
+    return Path(shutil.copytree(recorded, tmp_path / "ws"))
 
 
 def damage(path: Path) -> None:
@@ -65,8 +79,8 @@ def test_an_emptied_state_file_is_refused_not_taken_for_a_new_programme(workspac
 def test_a_damaged_state_file_stops_every_command_with_exit_3_and_the_way_back(workspace):
     state = workspace / "state" / "loyalty.db"
     backup = workspace.parent / "backup.db"
-    saved = loyalty("state", "backup", str(backup), str(workspace))
-    assert saved.returncode == 0, saved.stderr
+    saved = invoke("state", "backup", str(backup), str(workspace))
+    assert saved.exit_code == 0, saved.output
     damage(state)
     for args in (["run", str(workspace), "--as-of", NEXT, "--no-deliver"],
                  ["preview", str(workspace), "--as-of", NEXT]):
@@ -74,16 +88,16 @@ def test_a_damaged_state_file_stops_every_command_with_exit_3_and_the_way_back(w
         assert result.returncode == 3, (args, result.stderr)
         assert "damaged" in result.stderr and "Restore the latest backup" in result.stderr
         assert "Traceback" not in result.stderr
-    check = loyalty("state", "check", str(workspace))
-    assert check.returncode == 3 and "problem:" in check.stderr
+    check = invoke("state", "check", str(workspace))
+    assert check.exit_code == 3 and "problem:" in check.stderr
     # the way back: the backup restored, the state checks out and a rerun records nothing twice
     state.write_bytes(backup.read_bytes())
     for name in ("loyalty.db-wal", "loyalty.db-shm"):
         (state.parent / name).unlink(missing_ok=True)
-    assert loyalty("state", "check", str(workspace)).returncode == 0
+    assert invoke("state", "check", str(workspace)).exit_code == 0
     before = offers(workspace)
-    again = loyalty("run", str(workspace), "--as-of", AS_OF, "--no-deliver", "--format", "json")
-    assert again.returncode == 0, again.stderr
+    again = invoke("run", str(workspace), "--as-of", AS_OF, "--no-deliver", "--format", "json")
+    assert again.exit_code == 0, again.output
     assert offers(workspace) == before
 
 
@@ -112,7 +126,7 @@ def test_a_full_disk_fails_the_run_with_exit_3_marks_it_failed_and_the_next_run_
     """The file-size limit makes every write past it fail as on a full disk (EFBIG)."""
     root = tmp_path / "ws"
     init_workspace(root)
-    assert loyalty("run", str(root), "--as-of", AS_OF, "--no-deliver").returncode == 0
+    assert invoke("run", str(root), "--as-of", AS_OF, "--no-deliver").exit_code == 0
     recorded = offers(root)
     state = root / "state" / "loyalty.db"
     with sqlite3.connect(state) as conn:
@@ -131,8 +145,8 @@ def test_a_full_disk_fails_the_run_with_exit_3_marks_it_failed_and_the_next_run_
         statuses = [row[0] for row in conn.execute("SELECT status FROM runs ORDER BY started_at")]
     assert "running" not in statuses                           # a run that began is marked failed
     assert statuses[runs_before:] in ([], ["failed"])
-    after = loyalty("run", str(root), "--as-of", "2027-03-14T10:00:00+08:00", "--no-deliver")
-    assert after.returncode == 0, after.stderr
+    after = invoke("run", str(root), "--as-of", "2027-03-14T10:00:00+08:00", "--no-deliver")
+    assert after.exit_code == 0, after.output
     assert set(recorded) < set(offers(root))
 
 
