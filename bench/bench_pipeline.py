@@ -536,8 +536,8 @@ Measured by `bench/bench_pipeline.py` on {date}, on this machine: {machine}.
 ```
 
 The data is generated deterministically (bench_pipeline.generate): the example programme's
-rules and templates plus a newsletter campaign that brings a run to ~0.2 offers per customer
-(~200,000 at 1M), Parquet customers / orders (~10 a customer) / events (~3 a customer),
+rules and templates plus a newsletter campaign that brings a run to ~0.4 offers per customer
+(~400,000 at 1M), Parquet customers / orders (~10 a customer) / events (~3 a customer),
 skewed so that a few customers buy a lot. Each figure comes from a fresh process; peak
 memory is the most memory in use on the machine while the step ran over what was in use
 before it (the step's process and the worker processes it forks to use the second core,
@@ -549,7 +549,7 @@ preview: loading 100M orders whole is what the streamed path is there to avoid.
 
 {table}
 
-Targets (issue 8):
+Targets (issue 20):
 
 {targets}
 
@@ -588,41 +588,51 @@ with ~10 orders, take at most an eighth of the free memory, and at most 2M custo
 current copy is reused while its partitions are at most twice that size) or set with
 `--partitions N` on preview and run.
 
-## Where the time goes (profiled with cProfile and py-spy at 1M customers)
+## Where the time goes (profiled with cProfile at 1M customers)
 
-- Preview: `load_tables` ~3 s with the files in the page cache (customers, orders and events
-  read, typed and checked side by side in threads; ids shaped like a prefix and digits,
-  "C000123456", are linked and checked for duplicates as integers, ~0.3 s instead of ~2 s
-  of hashing text); features ~0.7 s (two threads); decisions ~3.5 s, in two processes (each
-  deciding half of the customers; `engine/execution/parallel.py`); budgets, offer ids and send times
-  over all of them ~0.65 s. This machine pages out memory not touched for a minute (DAMON),
-  Parquet files in the page cache included: a first read after a pause comes from disk and
-  adds up to ~3 s to `load_tables`.
-- Run, besides the same evaluation (plus the look-up of every firing in the state file):
-  rendering ~6.5 s in two processes (sandboxed Jinja, ~40 µs for an e-mail with an HTML
-  part; each process also builds its share of the state file's rows; ~1 s goes to sending
-  one process's 90,000 rendered messages to the other); recording ~4 s (one transaction:
-  ~2.5 s of inserts, ~0.5 s of commit; copying the ~400 MB log into the state file is done
-  by a thread alongside delivery, not inside the commit); delivery to files ~5-6 s (reading
-  180,000 offers back from the outbox ~1.2 s, writing JSON Lines ~0.6 s, marking them sent
-  ~2 s).
-- What made the run fit: the cyclic garbage collector paused while a delivery's pages of
-  offers are read (it rescanned them over and over: ~1 s), SQLite's checkpoint taken out
-  of the run's commit (~1.4 s), templates given their globals without copying a ChainMap
-  for every message (~0.6 s), delivery reading only the columns it sends.
-- Tried and dropped: keeping the message texts in a table of their own so that marking
-  offers sent rewrites small rows; the marks got ~0.5 s quicker, but reading the texts back
-  through the join and writing two tables cost as much.
-- The 10M streamed preview's memory follows its result, not its data: 1.9M offers and the
-  feature rows of their customers are gathered at the end; one partition's tables stay
-  under ~3 GB.
+The example programme now keeps points accounts (earn rules over all 10M orders, expiry,
+redemptions) and stored tiers (qualify, retain, yearly reviews, a trial), which DuckDB's
+query above does not compute: the ratio to DuckDB compares our whole preview with its
+load + features + segments only.
 
-## Known limits
+- Preview, one process: `load_tables` ~4-5 s (Parquet read ~1.8 s for the three files;
+  ids trimmed, checked unique and linked as integers; timestamps typed); features ~1 s;
+  points accounts ~2.8 s (earn rules over 10M orders, the members without a redemption
+  summed with `bincount`, only the members with one go through first-in-first-out
+  expiry); stored tiers ~1.5 s; decisions ~8 s over 22 campaigns (segments, triggers, the
+  contact policy, holdouts, candidates ~1.6 s, arbitration, pending firings); budgets, offer
+  ids and send times over all offers ~1.7 s.
+- Firing keys and customer ids are matched in Arrow (`engine/data/keys.py`): pandas'
+  `Series.isin` on Arrow-backed text first makes a Python list of the values looked for
+  (~9 s for a million firing keys; Arrow's hash join takes ~0.35 s). The same held for the
+  tiers already written at an instant when a run is repeated (~5 s at 1M).
+- Run, besides the same evaluation: one e-mail with an HTML part takes ~45 µs to render in
+  the sandbox against ~30 µs for the same template in a plain Jinja environment (the table's
+  "one e-mail rendered" row): the sandbox's checks (loop steps, output size, time, strict
+  undefined names) cost about a third of a message. Templates are compiled once per process.
+  Recording a first run at 1M is mostly SQLite: the offers, ~220k pending firings and, for a
+  first run, a tier for each of the million members (tier history and member tiers).
+- A rerun at the same instant renders nothing already recorded: the offers recorded by the
+  earlier attempt are compared by their payload hash, worked out once per campaign, variant,
+  cost and points (`messages.offers.unrendered_offers`), and firing keys are looked up in the
+  state file once, under the run lock. What a rerun still pays is the evaluation and the
+  rewrite of the pending firings (upserted, ~220k at 1M).
+- Automatic workers: on this 2-core machine the decisions stay in one process (a second
+  deciding process was slower than one); rendering uses both cores (docs/operations.md).
 
-- The run at 1M is within its 30 s target by a few seconds only; a cold page cache (above)
-  takes up to ~3 s of that margin.
+## Known limits (issue 20 is open)
+
+- The preview at 1M is several times DuckDB's load + features + segments, not 2.5x: the
+  time is spread over loading, points accounts, tiers and 22 campaigns' decisions, each
+  now a vectorised step; a next step is reading only the columns the rules use and linking
+  ids on Arrow dictionaries, and keeping customers' text columns out of the candidate frames.
+- Peak memory at 1M is above 2 GB: the tables alone take ~1.1 GB in Arrow and numpy
+  (orders' ids and customer ids are ~350 MB of text) and the loading peaks above that.
+- The conversion to partitioned Parquet at 10M (100M orders) and the streamed preview take
+  well over 120 s; the streamed preview's memory follows its result (offers and the feature
+  rows of their customers are gathered at the end).
 - `run` loads the tables whole (the consent re-check at delivery needs the customers);
-  only `preview` streams.
+  only `preview` streams, and the dask engine (docs/scale.md) for runs.
 - Streamed, duplicate order or event ids are found within a partition only: two orders with
   one id but different customers land in different partitions.
 """
