@@ -63,17 +63,22 @@ class PendingFirings(Database):
         as_of = conn.execute("SELECT as_of_utc FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
         keys = outcomes["firing_key"].astype(str).tolist()
         offered = set()
+        stored: dict[str, tuple] = {}       # firing key -> (reason, status, status_as_of) written before
         for start in range(0, len(keys), 50_000):
+            chunk = [json.dumps(keys[start:start + 50_000])]
             offered.update(row[0] for row in conn.execute(
-                "SELECT firing_key FROM offers WHERE firing_key IN (SELECT value FROM json_each(?))",
-                [json.dumps(keys[start:start + 50_000])]))
+                "SELECT firing_key FROM offers WHERE firing_key IN (SELECT value FROM json_each(?))", chunk))
+            stored.update((row[0], row[1:]) for row in conn.execute(
+                "SELECT firing_key, reason, status, status_as_of FROM pending_firings "
+                "WHERE firing_key IN (SELECT value FROM json_each(?))", chunk))
         rows = outcomes.astype(object).where(outcomes.notna(), None)
         status = [("offered" if key in offered else s) for key, s in zip(keys, rows["status"])]
+        # a row that already says this (a rerun at the same instant) is not written again
         fresh = [(key, campaign, str(customer), reason, first, expires, event, state, as_of, run_id)
                  for key, campaign, customer, reason, first, expires, event, state in zip(
                      keys, rows["campaign"], rows["customer_id"], rows["reason"], rows["first_as_of"],
                      rows["expires_at"], rows["event"], status)
-                 if reason is not None and expires is not None]
+                 if reason is not None and expires is not None and stored.get(key) != (reason, state, as_of)]
         conn.executemany(
             "INSERT INTO pending_firings (firing_key, campaign, customer_id, reason, first_as_of, expires_at, event, "
             "status, status_as_of, updated_run) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -82,7 +87,8 @@ class PendingFirings(Database):
             "WHERE pending_firings.status = 'pending' OR pending_firings.status_as_of = excluded.status_as_of",
             fresh)
         closed = [(state, as_of, run_id, key, as_of) for key, reason, expires, state in zip(
-            keys, rows["reason"], rows["expires_at"], status) if reason is None or expires is None]
+            keys, rows["reason"], rows["expires_at"], status)
+            if (reason is None or expires is None) and stored.get(key, (None,))[1:] != (state, as_of)]
         conn.executemany(
             "UPDATE pending_firings SET status = ?, status_as_of = ?, updated_run = ? "
             "WHERE firing_key = ? AND (status = 'pending' OR status_as_of = ?)", closed)

@@ -172,6 +172,22 @@ def test_a_rerun_at_the_same_instant_records_nothing_twice(tmp_path):
     assert query(tmp_path / "ws", "SELECT count(*) FROM pending_firings")[0][0] == 1
 
 
+def test_a_rerun_that_decides_the_same_leaves_the_waiting_firings_as_they_were_written(tmp_path):
+    ws = milestone(tmp_path / "ws", budget="{}",
+                   customers=customer("C0001", sms="false") + customer("C0002") + customer("C0003"))
+    ws.run(DAY1, deliver=False)
+    third_day = [ws.run(DAY2, deliver=False), ws.run(DAY3, deliver=False)][1]     # C0001 waits for consent
+    written = query(tmp_path / "ws", "SELECT * FROM pending_firings")
+    assert [(row[7], row[8], row[9]) for row in written] == [("pending", "2026-12-03T02:00:00+00:00",
+                                                              third_day.run_id)]
+    rerun = ws.run(DAY3, deliver=False)
+    assert (rerun.reentered, rerun.pending) == ({"milestone": 1}, {"pending": 1})   # decided the same
+    assert query(tmp_path / "ws", "SELECT * FROM pending_firings") == written      # and left as written
+    fourth = ws.run(DAY4, deliver=False)
+    assert query(tmp_path / "ws", "SELECT status, status_as_of, updated_run FROM pending_firings") == [
+        ("pending", "2026-12-04T02:00:00+00:00", fourth.run_id)]
+
+
 # --------------------------------------------------------------------------- event values and templates
 
 
