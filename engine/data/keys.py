@@ -50,3 +50,16 @@ def is_in(values, among: Iterable) -> np.ndarray:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 left, right = left.cast(pa.string()), right.cast(pa.string())
     return pc.is_in(left, value_set=right).to_numpy(zero_copy_only=False)
+
+
+def sort_order(frame: pd.DataFrame, keys: list[tuple[str, bool]]) -> np.ndarray:
+    """Positions of ``frame``'s rows sorted by ``keys`` ((column, ascending) pairs): stable,
+    missing values (NaN, None, NaT) last, as ``DataFrame.sort_values(..., na_position="last",
+    kind="stable")`` orders them. Arrow sorts text keys several times faster than pandas, which
+    factorizes every key column before it sorts."""
+    if not len(frame):
+        return np.zeros(0, dtype=np.int64)
+    table = pa.table({str(i): _arrow(frame[column]) for i, (column, _) in enumerate(keys)})
+    options = pc.SortOptions(sort_keys=[(str(i), "ascending" if up else "descending", "at_end")
+                                        for i, (_, up) in enumerate(keys)])
+    return pc.sort_indices(table, options=options).to_numpy()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config.model import LoadedWorkspace
+from engine.data.keys import sort_order
 
 BUDGET_PERIODS = ("run", "day", "week", "month", "campaign")
 
@@ -50,7 +51,7 @@ BUDGET_KEY = ["rank", "tiebreak", "firing_key"]
 def budget_sorted(group: pd.DataFrame) -> pd.DataFrame:
     """Candidates in the order a budget keeps them: rank_by (highest first, missing last),
     then the stable hash of the customer, then the firing key."""
-    return group.sort_values(BUDGET_KEY, ascending=[False, True, True], na_position="last", kind="stable")
+    return group.take(sort_order(group, list(zip(BUDGET_KEY, (False, True, True)))))
 
 
 def budget_caps(workspace: LoadedWorkspace, used: Mapping[str, tuple[int, float]] | None = None
@@ -114,5 +115,6 @@ def apply_budgets(offers: pd.DataFrame, funnels, caps: Mapping[str, tuple[int | 
         kept.append(group)
     if not kept:
         return offers.iloc[0:0]
-    result = pd.concat(kept).sort_values(["campaign", "customer_id", "firing_key"], kind="stable")
+    result = pd.concat(kept)
+    result = result.take(sort_order(result, [("campaign", True), ("customer_id", True), ("firing_key", True)]))
     return result.reset_index(drop=True)
