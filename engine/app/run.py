@@ -20,6 +20,7 @@ from engine.app.validation import check_campaigns, load_workspace
 from engine.config.loading import rule_version
 from engine.config.model import LoadedWorkspace
 from engine.data.keys import is_in
+from engine.data.memory import give_back_memory
 from engine.data.sources import Tables, load_tables
 from engine.data.tiers import TierRules, TierRun
 from engine.decide.pending import render_outcomes, tally
@@ -100,6 +101,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             tables = prepared.tables
             prepared.tables = replace(tables, orders=_no_rows(tables.orders), events=_no_rows(tables.events))
             del tables
+            give_back_memory()      # ~1.3 GB at 1M that the allocators would otherwise keep
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
             # offers recorded by an earlier attempt at this as_of are not rendered again: record_run
