@@ -16,7 +16,8 @@ from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
 from engine.decide.triggers import RunContext
 from engine.errors import LoyaltyError
-from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask
+from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask, run_on_dask
+from engine.execution.partition_run import WrittenRun
 from engine.execution.partitions import evaluate_in_partitions, evaluate_streamed
 from engine.execution.recording import EVALUATED
 from engine.execution.recording import build_messages as build_messages
@@ -183,3 +184,24 @@ def decide(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=No
                preview_on_dask(workspace, context, sample, **options))
     tables = Tables.read_elsewhere(decided.table_warnings)
     return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
+
+
+def decide_or_write(workspace: LoadedWorkspace, as_of: pd.Timestamp, store, campaigns: list[str] | None,
+                    run_id: str, *, partitions: int | None = None, engine: str | None = None,
+                    scheduler: str | None = None, progress: Progress | None = None,
+                    workers: int | None = None) -> tuple[Prepared, Evaluation | WrittenRun]:
+    """``decide`` for a run: on the dask engine the workers also render the offers of run
+    ``run_id`` and write them to files (a ``WrittenRun``, see ``partition_run``), unless a
+    budget must be applied on the client (then an ``Evaluation``, as ``decide`` gives)."""
+    settings = workspace.settings
+    if chosen_engine(settings, engine, scheduler) == "local":
+        return decide(workspace, as_of, store, None, campaigns, partitions=partitions, engine=engine,
+                      scheduler=scheduler, progress=progress, workers=workers)
+    context = run_context(workspace, as_of, store)
+    done = run_on_dask(workspace, context, run_id, store=store, campaigns=campaigns,
+                       scheduler=scheduler or settings.scheduler, partitions=partitions or settings.partitions,
+                       progress=progress)
+    tables = Tables.read_elsewhere(done.table_warnings)
+    if isinstance(done, WrittenRun):
+        return Prepared(tables, pd.DataFrame(), context, done.customers), done
+    return Prepared(tables, done.features, context, done.customers), done.evaluation
