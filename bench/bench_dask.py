@@ -22,6 +22,15 @@ step's progress lines, with the client's resident and peak memory at each, go to
 
     flock /tmp/heavy.lock /work/venv/bin/python bench/bench_dask.py --customers 100000 1000000
     flock /tmp/heavy.lock /work/venv/bin/python bench/bench_dask.py --customers 10000000 --skip-local
+
+With ``--run``: ``Workspace.run(engine=..., deliver=False)`` instead, on a fresh state
+database each time (``run-local``, then ``run-dask``): seconds, offers recorded, the client's
+peak (VmHWM of its process) and the largest child process (the dask workers; the local
+engine's rendering processes). The runs' counts and a digest of every recorded offer
+(rendered texts included, coupon codes replaced by a placeholder) must be equal, and the
+codes unique.
+
+    flock /tmp/heavy.lock /work/venv/bin/python bench/bench_dask.py --run --customers 100000 1000000
 """
 
 from __future__ import annotations
@@ -99,7 +108,74 @@ def step_dask(folder: Path, partitions: int | None) -> dict:
     return {**result, "partitions": partitions, "worker_peak": workers_peak[0]}
 
 
-STEPS = {"local": step_local, "convert": step_convert, "dask": step_dask}
+def _fresh_state(folder: Path) -> Path:
+    """The workspace's state database deleted: each measured run records everything anew."""
+    from engine.app.validation import load_workspace
+    path = load_workspace(folder).settings.state_path
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+def _recorded_digest(path: Path) -> dict:
+    """A digest of every recorded offer (firing key, offer id, payload hash, reward and
+    rendered texts, each coupon code replaced by a placeholder) and the codes' uniqueness."""
+    import hashlib
+    import sqlite3
+    digest = hashlib.sha256()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT firing_key, offer_id, payload_hash, reward, subject, body, "
+                          "json_extract(reward, '$.code') FROM offers ORDER BY firing_key")
+        for *fields, code in rows:
+            text = "\x1f".join(str(field) for field in fields)
+            digest.update((text.replace(code, "<code>") if code else text).encode() + b"\x1e")
+        codes, distinct = db.execute("SELECT count(*), count(DISTINCT code) FROM coupon_codes").fetchone()
+    return {"digest": digest.hexdigest(), "codes": codes, "distinct_codes": distinct}
+
+
+def _run(folder: Path, engine: str, partitions: int | None) -> dict:
+    """``loyalty run --engine ENGINE --no-deliver`` on a fresh state database."""
+    import psutil
+
+    from engine import Workspace
+    state = _fresh_state(folder)
+    workers_peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:      # the largest child process's resident memory, every half second
+        me = psutil.Process()
+        while not done.wait(0.5):
+            try:
+                rss = [c.memory_info().rss for c in me.children(recursive=True)]
+            except psutil.Error:
+                continue
+            workers_peak[0] = max(workers_peak[0], max(rss, default=0))
+
+    threading.Thread(target=sample, daemon=True).start()
+    progress = (lambda m: print(f"  [{_resident()}] {m}", file=sys.stderr, flush=True)) if engine == "dask" else None
+    start = time.perf_counter()
+    result = Workspace(folder).run(AS_OF, deliver=False, engine=engine, partitions=partitions, progress=progress)
+    seconds = time.perf_counter() - start
+    done.set()
+    peak = _peak_bytes()          # before the digest below reads the offers back
+    summary = {name: value for name, value in result.as_dict().items()
+               if name not in ("run_id", "timings", "delivery")}
+    (folder / f"run-{engine}.json").write_text(json.dumps({**summary, **_recorded_digest(state)},
+                                                           sort_keys=True, default=str))
+    return {"seconds": seconds, "offers": result.new_offers, "peak": peak, "worker_peak": workers_peak[0],
+            "timings": result.timings}
+
+
+def step_run_local(folder: Path, partitions: int | None) -> dict:
+    return _run(folder, "local", partitions)
+
+
+def step_run_dask(folder: Path, partitions: int | None) -> dict:
+    return _run(folder, "dask", partitions)
+
+
+STEPS = {"local": step_local, "convert": step_convert, "dask": step_dask,
+         "run-local": step_run_local, "run-dask": step_run_dask}
 
 
 def _in_subprocess(step: str, folder: Path, partitions: int | None) -> dict:
@@ -117,7 +193,31 @@ def _gb(value: int) -> str:
     return f"{value / (1 << 30):.2f} GB"
 
 
-def measure(customers: int, folder: Path, partitions: int | None, skip_local: bool) -> dict:
+def measure_run(customers: int, folder: Path, partitions: int | None, skip_local: bool) -> dict:
+    """``run --no-deliver`` on each engine, each on a fresh state database; the recorded
+    offers (digest) and the run's counts must be equal."""
+    _generated(folder, customers)
+    results = {}
+    if not skip_local:
+        results["local"] = local = _in_subprocess("run-local", folder, partitions)
+        print(f"  run, local engine: {local['seconds']:.1f} s, {local['offers']:,} offers, "
+              f"peak {_gb(local['peak'])} (largest render process {_gb(local['worker_peak'])})", flush=True)
+    results["convert"] = converted = _in_subprocess("convert", folder, partitions)
+    results["dask"] = dask = _in_subprocess("run-dask", folder, converted["partitions"])
+    print(f"  run, dask engine, LocalCluster ({converted['partitions']} partitions): {dask['seconds']:.1f} s, "
+          f"{dask['offers']:,} offers, client peak {_gb(dask['peak'])}, "
+          f"largest worker {_gb(dask['worker_peak'])}", flush=True)
+    if (folder / "run-local.json").exists():
+        theirs = json.loads((folder / "run-local.json").read_text())
+        mine = json.loads((folder / "run-dask.json").read_text())
+        results["identical"] = same = mine == theirs and mine["codes"] == mine["distinct_codes"]
+        print("  run results and recorded offers (texts, codes aside) identical to the local engine's:", same,
+              "" if same else sorted(k for k in mine if mine[k] != theirs.get(k)), flush=True)
+    (folder / "bench-dask-run.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _generated(folder: Path, customers: int) -> dict:
     marker = folder / "generated.json"
     if not marker.exists():
         started = time.perf_counter()
@@ -126,6 +226,11 @@ def measure(customers: int, folder: Path, partitions: int | None, skip_local: bo
         print(f"generated {counts} in {time.perf_counter() - started:.0f} s", flush=True)
     counts = json.loads(marker.read_text())
     print(f"{counts['customers']:,} customers, {counts['orders']:,} orders, {counts['events']:,} events")
+    return counts
+
+
+def measure(customers: int, folder: Path, partitions: int | None, skip_local: bool) -> dict:
+    counts = _generated(folder, customers)
     results = {"counts": counts}
     if not skip_local:
         results["local"] = local = _in_subprocess("local", folder, partitions)
@@ -178,6 +283,8 @@ def main() -> None:
                         help="workspace (default /tmp/loyalty-bench-dask-N); one size only")
     parser.add_argument("--partitions", type=int, help="partition count (default: automatic)")
     parser.add_argument("--skip-local", action="store_true", help="measure the dask engine only")
+    parser.add_argument("--run", action="store_true",
+                        help="measure `run --no-deliver` (render and record) instead of preview")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
@@ -189,7 +296,7 @@ def main() -> None:
           f"{_gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} memory, Python {platform.python_version()}")
     for customers in args.customers:
         folder = args.dir or Path(f"/tmp/loyalty-bench-dask-{customers}")
-        measure(customers, folder, args.partitions, args.skip_local)
+        (measure_run if args.run else measure)(customers, folder, args.partitions, args.skip_local)
 
 
 if __name__ == "__main__":

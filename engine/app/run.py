@@ -6,6 +6,7 @@ recent runs.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import time
 from contextlib import ExitStack, contextmanager
@@ -28,13 +29,17 @@ from engine.decide.policy import reachable
 from engine.decide.rewards import generate_codes
 from engine.decide.schedule import due_campaigns
 from engine.decide.totals import campaign_totals
-from engine.execution.pipeline import build_messages, decide, edge_state_rows, parse_as_of
+from engine.execution.partition_run import WrittenRun
+from engine.execution.pipeline import build_messages, decide_or_write, edge_state_rows, parse_as_of
+from engine.execution.recording import evaluated_row
+from engine.execution.run_files import chunks, clear_runs, read_frame, read_records
 from engine.faults import checkpoint
 from engine.messages.offers import make_renderer, unrendered_offers
 from engine.progress import Progress
 from engine.state.database import storage_error, storage_failures
 from engine.state.delivery import DeliveryResult
 from engine.state.delivery import deliver as deliver_outbox
+from engine.state.offers import RecordResult
 from engine.state.runs import new_run_id
 from engine.state.store import StateStore, open_store
 
@@ -85,6 +90,7 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
     try:
         with _locked(store, lock_timeout):
             timings = {}
+            folder = Path(workspace.root).resolve()
             selected = campaigns
             with storage_failures(store.label, "read"):     # what earlier runs did
                 if due:
@@ -93,9 +99,11 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
                 result = RunResult(None, as_of.isoformat(), campaigns=list(selected or workspace.program.campaigns))
                 if selected is not None and not selected:
                     return result
-                prepared, evaluation = decide(workspace, as_of, store, None, selected, partitions=partitions,
-                                              workers=workers, engine=engine, scheduler=scheduler,
-                                              progress=progress)
+                run_id = new_run_id(as_of)
+                clear_runs(folder)     # files of attempts that crashed
+                prepared, evaluation = decide_or_write(workspace, as_of, store, selected, run_id,
+                                                       partitions=partitions, workers=workers, engine=engine,
+                                                       scheduler=scheduler, progress=progress)
             # from here on only the customers are needed (consent at delivery): let the
             # orders and events go before the messages are rendered
             tables = prepared.tables
@@ -104,61 +112,21 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             give_back_memory()      # ~1.3 GB at 1M that the allocators would otherwise keep
             timings["evaluate"] = round(time.perf_counter() - started, 3)
             checkpoint("after_evaluation")
-            # offers recorded by an earlier attempt at this as_of are not rendered again: record_run
-            # counts them as existing, or reports a conflict if the rules changed in between
-            offers = evaluation.offers
-            with storage_failures(store.label, "read"):
-                again = store.existing_offers(offers.loc[offers["recorded"], "firing_key"]) \
-                    if len(offers) and offers["recorded"].any() else {}
-            known = unrendered_offers(workspace, offers[is_in(offers["firing_key"], again)], again) \
-                if again else []
-            coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
-                if len(offers) else []
-            codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
-                                                           settings.coupon_length)))
-            renderer = make_renderer(workspace)
-            version, run_id = rule_version(workspace), new_run_id(as_of)
-
-            def to_rows(records: list[dict]) -> list:   # where the messages were rendered
-                for record in records:
-                    record["rule_version"] = version
-                return StateStore.prepare_offers(records, run_id)
-
-            fresh = offers[~is_in(offers["firing_key"], again)] if again else offers
-            rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, fresh, codes=codes,
-                                          workers=workers or settings.workers, finish=to_rows)
-            # a one-off firing whose message was not rendered waits for a later run
-            pending = render_outcomes(workspace, offers, evaluation.pending,
-                                      {row["firing_key"] for row, _ in rows} | set(again))
-            timings["render"] = round(time.perf_counter() - started, 3)
-            with storage_failures(store.label):
-                store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
-                                result.campaigns, run_id=run_id)
-            with _failing_run(store, run_id):
-                state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
-                recorded = store.record_run(run_id, trigger_state_rows=state_rows,
-                                            holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
-                                            pending=pending, known=known, absent=True,
-                                            tiers=_tier_run(workspace, evaluation))
-                if due:
-                    for campaign in result.campaigns:
-                        store.set_schedule_last_run(campaign, as_of.isoformat())
+            if isinstance(evaluation, WrittenRun):
+                recorded = _record_written(workspace, store, evaluation, prepared, result, as_of, due)
+            else:
+                recorded = _record_evaluated(workspace, store, evaluation, prepared, result, as_of, due, run_id,
+                                             workers or settings.workers, timings, started)
             timings["record"] = round(time.perf_counter() - started, 3)
             checkpoint("after_commit")
+            clear_runs(folder)
             result.run_id = run_id
             result.new_offers = recorded.new
             result.already_recorded = recorded.existing
             result.conflicts = recorded.conflicts
             result.tier_moves = recorded.tier_moves
-            result.holdouts = len(evaluation.holdouts)
-            result.funnels = evaluation.funnels
-            result.render_errors = errors
-            result.warnings = list(prepared.tables.warnings) + evaluation.warnings
-            result.reentered = {c: n for c, n in evaluation.reentered.items() if n}
-            result.pending = tally(pending)
-            result.granted_without_message = {c: t.granted_without_message for c, t in
-                                              campaign_totals(offers, list(evaluation.funnels)).items()
-                                              if t.granted_without_message}
+            result.reentered = {c: n for c, n in result.reentered.items() if n}
+            errors = result.render_errors
             if deliver:
                 tables = prepared.tables
                 if tables.customers.empty:   # the dask engine's workers read the data: consent needs it here
@@ -174,6 +142,99 @@ def run(root: Path | str, as_of=None, *, campaigns: list[str] | None = None, due
             return result
     finally:
         store.close()
+
+
+def _record_evaluated(workspace: LoadedWorkspace, store: StateStore, evaluation, prepared, result: RunResult,
+                      as_of: pd.Timestamp, due: bool, run_id: str, workers: int | None, timings: dict,
+                      started: float) -> RecordResult:
+    """Render the offers of an evaluation held here and record them in one transaction."""
+    settings = workspace.settings
+    # offers recorded by an earlier attempt at this as_of are not rendered again: record_run
+    # counts them as existing, or reports a conflict if the rules changed in between
+    offers = evaluation.offers
+    with storage_failures(store.label, "read"):
+        again = store.existing_offers(offers.loc[offers["recorded"], "firing_key"]) \
+            if len(offers) and offers["recorded"].any() else {}
+    known = unrendered_offers(workspace, offers[is_in(offers["firing_key"], again)], again) if again else []
+    coupon_offers = offers.loc[(offers["reward_kind"] == "coupon") & ~offers["recorded"], "offer_id"] \
+        if len(offers) else []
+    codes = dict(zip(coupon_offers, generate_codes(len(coupon_offers), settings.coupon_prefix,
+                                                   settings.coupon_length)))
+    renderer = make_renderer(workspace)
+    version = rule_version(workspace)
+
+    def to_rows(records: list[dict]) -> list:   # where the messages were rendered
+        for record in records:
+            record["rule_version"] = version
+        return StateStore.prepare_offers(records, run_id)
+
+    fresh = offers[~is_in(offers["firing_key"], again)] if again else offers
+    rows, errors = build_messages(workspace, evaluation, prepared.features, renderer, fresh, codes=codes,
+                                  workers=workers, finish=to_rows)
+    # a one-off firing whose message was not rendered waits for a later run
+    pending = render_outcomes(workspace, offers, evaluation.pending,
+                              {row["firing_key"] for row, _ in rows} | set(again))
+    timings["render"] = round(time.perf_counter() - started, 3)
+    with storage_failures(store.label):
+        store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
+                        result.campaigns, run_id=run_id)
+    with _failing_run(store, run_id):
+        state_rows = edge_state_rows(evaluation, prepared.context.edge_state)
+        recorded = store.record_run(run_id, trigger_state_rows=state_rows,
+                                    holdouts=_holdout_rows(evaluation, run_id), prepared=rows,
+                                    pending=pending, known=known, absent=True,
+                                    tiers=_tier_run(workspace, evaluation.as_of, evaluation.tier_moves))
+        _set_schedules(store, result, as_of, due)
+    result.holdouts = len(evaluation.holdouts)
+    result.funnels = evaluation.funnels
+    result.render_errors = errors
+    result.warnings = list(prepared.tables.warnings) + evaluation.warnings
+    result.reentered = dict(evaluation.reentered)
+    result.pending = tally(pending)
+    result.granted_without_message = {c: t.granted_without_message for c, t in
+                                      campaign_totals(offers, list(evaluation.funnels)).items()
+                                      if t.granted_without_message}
+    return recorded
+
+
+def _record_written(workspace: LoadedWorkspace, store: StateStore, written: WrittenRun, prepared,
+                    result: RunResult, as_of: pd.Timestamp, due: bool) -> RecordResult:
+    """Record a run whose offers the dask engine's workers rendered and wrote to files: the
+    files streamed into the state store in one transaction, ``CHUNK`` offers at a time."""
+    run_id = written.run_id
+    with storage_failures(store.label):
+        store.begin_run(as_of.isoformat(), dict(workspace.rule_hashes), dict(prepared.tables.fingerprints),
+                        result.campaigns, run_id=run_id)
+
+    def records(kind: str):
+        for path in written.paths(kind):
+            yield from read_records(path)
+
+    def frames(kind: str):
+        return (read_frame(path) for path in written.paths(kind))
+
+    evaluated = [[evaluated_row(campaign) for campaign in written.edge_campaigns]]
+    with _failing_run(store, run_id):
+        recorded = store.record_run_chunks(
+            run_id, offers=chunks(records("offers")),
+            known=chunks(records("known")), trigger_state=itertools.chain(evaluated, chunks(records("trigger_state"))),
+            holdouts=chunks(records("holdouts")), pending=frames("pending"),
+            tiers=_tier_run(workspace, as_of, None), tier_moves=frames("tier_moves"))
+        _set_schedules(store, result, as_of, due)
+    result.holdouts = written.holdouts
+    result.funnels = written.funnels
+    result.render_errors = written.render_errors
+    result.warnings = list(prepared.tables.warnings) + written.warnings
+    result.reentered = dict(written.reentered)
+    result.pending = written.pending
+    result.granted_without_message = written.granted_without_message
+    return recorded
+
+
+def _set_schedules(store: StateStore, result: RunResult, as_of: pd.Timestamp, due: bool) -> None:
+    if due:
+        for campaign in result.campaigns:
+            store.set_schedule_last_run(campaign, as_of.isoformat())
 
 
 @contextmanager
@@ -213,13 +274,12 @@ def _customers_only(workspace: LoadedWorkspace):
     return load_tables(only, workspace.root)
 
 
-def _tier_run(workspace: LoadedWorkspace, evaluation) -> TierRun | None:
+def _tier_run(workspace: LoadedWorkspace, as_of: pd.Timestamp, moves: pd.DataFrame | None) -> TierRun | None:
     """The stored tiers' moves this run records (with those of its tier rewards); None with
-    computed tiers."""
+    computed tiers. ``moves`` None: they come in chunks (``record_run_chunks``)."""
     if not workspace.program.stored_tiers:
         return None
-    return TierRun(evaluation.as_of, TierRules.of(workspace.program, workspace.settings.timezone),
-                   evaluation.tier_moves)
+    return TierRun(as_of, TierRules.of(workspace.program, workspace.settings.timezone), moves)
 
 
 def _holdout_rows(evaluation, run_id) -> list[dict]:

@@ -147,32 +147,76 @@ def reward_payload(kind: str, params: dict, points: float, send_at: pd.Timestamp
     return payload
 
 
-def generate_codes(count: int, prefix: str = "", length: int = 10, taken: Iterable[str] = ()) -> list[str]:
+def generate_codes(count: int, prefix: str = "", length: int = 10, taken: Iterable[str] = (),
+                   share: tuple[int, int] = (0, 1)) -> list[str]:
     """``count`` unguessable, unique coupon codes, none of them in ``taken``.
 
     Randomness comes from ``secrets`` (the OS generator), drawn in bulk and
     mapped by rejection sampling onto an alphabet without look-alike characters
     (0/O, 1/I/L); 10 characters carry about 50 bits. The store's unique index on
     ``coupon_codes.code`` stays the final guard against a collision.
+
+    ``share``: (index, shares) when several processes make the codes of one run (the
+    dask engine's partitions): the last characters of each code, read as a number, leave
+    the remainder ``index`` when divided by ``shares``, so two shares never make the same
+    code (each share's codes carry log2(shares) bits less).
     """
     if length < 6:
         raise ValueError("coupon codes need at least 6 random characters")
+    index, shares = share
+    tail = min(length, TAIL_SYMBOLS)
+    slots = len(CODE_ALPHABET) ** tail // shares
+    if not 0 <= index < shares or slots < 1:
+        raise ValueError(f"coupon codes cannot be split into {shares} shares")
+    if count > slots * len(CODE_ALPHABET) ** (length - tail) // 2:
+        raise ValueError(f"{count:,} coupon codes do not fit in codes of {length} characters: "
+                         "make them longer (coupons: length)")
     taken = set(taken)
     codes: list[str] = []
     fresh: set[str] = set()
-    limit = 256 - 256 % len(CODE_ALPHABET)      # uniform: reject bytes >= 248
     while len(codes) < count:
         need = count - len(codes)
-        raw = np.frombuffer(secrets.token_bytes(need * length * 9 // 8 + 64), dtype=np.uint8)
-        symbols = raw[raw < limit] % len(CODE_ALPHABET)
-        count = min(need, len(symbols) // length)
-        text = _ALPHABET_BYTES[symbols[:count * length]].tobytes().decode("ascii")
-        for start in range(0, count * length, length):
-            code = prefix + text[start:start + length]
+        heads = _symbols(need, length - tail)
+        ends = _tails(need, tail, slots, index, shares)
+        for head, end in zip(heads, ends):
+            code = prefix + head + end
             if code not in taken and code not in fresh:
                 fresh.add(code)
                 codes.append(code)
     return codes
+
+
+TAIL_SYMBOLS = 4          # the characters that tell the shares of one run's codes apart
+
+
+def _symbols(count: int, length: int) -> list[str]:
+    """``count`` uniformly random strings of ``length`` characters of the alphabet."""
+    if length == 0:
+        return [""] * count
+    limit = 256 - 256 % len(CODE_ALPHABET)      # uniform: reject bytes >= 248
+    chosen = np.zeros(0, dtype=np.uint8)
+    while len(chosen) < count * length:
+        raw = np.frombuffer(secrets.token_bytes((count * length - len(chosen)) * 9 // 8 + 64), dtype=np.uint8)
+        chosen = np.concatenate([chosen, raw[raw < limit] % len(CODE_ALPHABET)])
+    text = _ALPHABET_BYTES[chosen[:count * length]].tobytes().decode("ascii")
+    return [text[start:start + length] for start in range(0, count * length, length)]
+
+
+def _tails(count: int, length: int, slots: int, index: int, shares: int) -> list[str]:
+    """``count`` strings of ``length`` characters whose value in base 31 is ``index`` plus
+    ``shares`` times a uniformly random slot below ``slots``."""
+    limit = (2 ** 32 // slots) * slots           # uniform: reject draws >= limit
+    drawn = np.zeros(0, dtype=np.uint64)
+    while len(drawn) < count:
+        raw = np.frombuffer(secrets.token_bytes(((count - len(drawn)) * 9 // 8 + 16) * 4), dtype=np.uint32)
+        drawn = np.concatenate([drawn, (raw[raw < limit] % slots).astype(np.uint64)])
+    values = drawn[:count] * np.uint64(shares) + np.uint64(index)
+    digits = np.empty((count, length), dtype=np.uint8)
+    for position in range(length - 1, -1, -1):
+        digits[:, position] = values % np.uint64(len(CODE_ALPHABET))
+        values //= np.uint64(len(CODE_ALPHABET))
+    text = _ALPHABET_BYTES[digits.reshape(-1)].tobytes().decode("ascii")
+    return [text[start:start + length] for start in range(0, count * length, length)]
 
 
 def expires_on(send_at: dt.datetime, valid_days: int) -> dt.date:

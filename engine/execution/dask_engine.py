@@ -39,9 +39,17 @@ from engine.config.model import LoadedWorkspace
 from engine.data.sources import merge_warnings
 from engine.decide.budgets import budget_caps
 from engine.decide.evaluation import combine_partitions
+from engine.decide.pending import utc_key
 from engine.decide.totals import CampaignTotals, SampledEvaluation, campaign_totals, sample_rows
 from engine.decide.triggers import RunContext
 from engine.errors import ClusterError
+from engine.execution.partition_run import (
+    PartitionRun,
+    WrittenRun,
+    combine_written,
+    recorded_hashes_by_partition,
+    write_partition,
+)
 from engine.execution.partition_tasks import (
     Job,
     context_slices,
@@ -59,6 +67,8 @@ from engine.execution.partition_tasks import (
 )
 from engine.execution.partitioned_data import ensure_partitioned, estimated_customers
 from engine.execution.partitions import Decided
+from engine.execution.run_files import run_folder
+from engine.messages.offers import make_renderer
 from engine.progress import say
 
 INSTALL_HINT = 'pip install "loyalty[dask]"'
@@ -120,7 +130,8 @@ def preview_on_dask(workspace: LoadedWorkspace, ctx: RunContext, sample: int, *,
             # all of its candidates, as evaluate_on_dask does
             decided = _gathered(workspace, ctx, run)
             full = decided.evaluation
-            decided.evaluation = SampledEvaluation(**vars(full), totals=campaign_totals(full.offers, list(full.funnels)))
+            totals = campaign_totals(full.offers, list(full.funnels))
+            decided.evaluation = SampledEvaluation(**vars(full), totals=totals)
             return decided
         client, job = run.client, run.job
         futures = [client.submit(preview_of, part, run.cutoffs, sample, key=f"loyalty-preview-{job.token}-{number}",
@@ -157,6 +168,36 @@ def preview_on_dask(workspace: LoadedWorkspace, ctx: RunContext, sample: int, *,
                        table_warnings=merge_warnings(warnings), dashboard=run.dashboard)
 
 
+def run_on_dask(workspace: LoadedWorkspace, ctx: RunContext, run_id: str, *, store=None,
+                campaigns: list[str] | None = None, scheduler: str | None = None,
+                partitions: int | None = None,
+                progress: Callable[[str], None] | None = None) -> WrittenRun | DaskDecided:
+    """Run ``run_id`` of ``workspace`` at ``ctx.as_of`` on a Dask cluster up to the files the
+    client records: each partition's task renders its offers and writes them, with the rest
+    of its part of the run, under ``run_files.run_folder(workspace, run_id)``; the client
+    receives counts, render errors and file names (``WrittenRun``). A budget over costs
+    not all >= 0 keeps no prefix and is applied on the client over every candidate: then
+    the offers are gathered as ``evaluate_on_dask`` does (a ``DaskDecided``), and rendered
+    and recorded on the client. Options as ``evaluate_on_dask``."""
+    with _decided_on_cluster(workspace, ctx, store, campaigns, scheduler, partitions, progress) as run:
+        if set(run.budgeted) - set(run.cutoffs):
+            return _gathered(workspace, ctx, run)
+        client, job = run.client, run.job
+        hashes = recorded_hashes_by_partition(store, job.count, utc_key(ctx.as_of))
+        specs = [PartitionRun(run_id, hashes[number], part.edge_state, part.pending, ctx.budget_used)
+                 for number, part in enumerate(run.contexts)]
+        futures = [client.submit(write_partition, part, run.cutoffs, job, number, specs[number],
+                                 key=f"loyalty-write-{job.token}-{number}", pure=False)
+                   for number, part in enumerate(run.decided)]
+        parts = [future.result() for future in _as_completed(_import_distributed(), futures,
+                                                               "messages rendered and written", progress)]
+    warnings = merge_warnings([tuple(part.table_warnings) for part in sorted(parts, key=lambda p: p.number)])
+    written = combine_written(parts, run_id, run_folder(job.root, run_id), job.count, warnings,
+                              make_renderer(workspace).max_render_seconds_per_run)
+    written.dashboard = run.dashboard
+    return written
+
+
 @dataclass
 class _Run:
     """A cluster with every partition decided on it (futures), and the budgets' cut-offs."""
@@ -164,6 +205,7 @@ class _Run:
     client: object
     job: Job
     decided: list                 # futures of decide_partition, one a partition
+    contexts: list                # the run context's slice of each partition
     cutoffs: dict
     budgeted: list[str]           # budgeted campaigns with candidates
     dashboard: str
@@ -193,7 +235,7 @@ def _decided_on_cluster(workspace: LoadedWorkspace, ctx: RunContext, store, camp
                                  key=f"loyalty-decide-{job.token}-{number}", pure=False)
                    for number in range(count)]
         cutoffs, budgeted = _budget_cutoffs(distributed, client, decided, caps, job, progress)
-        yield _Run(client, job, decided, cutoffs, budgeted, dashboard)
+        yield _Run(client, job, decided, contexts, cutoffs, budgeted, dashboard)
 
 
 def _gathered(workspace: LoadedWorkspace, ctx: RunContext, run: _Run) -> DaskDecided:
@@ -328,10 +370,11 @@ def _rfm_thresholds(distributed, client, job: Job, progress) -> dict:
 
 
 def _budget_cutoffs(distributed, client, decided: list, caps: dict, job: Job, progress) -> tuple[dict, list]:
-    """The budgeted campaigns that have candidates, and per budgeted campaign, the budget-order key (rank, tiebreak, firing key) of the last
-    candidate its budget keeps over all partitions (None: it keeps none). Campaigns whose
-    costs are not all >= 0, whose kept set is then not a prefix, get no cut-off and are
-    budgeted on the client over all their candidates."""
+    """The budgeted campaigns that have candidates, and per budgeted campaign, the
+    budget-order key (rank, tiebreak, firing key) of the last candidate its budget keeps
+    over all partitions (None: it keeps none). Campaigns whose costs are not all >= 0,
+    whose kept set is then not a prefix, get no cut-off and are budgeted on the client
+    over all their candidates."""
     ranked = [client.submit(ranked_of, part, caps, key=f"loyalty-ranked-{job.token}-{number}", pure=False)
               for number, part in enumerate(decided)]
     for _ in _as_completed(distributed, ranked, "features and evaluation", progress):

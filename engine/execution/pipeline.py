@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,13 +16,13 @@ from engine.decide.budgets import budget_periods
 from engine.decide.evaluation import Evaluation
 from engine.decide.triggers import RunContext
 from engine.errors import LoyaltyError
-from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask
-from engine.execution.parallel import MIN_OFFERS_PER_WORKER, in_workers, worker_count
+from engine.execution.dask_engine import evaluate_on_dask, preview_on_dask, run_on_dask
+from engine.execution.partition_run import WrittenRun
 from engine.execution.partitions import evaluate_in_partitions, evaluate_streamed
-from engine.messages.offers import customer_records, merge_out_of_time_errors, render_offers
-from engine.messages.rendering import Renderer
+from engine.execution.recording import EVALUATED
+from engine.execution.recording import build_messages as build_messages
+from engine.execution.recording import edge_state_rows as edge_state_rows
 from engine.progress import Progress
-from engine.state.database import gc_paused
 
 
 @dataclass
@@ -87,8 +86,8 @@ def run_context(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None,
             if len(state) and (state["customer_id"] == EVALUATED).any():
                 true_ids = state.loc[state["value"].astype(str) == "1", "customer_id"]
                 edge_state[campaign.id] = frozenset(true_ids.astype(str))
-    used = store.budget_used({campaign: _utc_key(start) for campaign, start in budget_periods(workspace, as_of).items()},
-                             _utc_key(as_of))
+    periods = budget_periods(workspace, as_of)
+    used = store.budget_used({campaign: _utc_key(start) for campaign, start in periods.items()}, _utc_key(as_of))
     program = workspace.program
     stored = program.stored_tiers
     multiplied = program.points is not None and any(rule.multiplier for rule in program.points.earn.values())
@@ -124,22 +123,6 @@ def _contacts_before(store, as_of: pd.Timestamp, since: pd.Timestamp) -> pd.Data
     if granted:
         frame["message"] = np.arange(len(frame)) < len(rows)
     return frame
-
-
-EVALUATED = "*"   # trigger-state row saying a `becomes` condition has been evaluated before
-
-
-def edge_state_rows(evaluation: Evaluation, previous: dict) -> list[dict]:
-    """Trigger-state rows to store: who is true now, who stopped being true."""
-    rows = []
-    for campaign, now_true in evaluation.edge_state.items():
-        before = previous.get(campaign, frozenset())
-        rows.append({"campaign": campaign, "customer_id": EVALUATED, "key": "becomes", "value": "1"})
-        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "1"}
-                    for c in now_true - before)
-        rows.extend({"campaign": campaign, "customer_id": c, "key": "becomes", "value": "0"}
-                    for c in before - now_true)
-    return rows
 
 
 def prepare(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=None, tables=None,
@@ -203,38 +186,22 @@ def decide(workspace: LoadedWorkspace, as_of: pd.Timestamp, store=None, since=No
     return Prepared(tables, decided.features, context, decided.customers), decided.evaluation
 
 
-def build_messages(workspace: LoadedWorkspace, evaluation: Evaluation, features: pd.DataFrame,
-                   renderer: Renderer, rows: pd.DataFrame | None = None,
-                   codes: dict[str, str] | None = None, workers: int | None = 1,
-                   finish: Callable[[list[dict]], list] | None = None) -> tuple[list, list[dict]]:
-    """Offer records with rewards and rendered messages; and the render errors.
-
-    One bad template never stops the others: a failed render is reported per offer. Rendering
-    stops when the renderer's time for the run is used up, with one error per campaign left out.
-    ``workers``: processes rendering at once (``parallel``; None: automatic from the
-    number of messages); the records come in the same order. ``finish``: what to make of
-    each share of records where it was rendered (e.g. the state store's rows); its
-    results, concatenated, are returned instead of the records.
-    """
+def decide_or_write(workspace: LoadedWorkspace, as_of: pd.Timestamp, store, campaigns: list[str] | None,
+                    run_id: str, *, partitions: int | None = None, engine: str | None = None,
+                    scheduler: str | None = None, progress: Progress | None = None,
+                    workers: int | None = None) -> tuple[Prepared, Evaluation | WrittenRun]:
+    """``decide`` for a run: on the dask engine the workers also render the offers of run
+    ``run_id`` and write them to files (a ``WrittenRun``, see ``partition_run``), unless a
+    budget must be applied on the client (then an ``Evaluation``, as ``decide`` gives)."""
     settings = workspace.settings
-    rows = evaluation.offers if rows is None else rows
-    send_at = pd.to_datetime(rows["send_at"], utc=True).dt.tz_convert(settings.timezone).tolist()
-    workers = worker_count(len(rows), workers, MIN_OFFERS_PER_WORKER)
-    # the first share is rendered here, which then also unpickles the others' messages: a bigger share
-    shares = np.array([1.2] + [1.0] * (workers - 1))
-    bounds = np.round(np.concatenate([[0], np.cumsum(shares)]) / shares.sum() * len(rows)).astype(np.int64)
-
-    def render(number: int) -> tuple[list[dict], list[dict]]:
-        start, stop = int(bounds[number]), int(bounds[number + 1])
-        part = rows.iloc[start:stop]
-        customers = customer_records(features, part["pos"])
-        records: list[dict] = []
-        errors: list[dict] = []
-        render_offers(workspace, evaluation, renderer, part, customers, send_at[start:stop], codes, records, errors)
-        return (records if finish is None else finish(records)), errors
-
-    with gc_paused():
-        parts = in_workers(render, workers)
-        errors = merge_out_of_time_errors([e for _, errors in parts for e in errors],
-                                          renderer.max_render_seconds_per_run)
-        return [r for records, _ in parts for r in records], errors
+    if chosen_engine(settings, engine, scheduler) == "local":
+        return decide(workspace, as_of, store, None, campaigns, partitions=partitions, engine=engine,
+                      scheduler=scheduler, progress=progress, workers=workers)
+    context = run_context(workspace, as_of, store)
+    done = run_on_dask(workspace, context, run_id, store=store, campaigns=campaigns,
+                       scheduler=scheduler or settings.scheduler, partitions=partitions or settings.partitions,
+                       progress=progress)
+    tables = Tables.read_elsewhere(done.table_warnings)
+    if isinstance(done, WrittenRun):
+        return Prepared(tables, pd.DataFrame(), context, done.customers), done
+    return Prepared(tables, done.features, context, done.customers), done.evaluation

@@ -186,48 +186,65 @@ class OfferBook(PendingFirings):
         with gc_paused(), self._transaction() as conn:
             known = list(known)
             recorded = {} if absent else self.existing_offers(row["firing_key"] for row, _ in prepared)
-            recorded.update((row["firing_key"], row["recorded_payload_hash"]) for row in known)
-            new_rows: list[tuple[dict, dict]] = []
-            conflicts: list[dict] = []
-            existing = 0
-            for row, reward in itertools.chain(prepared, ((row, None) for row in known)):
-                prior = recorded.get(row["firing_key"])
-                if prior is None:
-                    recorded[row["firing_key"]] = row["payload_hash"]
-                    new_rows.append((row, reward))
-                elif prior == row["payload_hash"] or self._same_meaning(row["firing_key"], row["payload_hash"]):
-                    existing += 1
-                else:
-                    conflicts.append({k: row[k] for k in (
-                        "firing_key", "offer_id", "campaign", "customer_id", "payload_hash")}
-                        | {"recorded_payload_hash": prior})
-            self._insert(conn, "offers", _OFFER_COLUMNS,
-                         (tuple(row.values()) for row, _ in new_rows))
-            checkpoint("mid_transaction")
-            self._insert_codes(conn, new_rows)
-            if points_rows is None:
-                points_rows = [self._points_row(row, reward) for row, reward in new_rows
-                               if reward and reward.get("kind") == "points" and reward.get("points") is not None]
-            new_ids = {row["offer_id"] for row, _ in new_rows}
-            self._insert(conn, "points_ledger",
-                         ("entry_id", "offer_id", "customer_id", "points", "reason", "as_of"),
-                         ((p.get("entry_id") or f"pts-{p.get('offer_id') or secrets.token_hex(8)}",
-                           p.get("offer_id"), str(p["customer_id"]), plain(p["points"]),
-                           p.get("reason"), plain(p.get("as_of")))
-                          for p in points_rows
-                          if p.get("offer_id") is None or p["offer_id"] in new_ids),
-                         verb="INSERT OR IGNORE")
+            new_rows, existing, conflicts = self._sort_out(prepared, known, recorded)
+            self._write_offers(conn, new_rows, points_rows)
             self._upsert_trigger_state(conn, trigger_state_rows, created)
-            self._insert(conn, "holdouts", ("firing_key", "run_id", "campaign", "customer_id",
-                                            "holdout_group", "as_of"),
-                         ((h["firing_key"], h.get("run_id") or run_id, h["campaign"],
-                           str(h["customer_id"]), h.get("group"),
-                           iso(h["as_of"]) if h.get("as_of") is not None else None)
-                          for h in holdouts), verb="INSERT OR IGNORE")
+            self._write_holdouts(conn, holdouts, run_id)
             self._write_pending(conn, pending, run_id)
             moved = self._record_tiers(conn, run_id, tiers, new_rows) if tiers is not None else {}
             conn.execute("UPDATE runs SET status = 'recorded' WHERE run_id = ?", (run_id,))
         return RecordResult(new=len(new_rows), existing=existing, conflicts=conflicts, tier_moves=moved)
+
+    def _sort_out(self, prepared: Iterable[tuple[dict, dict]], known: Iterable[Mapping[str, Any]],
+                  recorded: dict[str, str]) -> tuple[list[tuple[dict, dict]], int, list[dict]]:
+        """The offers that are new, how many are recorded already with the same meaning, and
+        the conflicts (recorded with another); ``recorded``: firing key -> recorded payload
+        hash, which the new ones join."""
+        recorded.update((row["firing_key"], row["recorded_payload_hash"]) for row in known)
+        new_rows: list[tuple[dict, dict]] = []
+        conflicts: list[dict] = []
+        existing = 0
+        for row, reward in itertools.chain(prepared, ((row, None) for row in known)):
+            prior = recorded.get(row["firing_key"])
+            if prior is None:
+                recorded[row["firing_key"]] = row["payload_hash"]
+                new_rows.append((row, reward))
+            elif prior == row["payload_hash"] or self._same_meaning(row["firing_key"], row["payload_hash"]):
+                existing += 1
+            else:
+                conflicts.append({k: row[k] for k in (
+                    "firing_key", "offer_id", "campaign", "customer_id", "payload_hash")}
+                    | {"recorded_payload_hash": prior})
+        return new_rows, existing, conflicts
+
+    def _write_offers(self, conn: sqlite3.Connection, new_rows: list[tuple[dict, dict]],
+                      points_rows: list[dict] | None = None) -> None:
+        """The new offers' rows, their coupon codes and their points (``points_rows``, by
+        default one per new points offer)."""
+        self._insert(conn, "offers", _OFFER_COLUMNS, (tuple(row.values()) for row, _ in new_rows))
+        checkpoint("mid_transaction")
+        self._insert_codes(conn, new_rows)
+        if points_rows is None:
+            points_rows = [self._points_row(row, reward) for row, reward in new_rows
+                           if reward and reward.get("kind") == "points" and reward.get("points") is not None]
+        new_ids = {row["offer_id"] for row, _ in new_rows}
+        self._insert(conn, "points_ledger",
+                     ("entry_id", "offer_id", "customer_id", "points", "reason", "as_of"),
+                     ((p.get("entry_id") or f"pts-{p.get('offer_id') or secrets.token_hex(8)}",
+                       p.get("offer_id"), str(p["customer_id"]), plain(p["points"]),
+                       p.get("reason"), plain(p.get("as_of")))
+                      for p in points_rows
+                      if p.get("offer_id") is None or p["offer_id"] in new_ids),
+                     verb="INSERT OR IGNORE")
+
+    def _write_holdouts(self, conn: sqlite3.Connection, holdouts: Iterable[dict], run_id: str) -> None:
+        """Firings held out, once per firing key."""
+        self._insert(conn, "holdouts", ("firing_key", "run_id", "campaign", "customer_id",
+                                        "holdout_group", "as_of"),
+                     ((h["firing_key"], h.get("run_id") or run_id, h["campaign"],
+                       str(h["customer_id"]), h.get("group"),
+                       iso(h["as_of"]) if h.get("as_of") is not None else None)
+                      for h in holdouts), verb="INSERT OR IGNORE")
 
     @staticmethod
     def _offer_row(offer: Mapping[str, Any], run_id: str, created: str) -> tuple[dict, dict]:

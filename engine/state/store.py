@@ -10,13 +10,15 @@ nor loses an offer.
 ``StateStore`` is assembled from one part per kind of record, each in its own module over
 the same file (``database.Database``): ``runs.RunLog``, ``offers.OfferBook`` (with
 ``pending.PendingFirings`` and ``tiers.TierBook``, written in the same transaction),
-``outbox.Outbox``, ``ledger.Ledger`` and ``trigger_state.TriggerState``.
+``outbox.Outbox``, ``ledger.Ledger`` and ``trigger_state.TriggerState``; ``chunked.ChunkedRecording``
+records a run whose offers arrive in chunks (rendered by the dask engine's workers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from engine.state.chunked import ChunkedRecording
 from engine.state.ledger import Ledger
 from engine.state.offers import OfferBook
 from engine.state.outbox import Outbox
@@ -26,7 +28,7 @@ from engine.state.tiers import TierBook
 from engine.state.trigger_state import TriggerState
 
 
-class StateStore(RunLog, OfferBook, Outbox, Ledger, TriggerState, PendingFirings, TierBook):
+class StateStore(RunLog, ChunkedRecording, OfferBook, Outbox, Ledger, PendingFirings, TierBook, TriggerState):
     """The one SQLite state file of a workspace.
 
     ``StateStore(path)`` creates the file and applies pending migrations; a file

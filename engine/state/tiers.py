@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Iterable
 
 import pandas as pd
 
@@ -91,6 +92,47 @@ class TierBook(Database):
             written.append(moves)
         return move_counts(run.rules, pd.concat([w for w in written if len(w)] or [own], ignore_index=True))
 
+    def _record_tier_chunks(self, conn: sqlite3.Connection, run_id: str, run: TierRun,
+                            moves: Iterable[pd.DataFrame], rewards: list[dict]) -> dict[str, dict[str, int]]:
+        """``_record_tiers`` for a run whose own moves come a chunk at a time (``moves``) and
+        whose newly recorded tier rewards are ``rewards`` (customer_id, campaign, to,
+        trial_days, in the order of its offers): the same rows written, the same counts."""
+        at_utc = iso_utc(run.as_of)
+        counts: dict[str, dict[str, int]] = {"up": {}, "down": {}, "joined": {}}
+        for chunk in moves:
+            if not len(chunk):
+                continue
+            done = self._tier_seqs(conn, at_utc, chunk["customer_id"].astype(str).tolist())
+            own = chunk[~is_in(chunk["customer_id"].astype(str), list(done))] if done else chunk
+            self._write_moves(conn, run_id, run, own, [0] * len(own))
+            counts = _added_counts(counts, move_counts(run.rules, own))
+        if rewards:
+            ids = sorted({reward["customer_id"] for reward in rewards})
+            done = self._tier_seqs(conn, at_utc, ids)
+            current = conn.execute(f"SELECT {_STATE_SQL} FROM member_tiers WHERE customer_id IN "
+                                   "(SELECT value FROM json_each(?))", [json.dumps(ids)])
+            states = _states(pd.DataFrame(current.fetchall(), columns=STATE_COLUMNS))
+            moved = campaign_moves(run.rules, run.as_of, states, pd.DataFrame(rewards))
+            seqs = []
+            for customer_id in moved["customer_id"]:
+                done[customer_id] = max(done.get(customer_id, 0), 0) + 1
+                seqs.append(done[customer_id])
+            self._write_moves(conn, run_id, run, moved, seqs)
+            counts = _added_counts(counts, move_counts(run.rules, moved))
+        return {kind: dict(sorted(found.items(), key=lambda item: run.rules.rank([item[0]])[0]))
+                for kind, found in counts.items()}
+
+    @staticmethod
+    def _tier_seqs(conn: sqlite3.Connection, at_utc: str, customer_ids: list[str]) -> dict[str, int]:
+        """customer_id -> the last ``seq`` written for them at the instant ``at_utc``."""
+        done: dict[str, int] = {}
+        for start in range(0, len(customer_ids), 50_000):
+            done.update(conn.execute(
+                "SELECT customer_id, max(seq) FROM tier_history WHERE as_of_utc = ? AND customer_id IN "
+                "(SELECT value FROM json_each(?)) GROUP BY customer_id",
+                [at_utc, json.dumps(customer_ids[start:start + 50_000])]).fetchall())
+        return done
+
     @staticmethod
     def _write_moves(conn: sqlite3.Connection, run_id: str, run: TierRun, moves: pd.DataFrame,
                      seqs: list[int]) -> None:
@@ -114,6 +156,11 @@ class TierBook(Database):
             "WHERE (excluded.as_of_utc, excluded.seq) > (member_tiers.as_of_utc, member_tiers.seq)",
             zip(ids, tiers, since, dates["review_at"], dates["grace_until"], dates["trial_until"], trial_from,
                 [run_id] * len(ids), [at_utc] * len(ids), seqs))
+
+
+def _added_counts(left: dict[str, dict[str, int]], right: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {kind: {tier: left.get(kind, {}).get(tier, 0) + right.get(kind, {}).get(tier, 0)
+                   for tier in {**left.get(kind, {}), **right.get(kind, {})}} for kind in ("up", "down", "joined")}
 
 
 def _texts(values: pd.Series, text) -> list:

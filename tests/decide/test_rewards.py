@@ -115,6 +115,32 @@ def test_codes_are_unique_and_from_the_safe_alphabet():
     assert generate_codes(0, "", 8) == []
 
 
+def test_shares_of_one_runs_codes_never_collide():
+    """The dask engine's partitions each make their share of a run's codes: the shares are
+    disjoint by construction (the last 4 characters as a number, modulo the share count)."""
+    def tail(code: str) -> int:
+        value = 0
+        for symbol in code[-4:]:
+            value = value * len(CODE_ALPHABET) + CODE_ALPHABET.index(symbol)
+        return value
+
+    shares = [generate_codes(3000, "VIP-", 8, share=(index, 7)) for index in range(7)]
+    pooled = [code for share in shares for code in share]
+    assert len(set(pooled)) == len(pooled) == 21000
+    pattern = re.compile(f"^VIP-[{CODE_ALPHABET}]{{8}}$")
+    assert all(pattern.match(code) for code in pooled)
+    for index, share in enumerate(shares):
+        assert {tail(code) % 7 for code in share} == {index}
+    # one share is the whole space: the last characters vary as much as the others
+    assert len({code[-1] for code in generate_codes(2000, "", 8)}) == len(CODE_ALPHABET)
+    with pytest.raises(ValueError, match="at least 6 random characters"):
+        generate_codes(10, "", 5, share=(0, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        generate_codes(1000, "", 6, share=(1, 31 ** 4 // 2))
+    with pytest.raises(ValueError, match="cannot be split"):
+        generate_codes(1, "", 8, share=(4, 4))
+
+
 def test_costs_and_points_in_evaluation_with_variants(tmp_path):
     ws = make_workspace(tmp_path / "ws", """\
         c:
