@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 
 from importlinter.cli import lint_imports
@@ -15,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_contracts_hold():
     """config -> data -> decide -> state -> messages -> execution -> app, and no cycles
     between the modules of a subpackage (the contracts in pyproject.toml)."""
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    # import-linter configures logging with dictConfig, which disables every logger that exists
+    # (loyalty.delivery's log lines would vanish from the tests that run after this one)
+    loggers = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = [lg.disabled for lg in loggers]
+    try:
+        assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    finally:
+        for lg, was in zip(loggers, disabled):
+            lg.disabled = was
 
 
 def test_imports_sit_at_the_top_of_modules_except_the_optional_dask_and_sqlalchemy():
