@@ -23,7 +23,7 @@ review_at, grace_until, trial_until (local dates, naive midnight; NaT: none), tr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -118,6 +118,53 @@ class TierDecision:
     tier: pd.Series
     since: np.ndarray
     moves: pd.DataFrame
+    rows: np.ndarray | None = None          # the moved members' rows in the features frame, ascending
+
+
+# --------------------------------------------------------------------------- decided once
+
+_KEPT = "_loyalty_tier_moves"      # an attribute of the frame itself: copies and slices do not carry it
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The moves decided for the members of one features frame, and what they were decided from."""
+
+    program: Program
+    as_of: pd.Timestamp
+    timezone: str
+    state: TierState | None
+    moves: pd.DataFrame
+    rows: np.ndarray
+
+
+def keep_moves(frame: pd.DataFrame, decision: TierDecision, program: Program, as_of: pd.Timestamp,
+               timezone: str, state: TierState | None) -> None:
+    """Keep with ``frame`` (the features the decision was taken on, or a frame of the same rows)
+    the moves decided for its members, so that evaluation does not decide them again."""
+    rows = decision.rows if decision.rows is not None else np.arange(len(decision.moves))
+    object.__setattr__(frame, _KEPT, _Kept(program, as_of, timezone, state, decision.moves, rows))
+
+
+def kept_moves(frame: pd.DataFrame, program: Program, as_of: pd.Timestamp, timezone: str,
+               state: TierState | None) -> pd.DataFrame | None:
+    """The moves ``keep_moves`` kept with ``frame`` when decided from the same programme,
+    instant and stored state (None otherwise: decide them)."""
+    kept = frame.__dict__.get(_KEPT)
+    if kept is None or kept.program is not program or kept.state is not state or kept.timezone != timezone \
+            or kept.as_of != as_of:
+        return None
+    return kept.moves.copy(deep=False)
+
+
+def keep_slice(frame: pd.DataFrame, part: pd.DataFrame, start: int, stop: int) -> None:
+    """``part`` (rows ``start:stop`` of ``frame``) keeps the moves of its own members."""
+    kept = frame.__dict__.get(_KEPT)
+    if kept is None:
+        return
+    first, last = np.searchsorted(kept.rows, [start, stop])
+    moves = kept.moves.iloc[first:last].reset_index(drop=True)
+    object.__setattr__(part, _KEPT, replace(kept, moves=moves, rows=kept.rows[first:last] - start))
 
 
 # --------------------------------------------------------------------------- reviews and qualifying
@@ -270,7 +317,7 @@ def decide_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, tim
     }, columns=MOVE_COLUMNS)
     local_since = pd.DatetimeIndex(m.since).tz_localize("UTC").tz_convert(timezone).tz_localize(None).normalize()
     return TierDecision(pd.Series(names, index=frame.index, dtype="string"),
-                        local_since.as_unit("ns").to_numpy(), moves)
+                        local_since.as_unit("ns").to_numpy(), moves, rows)
 
 
 # --------------------------------------------------------------------------- campaigns
