@@ -23,7 +23,8 @@ def _arrow(values) -> pa.Array:
     if isinstance(values, pa.Array):
         return values
     try:
-        array = pa.array(values, from_pandas=True) if isinstance(values, (np.ndarray, pd.api.extensions.ExtensionArray)) \
+        arrays = (np.ndarray, pd.api.extensions.ExtensionArray)
+        array = pa.array(values, from_pandas=True) if isinstance(values, arrays) \
             else pa.array(list(values), from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):      # mixed types: compare their text
         array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
@@ -50,3 +51,27 @@ def is_in(values, among: Iterable) -> np.ndarray:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 left, right = left.cast(pa.string()), right.cast(pa.string())
     return pc.is_in(left, value_set=right).to_numpy(zero_copy_only=False)
+
+
+def positions_in(values, among) -> np.ndarray:
+    """int64 array: the position in ``among`` (unique keys) of each of ``values``, -1 where it
+    is not there or null; as ``is_in``, hashed in Arrow (``pd.Index.get_indexer`` makes a
+    Python object of every Arrow string)."""
+    left = _arrow(values)
+    if not len(left):
+        return np.zeros(0, dtype=np.int64)
+    right = _arrow(among)
+    if not len(right) or pa.types.is_null(left.type):
+        return np.full(len(left), -1, dtype=np.int64)
+    if left.type != right.type:
+        if pa.types.is_dictionary(left.type):
+            left = left.dictionary_decode()
+        if pa.types.is_dictionary(right.type):
+            right = right.dictionary_decode()
+        if left.type != right.type:
+            try:
+                right = right.cast(left.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                left, right = left.cast(pa.string()), right.cast(pa.string())
+    found = pc.index_in(left, value_set=right, skip_nulls=True).fill_null(-1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
