@@ -20,7 +20,7 @@ from engine.config.catalogue import ACTIVITY_PREFIX, BUILTIN_FEATURES, POINTS_FE
 from engine.config.model import FeatureDef, PointsDef, Program, Settings, TierDef
 from engine.data.points import Accounts, PointsHistory, member_accounts, points_columns
 from engine.data.sources import Tables
-from engine.data.tiers import TierState, decide_tiers
+from engine.data.tiers import TierDecision, TierState, decide_tiers, keep_moves
 from engine.errors import Problem, RuleError
 
 _MIN = np.iinfo(np.int64).min   # also numpy's NaT
@@ -533,9 +533,14 @@ def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, a
     order = feature_order(program.features, program.tiers, program.points)
     if "points" not in order:       # nothing reads them: grants and redemptions alone, first
         order = ["points"] + order
+    decision: TierDecision | None = None
     for name in order:
         if name == "tier":
-            frame["tier"], frame["tier_since"] = assign_tiers(program, frame, as_of, settings.timezone, tiers)
+            if program.stored_tiers:     # decided once: evaluation takes these moves (``kept_moves``)
+                decision = decide_tiers(program, frame, as_of, settings.timezone, tiers)
+                frame["tier"], frame["tier_since"] = decision.tier, decision.since
+            else:
+                frame["tier"], frame["tier_since"] = assign_tiers(program, frame, as_of, settings.timezone)
             continue
         if name == "points":
             if program.points is not None or tables is not None or history is not None:
@@ -549,4 +554,7 @@ def finish_features(frame: pd.DataFrame, program: Program, settings: Settings, a
             frame[name] = _typed_output(pd.Series(value, index=frame.index).reset_index(drop=True), feature.type) \
                 if feature.type in ("number", "bool", "date", "string") else value
     custom = [name for name in order if name not in ("tier", "points")]
-    return frame[[c for c in frame.columns if c not in custom] + custom]
+    frame = frame[[c for c in frame.columns if c not in custom] + custom]
+    if decision is not None:
+        keep_moves(frame, decision, program, as_of, settings.timezone, tiers)
+    return frame

@@ -23,11 +23,27 @@ def _arrow(values) -> pa.Array:
     if isinstance(values, pa.Array):
         return values
     try:
-        array = pa.array(values, from_pandas=True) if isinstance(values, (np.ndarray, pd.api.extensions.ExtensionArray)) \
+        arrays = (np.ndarray, pd.api.extensions.ExtensionArray)
+        array = pa.array(values, from_pandas=True) if isinstance(values, arrays) \
             else pa.array(list(values), from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):      # mixed types: compare their text
         array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
     return array
+
+
+def _comparable(left: pa.Array, right: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Both sides of a look-up as one type: ``right`` read as ``left``'s, or both as text."""
+    if left.type != right.type:
+        if pa.types.is_dictionary(left.type):
+            left = left.dictionary_decode()
+        if pa.types.is_dictionary(right.type):
+            right = right.dictionary_decode()
+        if left.type != right.type:
+            try:
+                right = right.cast(left.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                left, right = left.cast(pa.string()), right.cast(pa.string())
+    return left, right
 
 
 def is_in(values, among: Iterable) -> np.ndarray:
@@ -39,16 +55,7 @@ def is_in(values, among: Iterable) -> np.ndarray:
     right = _arrow(among)
     if not len(right):
         return np.zeros(len(left), dtype=bool)
-    if left.type != right.type:
-        if pa.types.is_dictionary(left.type):
-            left = left.dictionary_decode()
-        if pa.types.is_dictionary(right.type):
-            right = right.dictionary_decode()
-        if left.type != right.type:
-            try:
-                right = right.cast(left.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                left, right = left.cast(pa.string()), right.cast(pa.string())
+    left, right = _comparable(left, right)
     return pc.is_in(left, value_set=right).to_numpy(zero_copy_only=False)
 
 
@@ -63,3 +70,18 @@ def sort_order(frame: pd.DataFrame, keys: list[tuple[str, bool]]) -> np.ndarray:
     options = pc.SortOptions(sort_keys=[(str(i), "ascending" if up else "descending", "at_end")
                                         for i, (_, up) in enumerate(keys)])
     return pc.sort_indices(table, options=options).to_numpy()
+
+
+def positions_in(values, among) -> np.ndarray:
+    """int64 array: the position in ``among`` (unique keys) of each of ``values``, -1 where it
+    is not there or null; as ``is_in``, hashed in Arrow (``pd.Index.get_indexer`` makes a
+    Python object of every Arrow string)."""
+    left = _arrow(values)
+    if not len(left):
+        return np.zeros(0, dtype=np.int64)
+    right = _arrow(among)
+    if not len(right) or pa.types.is_null(left.type):
+        return np.full(len(left), -1, dtype=np.int64)
+    left, right = _comparable(left, right)
+    found = pc.index_in(left, value_set=right, skip_nulls=True).fill_null(-1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)

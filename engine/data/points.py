@@ -31,6 +31,7 @@ import pandas as pd
 
 from engine.config.catalogue import MAX_POINTS, POINTS_FEATURES
 from engine.config.model import EarnRule, PointsDef
+from engine.data.keys import positions_in
 
 CREDIT, REDEMPTION, REFUND = 0, 1, 2
 _US = 1_000          # nanoseconds in a microsecond: every instant here is int64 microseconds UTC
@@ -155,17 +156,63 @@ class Accounts:
 def _micros(stamps) -> np.ndarray:
     """Instants (a tz-aware Series or DatetimeIndex) as int64 microseconds UTC."""
     index = pd.DatetimeIndex(stamps)
-    return index.tz_convert("UTC").tz_localize(None).as_unit("us").asi8.astype(np.int64)
+    if index.tz is None:
+        raise TypeError("instants need a timezone")
+    return index.as_unit("us").asi8.astype(np.int64)      # held as UTC already
 
 
 def _instant(stamp: pd.Timestamp) -> int:
     return int(stamp.value) // _US
 
 
+_DAY = 86_400_000_000        # microseconds
+_PROBES = np.array([0, _DAY // 4, _DAY // 2, 3 * _DAY // 4, _DAY - 1])
+_MOST_DAYS = 200_000         # a wider span of days is shifted by pandas alone
+
+
 def shift_days(at: np.ndarray, days: int, timezone: str) -> np.ndarray:
-    """The same local wall-clock time ``days`` calendar days later (DST-aware, as windows are)."""
+    """The same local wall-clock time ``days`` calendar days later (DST-aware, as windows are).
+
+    The UTC offset is looked up per day, not converted per instant: a day whose offset holds
+    from the day before to the day after has one answer (``later wall time - offset``); the
+    few instants on days around a change of offset are shifted by pandas."""
     if not len(at):
         return at
+    first, last = int(at.min()) // _DAY, int(at.max()) // _DAY
+    low, high = min(first, first + days) - 2, max(last, last + days) + 2
+    if high - low > _MOST_DAYS:
+        return _shift_days(at, days, timezone)
+    offset, steady = _day_offsets(np.arange(low, high + 1, dtype=np.int64), timezone)
+    if steady.all() and (offset == offset[0]).all():        # one offset all along: no wall time is special
+        return at + days * _DAY
+    day = at // _DAY
+    wall = at + offset[day - low]
+    later = wall + days * _DAY
+    later_day = later // _DAY - low
+    # a wall time has exactly one instant when the offset is the same all through the UTC days
+    # around it (offsets are under a day)
+    settled = np.zeros(len(offset), dtype=bool)
+    settled[1:-1] = steady[:-2] & steady[1:-1] & steady[2:] & (offset[:-2] == offset[1:-1]) \
+        & (offset[1:-1] == offset[2:])
+    shifted = later - offset[later_day]
+    exact = steady[day - low] & settled[later_day]
+    if not exact.all():
+        shifted[~exact] = _shift_days(at[~exact], days, timezone)
+    return shifted
+
+
+def _day_offsets(days: np.ndarray, timezone: str) -> tuple[np.ndarray, np.ndarray]:
+    """The UTC offset (microseconds) of each UTC day, and whether it holds all day."""
+    probes = (days[:, None] * _DAY + _PROBES).ravel()
+    local = pd.DatetimeIndex(probes.view("datetime64[us]")).tz_localize("UTC").tz_convert(timezone) \
+        .tz_localize(None).as_unit("us").asi8
+    offsets = (local - probes).reshape(len(days), len(_PROBES))
+    return offsets[:, 0].copy(), (offsets == offsets[:, :1]).all(axis=1)
+
+
+def _shift_days(at: np.ndarray, days: int, timezone: str) -> np.ndarray:
+    """``shift_days`` by pandas, instant by instant (an ambiguous wall time is the first instant,
+    a skipped one moves forward)."""
     wall = pd.DatetimeIndex(at.view("datetime64[us]")).tz_localize("UTC").tz_convert(timezone).tz_localize(None)
     later = (wall + pd.Timedelta(days=days)).tz_localize(timezone, ambiguous=np.ones(len(at), dtype=bool),
                                                           nonexistent="shift_forward")
@@ -213,8 +260,8 @@ def _earned(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: 
     rows = _rule_rows(rule, table, features, as_of, now, start, tier_at)
     if rows is None:
         return Entries.empty()
-    return Entries(rows["pos"].to_numpy(np.int64), rows["at"].to_numpy(np.int64), rows["points"].to_numpy(float),
-                   rows["kind"].to_numpy(np.int8), Sources.repeated(rule.name, len(rows)))
+    pos, at, points, kind = rows
+    return Entries(pos, at, points, kind, Sources.repeated(rule.name, len(pos)))
 
 
 def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFrame, as_of: pd.Timestamp,
@@ -228,7 +275,7 @@ def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFram
         # sees may be a subset of the customers the tables were loaded with
         at = _micros(table["timestamp"])
         table = table[(at > _instant(since)) & (at <= _instant(as_of))]
-        codes = pd.Index(features["customer_id"].astype(str)).get_indexer(table["customer_id"].astype(str))
+        codes = positions_in(table["customer_id"].astype(str), features["customer_id"].astype(str))
         table = table[codes >= 0].assign(cust_code=codes[codes >= 0])
     tier_at = _TierAt(features, history.tiers if history is not None else None)
     rows = _rule_rows(rule, table, features, as_of, _instant(as_of), start, tier_at, keep_columns=True)
@@ -240,9 +287,10 @@ def earned_rows(points: PointsDef, rule: EarnRule, tables, features: pd.DataFram
 
 
 def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_of: pd.Timestamp, now: int,
-               start: int | None, tier_at: "_TierAt", keep_columns: bool = False) -> pd.DataFrame | None:
+               start: int | None, tier_at: "_TierAt", keep_columns: bool = False):
     """pos, at, points, kind (CREDIT or REFUND) of the rows ``rule`` gives points for (None:
-    none); with ``keep_columns``, also the table's own columns (amounts as written)."""
+    none), as arrays; with ``keep_columns``, a frame of them and the table's own columns
+    (amounts as written)."""
     if not len(table):
         return None
     at = _micros(table["timestamp"])
@@ -253,21 +301,31 @@ def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_o
         keep &= (table["type"] == rule.event_type).to_numpy(dtype=bool, na_value=False)
     if not keep.any():
         return None
-    if not keep_columns:        # only what the rule reads: copying whole order tables is slow
-        prefix = "order." if rule.source == "orders" else "event."
-        used = {name[len(prefix):] for name in _names(rule) if name.startswith(prefix)}
-        table = table[[c for c in table.columns if c in used or c in ("cust_code", "amount")]]
-    rows = table.reset_index(drop=True) if keep.all() else table[keep].reset_index(drop=True)
-    at = at[keep]
-    written = rows
-    pos = rows["cust_code"].to_numpy(np.int64)
-    refund = np.zeros(len(rows), dtype=bool)
+    everything = keep.all()
+    written = None
+    if keep_columns:
+        written = table.reset_index(drop=True) if everything else table[keep].reset_index(drop=True)
+
+    def column(name: str) -> pd.Series:
+        """A column of the kept rows (only what the rule reads: copying whole order tables is slow)."""
+        if written is not None:
+            return written[name]
+        return table[name].reset_index(drop=True) if everything else table[name][keep].reset_index(drop=True)
+
+    at = at if everything else at[keep]
+    codes = table["cust_code"].to_numpy(np.int64)
+    pos = codes if everything else codes[keep]
+    refund = np.zeros(len(pos), dtype=bool)
+    prefix = "order." if rule.source == "orders" else "event."
+    used = [name for name in _names(rule) if name.startswith(prefix) and name[len(prefix):] in table]
+    columns = {name: column(name[len(prefix):]) for name in used}
     if rule.source == "orders":
-        amount = rows["amount"].to_numpy(dtype=float)
+        amount = table["amount"].to_numpy(dtype=float)
+        amount = amount if everything else amount[keep]
         refund = amount < 0
-        if refund.any():        # a refund takes back what the order would have earned
-            rows = rows.assign(amount=np.abs(amount))
-    scope = _scope(rule, rows, features, pos)
+        if refund.any() and "order.amount" in columns:     # a refund takes back what the order would have earned
+            columns["order.amount"] = pd.Series(np.abs(amount))
+    scope = _scope(rule, columns, features, pos)
     values = pd.to_numeric(rule.amount.evaluate(scope, as_of), errors="coerce")
     base = np.nan_to_num(pd.Series(values).astype("Float64").to_numpy(dtype=float, na_value=np.nan),
                          nan=0.0, posinf=MAX_POINTS, neginf=0.0)
@@ -277,22 +335,21 @@ def _rule_rows(rule: EarnRule, table: pd.DataFrame, features: pd.DataFrame, as_o
     if rule.multiplier:
         base = np.floor(np.minimum(base * tier_at.multiplier(pos, at, rule.multiplier), MAX_POINTS))
     given = base > 0
-    found = pd.DataFrame({"pos": pos[given], "at": at[given], "points": base[given],
-                          "kind": np.where(refund, REFUND, CREDIT).astype(np.int8)[given]})
-    if keep_columns:
-        own = written[given].drop(columns=["cust_code"]).reset_index(drop=True)
-        found = pd.concat([found, own], axis=1)
-    return found
+    kind = np.where(refund, REFUND, CREDIT).astype(np.int8)
+    if not given.all():
+        pos, at, base, kind = pos[given], at[given], base[given], kind[given]
+    if not keep_columns:
+        return pos, at, base, kind
+    found = pd.DataFrame({"pos": pos, "at": at, "points": base, "kind": kind})
+    own = written[given].drop(columns=["cust_code"]).reset_index(drop=True)
+    return pd.concat([found, own], axis=1)
 
 
-def _scope(rule: EarnRule, rows: pd.DataFrame, features: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:
-    """``order.*``/``event.*`` of each row beside the member's features the rule reads."""
+def _scope(rule: EarnRule, columns: dict[str, pd.Series], features: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:
+    """``order.*``/``event.*`` of each row (``columns``) beside the member's features the rule reads."""
     prefix = "order." if rule.source == "orders" else "event."
-    used = _names(rule)
-    columns = {name: rows[name[len(prefix):]].reset_index(drop=True)
-               for name in used if name.startswith(prefix) and name[len(prefix):] in rows}
-    member = [name for name in used if not name.startswith(prefix) and name in features]
-    scope = features[member].iloc[pos].reset_index(drop=True) if member else pd.DataFrame(index=range(len(rows)))
+    member = [name for name in _names(rule) if not name.startswith(prefix) and name in features]
+    scope = features[member].iloc[pos].reset_index(drop=True) if member else pd.DataFrame(index=range(len(pos)))
     for name, column in columns.items():
         scope[name] = column
     return scope
@@ -304,7 +361,7 @@ def _names(rule: EarnRule) -> set[str]:
 
 
 def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
-    pos = pd.Index(features["customer_id"].astype(str)).get_indexer(grants["customer_id"].astype(str))
+    pos = positions_in(grants["customer_id"].astype(str), features["customer_id"].astype(str))
     at = _micros(grants["granted_at"])
     keep = (pos >= 0) & (at <= now) & (grants["points"].to_numpy(float) > 0)
     source = ("campaign:" + grants["campaign"].astype(str)).to_numpy(object) if "campaign" in grants \
@@ -313,19 +370,25 @@ def _granted(grants: pd.DataFrame, features: pd.DataFrame, now: int) -> Entries:
                    np.full(int(keep.sum()), CREDIT, np.int8), Sources.of(source[keep]))
 
 
+def _factors(tiers, factors) -> np.ndarray:
+    """Each tier's factor in ``factors`` (a tier name, or None), else 1."""
+    factors = dict(factors)
+    table = pd.Series(list(factors.values()) + [None], dtype=object).fillna(1.0).to_numpy(float)
+    return table[positions_in(tiers, list(factors))]          # -1 (no factor) takes the last: 1
+
+
 class _TierAt:
     """A member's tier at an instant. Computed tiers (no recorded changes): the tier at
     ``as_of``. Stored tiers: the last change recorded strictly before the instant (a run's
     change counts after it), no tier before the first one."""
 
     def __init__(self, features: pd.DataFrame, tiers: pd.DataFrame | None):
-        self.current = features["tier"].astype(object).to_numpy() if "tier" in features \
-            else np.full(len(features), None, dtype=object)
+        self.current = features["tier"] if "tier" in features else np.full(len(features), None, dtype=object)
         self.changes = None
         if tiers is not None:
-            pos = pd.Index(features["customer_id"].astype(str)).get_indexer(tiers["customer_id"].astype(str))
+            pos = positions_in(tiers["customer_id"].astype(str), features["customer_id"].astype(str))
             keep = pos >= 0
-            pos, since = pos[keep].astype(np.int64), _micros(tiers["since"])[keep]
+            pos, since = pos[keep], _micros(tiers["since"])[keep]
             order = np.lexsort((since, pos))        # by member, then time (stable: the later row wins a tie)
             self.changes = (pos[order], since[order], tiers["tier"].astype(object).to_numpy()[keep][order])
             count = np.bincount(pos, minlength=len(features))
@@ -333,19 +396,23 @@ class _TierAt:
 
     def multiplier(self, pos: np.ndarray, at: np.ndarray, factors) -> np.ndarray:
         """The factor of each (member, instant): the tier's in ``factors``, else 1."""
-        def factor(tiers: np.ndarray) -> np.ndarray:
-            return pd.Series(tiers, dtype=object).map(dict(factors)).fillna(1.0).to_numpy(float)
         if self.changes is None:
-            return factor(self.current)[pos]
+            return _factors(self.current, factors)[pos]
         _, since, tier = self.changes
-        change_factor = factor(tier)
         found = np.ones(len(pos))
-        first, count = self.first[pos], self.count[pos]
-        # a member has few changes: the k-th change of every member at once, the last one before wins
-        for k in range(int(count.max()) if len(pos) else 0):
-            row = np.where(count > k, first + k, 0)
-            before = (count > k) & (since[row] < at) if len(since) else np.zeros(len(pos), dtype=bool)
-            found[before] = change_factor[row[before]]
+        if not len(since) or not len(pos):
+            return found
+        change_factor = _factors(tier, factors)
+        # a member has few changes: the k-th change of every member at once, the last one before
+        # wins; per member, the instant and factor of its k-th change (none: never before)
+        for k in range(int(self.count.max())):
+            has = np.flatnonzero(self.count > k)
+            at_k = np.full(len(self.count), np.iinfo(np.int64).max, dtype=np.int64)
+            at_k[has] = since[self.first[has] + k]
+            factor_k = np.ones(len(self.count))
+            factor_k[has] = change_factor[self.first[has] + k]
+            before = at_k[pos] < at
+            found[before] = factor_k[pos[before]]
         return found
 
 
@@ -379,6 +446,11 @@ def accounts(entries: Entries, n: int, as_of: pd.Timestamp, expire_days: int | N
     earned, redeemed, earned_365d, redeemed_365d = (np.zeros(n) for _ in range(4))
     for part in (plain, mixed):
         pos, pts, kind = part.pos, part.points, part.kind
+        if part is plain:       # credits only: nothing redeemed
+            recent = part.at > year_ago
+            earned += np.bincount(pos, pts, minlength=n)
+            earned_365d += np.bincount(pos[recent], pts[recent], minlength=n)
+            continue
         credit = np.where(kind == CREDIT, pts, 0.0) - np.where(kind == REFUND, pts, 0.0)
         redemption = np.where(kind == REDEMPTION, pts, 0.0)
         recent = part.at > year_ago

@@ -23,12 +23,14 @@ review_at, grace_until, trial_until (local dates, naive midnight; NaT: none), tr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from engine.config.model import Program, TierDef
+from engine.data.keys import positions_in
 
 STATE_COLUMNS = ["customer_id", "tier", "since", "review_at", "grace_until", "trial_until", "trial_from"]
 MOVE_COLUMNS = STATE_COLUMNS + ["from_tier", "reason"]
@@ -86,7 +88,8 @@ class TierRules:
 
     def rank(self, names) -> np.ndarray:
         """Each tier name's place (0: highest); ``len(order)`` for none or an unknown name."""
-        codes = pd.Index(list(self.order), dtype=object).get_indexer(pd.Index(np.asarray(names, dtype=object)))
+        codes = positions_in(names if isinstance(names, (pd.Series, np.ndarray)) else np.asarray(names, dtype=object),
+                             pa.array(self.order, pa.string()))
         return np.where(codes < 0, len(self.order), codes).astype(np.int64)
 
     def name(self, ranks: np.ndarray) -> np.ndarray:
@@ -118,6 +121,53 @@ class TierDecision:
     tier: pd.Series
     since: np.ndarray
     moves: pd.DataFrame
+    rows: np.ndarray | None = None          # the moved members' rows in the features frame, ascending
+
+
+# --------------------------------------------------------------------------- decided once
+
+_KEPT = "_loyalty_tier_moves"      # an attribute of the frame itself: copies and slices do not carry it
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The moves decided for the members of one features frame, and what they were decided from."""
+
+    program: Program
+    as_of: pd.Timestamp
+    timezone: str
+    state: TierState | None
+    moves: pd.DataFrame
+    rows: np.ndarray
+
+
+def keep_moves(frame: pd.DataFrame, decision: TierDecision, program: Program, as_of: pd.Timestamp,
+               timezone: str, state: TierState | None) -> None:
+    """Keep with ``frame`` (the features the decision was taken on, or a frame of the same rows)
+    the moves decided for its members, so that evaluation does not decide them again."""
+    rows = decision.rows if decision.rows is not None else np.arange(len(decision.moves))
+    object.__setattr__(frame, _KEPT, _Kept(program, as_of, timezone, state, decision.moves, rows))
+
+
+def kept_moves(frame: pd.DataFrame, program: Program, as_of: pd.Timestamp, timezone: str,
+               state: TierState | None) -> pd.DataFrame | None:
+    """The moves ``keep_moves`` kept with ``frame`` when decided from the same programme,
+    instant and stored state (None otherwise: decide them)."""
+    kept = frame.__dict__.get(_KEPT)
+    if kept is None or kept.program is not program or kept.state is not state or kept.timezone != timezone \
+            or kept.as_of != as_of:
+        return None
+    return kept.moves.copy(deep=False)
+
+
+def keep_slice(frame: pd.DataFrame, part: pd.DataFrame, start: int, stop: int) -> None:
+    """``part`` (rows ``start:stop`` of ``frame``) keeps the moves of its own members."""
+    kept = frame.__dict__.get(_KEPT)
+    if kept is None:
+        return
+    first, last = np.searchsorted(kept.rows, [start, stop])
+    moves = kept.moves.iloc[first:last].reset_index(drop=True)
+    object.__setattr__(part, _KEPT, replace(kept, moves=moves, rows=kept.rows[first:last] - start))
 
 
 # --------------------------------------------------------------------------- reviews and qualifying
@@ -144,43 +194,95 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) | (np.isnat(a) & np.isnat(b))
 
 
+class _Names:
+    """Names as integer codes into ``names``, ``none`` the code of None. For tiers
+    (``_Names.of``): a tier of the rules is its place (0: highest), ``len(order)`` is none, and
+    the codes after it are names the rules do not have (read from the state)."""
+
+    def __init__(self, names, none: int):
+        self.names: list = list(names)
+        self.none = none
+
+    @classmethod
+    def of(cls, rules: TierRules) -> _Names:
+        return cls([*rules.order, None], len(rules.order))
+
+    def codes(self, values) -> np.ndarray:
+        """The code of each name (None or NaN: none)."""
+        found, uniques = pd.factorize(np.asarray(values, dtype=object))
+        known = {name: code for code, name in enumerate(self.names) if name is not None}
+        for name in uniques:
+            if name not in known:
+                known[name] = len(self.names)
+                self.names.append(name)
+        table = np.array([known[name] for name in uniques] + [self.none], dtype=np.int64)
+        return table[found]                      # -1 (null) takes the last entry: none
+
+    def texts(self, codes: np.ndarray):
+        """The names of ``codes`` as pandas makes a column of them from Python objects: text
+        (Arrow) when any is a name, else objects (None); without building a million objects."""
+        names = self.names
+        if not len(codes) or not all(isinstance(name, str) for name in names if name is not None):
+            return np.asarray(names, dtype=object)[codes]
+        used = np.bincount(codes, minlength=len(names)) > 0
+        if not any(used[code] for code, name in enumerate(names) if name is not None):
+            return np.full(len(codes), None, dtype=object)
+        return pd.array(pa.array(names, pa.large_string()).take(pa.array(codes)), dtype="str")
+
+
+# why a member's state changed this run (0: it did not)
+REASONS = (None, "trial ended", "qualified", "joined", "retained", "grace", "stepped down")
+_TRIAL_ENDED, _QUALIFIED, _JOINED, _RETAINED, _GRACE, _STEPPED_DOWN = range(1, len(REASONS))
+
+
+def _texts(values: pd.Series):
+    """Texts as a column of them made from Python objects would hold them (objects when empty)."""
+    return values.astype(str).array if len(values) else np.array([], dtype=object)
+
+
 @dataclass
 class _Members:
     """The members of a features frame as this run moves them, one array per state field;
-    ``rank`` is the tier's place (``len(order)``: none), dates are ``datetime64[D]``."""
+    ``rank`` is the tier's place (``len(order)``: none), tier names are ``_Names`` codes, dates
+    are ``datetime64[D]``."""
 
     has: np.ndarray              # a stored state of a tier the rules know (or of none)
-    stored: np.ndarray           # the stored tier's name (None without one)
+    stored: np.ndarray           # the stored tier (none without one)
     rank: np.ndarray
     since: np.ndarray            # datetime64[us], UTC
     review: np.ndarray
     grace_until: np.ndarray
     trial_until: np.ndarray
     trial_from: np.ndarray
-    reason: np.ndarray           # why the state changed this run (None: it did not)
+    reason: np.ndarray           # why the state changed this run (``REASONS``; 0: it did not)
 
     @classmethod
-    def of(cls, rules: TierRules, frame: pd.DataFrame, state: TierState | None) -> _Members:
-        n, none = len(frame), len(rules.order)
+    def of(cls, names: _Names, frame: pd.DataFrame, state: TierState | None) -> _Members:
+        n, none = len(frame), names.none
         members = (state.members if state is not None else empty_states()).reset_index(drop=True)
-        pos = pd.Index(frame["customer_id"].astype(str).to_numpy(dtype=object)).get_indexer(
-            members["customer_id"].astype(str).to_numpy(dtype=object))
-        members, pos = members[pos >= 0].reset_index(drop=True), pos[pos >= 0]
+        pos = positions_in(members["customer_id"].astype(str), frame["customer_id"].astype(str))
+        found = pos >= 0
+        pos = pos[found]
+        members = members[found].reset_index(drop=True) if not found.all() else members
 
         def aligned(column: str, dates: bool = False) -> np.ndarray:
-            out = np.full(n, _NAT if dates else None, dtype="datetime64[D]" if dates else object)
-            out[pos] = _dates(members[column]) if dates else members[column].to_numpy(dtype=object)
+            if dates:
+                out = np.full(n, _NAT, dtype="datetime64[D]")
+                out[pos] = _dates(members[column])
+            else:
+                out = np.full(n, none, dtype=np.int64)
+                out[pos] = names.codes(members[column])
             return out
 
         stored = aligned("tier")
         has = np.zeros(n, dtype=bool)
         has[pos] = True
-        has &= (rules.rank(stored) < none) | pd.isna(stored)      # a tier the rules no longer have: enter again
+        has &= stored <= none                  # a tier the rules no longer have: enter again
         since = np.full(n, np.datetime64("NaT", "us"), dtype="datetime64[us]")
         since[pos] = members["since"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
-        return cls(has, stored, np.where(has, rules.rank(stored), none), since, aligned("review_at", True),
+        return cls(has, stored, np.where(has, stored, none), since, aligned("review_at", True),
                    aligned("grace_until", True), aligned("trial_until", True), aligned("trial_from"),
-                   np.full(n, None, dtype=object))
+                   np.zeros(n, dtype=np.int8))
 
     def copy(self) -> _Members:
         return _Members(*(getattr(self, name).copy() for name in self.__dataclass_fields__))
@@ -196,13 +298,14 @@ class _Members:
 
 def _end_trials(m: _Members, rules: TierRules, best: np.ndarray, today: np.datetime64) -> None:
     """Trials that end: back to the tier held before, or higher when its qualify holds."""
+    none = len(rules.order)
     ending = m.has & ~np.isnat(m.trial_until) & (m.trial_until <= today)
-    before = rules.rank(m.trial_from)
+    before = np.minimum(m.trial_from, none)
     back = np.minimum(before, best)
     m.rank[ending] = back[ending]
-    m.reason[ending] = "trial ended"
-    m.move(ending & (back < before), back, "qualified", rules, today)
-    m.trial_until[ending], m.trial_from[ending] = _NAT, None
+    m.reason[ending] = _TRIAL_ENDED
+    m.move(ending & (back < before), back, _QUALIFIED, rules, today)
+    m.trial_until[ending], m.trial_from[ending] = _NAT, none
 
 
 def _qualify(m: _Members, rules: TierRules, best: np.ndarray, today: np.datetime64) -> None:
@@ -211,8 +314,8 @@ def _qualify(m: _Members, rules: TierRules, best: np.ndarray, today: np.datetime
     none = len(rules.order)
     up = ((best < m.rank) | ~m.has) & (best < none)
     base = ~rules.is_reviewed(best)
-    m.move(up, best, np.where(base, "joined", "qualified"), rules, today)
-    m.trial_until[up], m.trial_from[up] = _NAT, None
+    m.move(up, best, np.where(base, _JOINED, _QUALIFIED).astype(np.int8), rules, today)
+    m.trial_until[up], m.trial_from[up] = _NAT, none
 
 
 def _review(m: _Members, rules: TierRules, best: np.ndarray, keeps: np.ndarray, today: np.datetime64,
@@ -232,10 +335,18 @@ def _review(m: _Members, rules: TierRules, best: np.ndarray, keeps: np.ndarray, 
     failing = due & ~kept
     starts = failing & np.isnat(m.grace_until)
     m.grace_until[starts] = m.review[starts] + grace
-    m.reason[retained & ~moved] = "retained"
-    m.reason[starts & (m.grace_until > today) & ~moved] = "grace"
+    m.reason[retained & ~moved] = _RETAINED
+    m.reason[starts & (m.grace_until > today) & ~moved] = _GRACE
     target = np.minimum(m.rank + 1, none) if rules.step_down == "one" else np.maximum(best, m.rank + 1)
-    m.move(failing & (m.grace_until <= today), np.minimum(target, none), "stepped down", rules, today)
+    m.move(failing & (m.grace_until <= today), np.minimum(target, none), _STEPPED_DOWN, rules, today)
+
+
+def _local_days(since: np.ndarray, timezone: str) -> np.ndarray:
+    """UTC instants (datetime64[us], NaT: none) as their local date at midnight (datetime64[ns]),
+    converted once per distinct instant: the members' tiers were reached at a few runs' instants."""
+    codes, uniques = pd.factorize(since)
+    local = pd.DatetimeIndex(uniques).tz_localize("UTC").tz_convert(timezone).tz_localize(None).normalize()
+    return np.append(local.as_unit("ns").to_numpy(), np.datetime64("NaT", "ns"))[codes]
 
 
 def decide_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, timezone: str,
@@ -246,7 +357,8 @@ def decide_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, tim
     none, today = len(rules.order), rules.today(as_of)
     qualify, keeps = _masks(program.tiers, frame, as_of)
     best = np.where(qualify[:none].any(axis=0), qualify[:none].argmax(axis=0), none)
-    old = _Members.of(rules, frame, state)
+    names = _Names.of(rules)
+    old = _Members.of(names, frame, state)
     m = old.copy()
     _end_trials(m, rules, best, today)
     _qualify(m, rules, best, today)
@@ -256,21 +368,19 @@ def decide_tiers(program: Program, frame: pd.DataFrame, as_of: pd.Timestamp, tim
                                      | ~_same(m.trial_until, old.trial_until)))
     m.since[new_tier] = np.datetime64(as_of.tz_convert("UTC").tz_localize(None), "us")
     m.since[m.rank == none] = np.datetime64("NaT", "us")
-    names = rules.name(m.rank)
     rows = np.flatnonzero(changed)
     moves = pd.DataFrame({
-        "customer_id": frame["customer_id"].astype(str).to_numpy(dtype=object)[rows],
-        "tier": names[rows],
+        "customer_id": _texts(frame["customer_id"].take(rows)),
+        "tier": names.texts(m.rank[rows]),
         "since": pd.DatetimeIndex(m.since[rows]).tz_localize("UTC"),
         **{name: values[rows].astype("datetime64[s]") for name, values in
            zip(DATES, (m.review, m.grace_until, m.trial_until))},
-        "trial_from": m.trial_from[rows],
-        "from_tier": old.stored[rows],
-        "reason": m.reason[rows],
+        "trial_from": names.texts(m.trial_from[rows]),
+        "from_tier": names.texts(old.stored[rows]),
+        "reason": _Names(REASONS, 0).texts(m.reason[rows].astype(np.int64)),
     }, columns=MOVE_COLUMNS)
-    local_since = pd.DatetimeIndex(m.since).tz_localize("UTC").tz_convert(timezone).tz_localize(None).normalize()
-    return TierDecision(pd.Series(names, index=frame.index, dtype="string"),
-                        local_since.as_unit("ns").to_numpy(), moves)
+    tier = pd.array(pa.array([*rules.order, None], pa.large_string()).take(pa.array(m.rank)), dtype="string")
+    return TierDecision(pd.Series(tier, index=frame.index), _local_days(m.since, timezone), moves, rows)
 
 
 # --------------------------------------------------------------------------- campaigns
@@ -331,15 +441,20 @@ def move_counts(rules: TierRules, moves: pd.DataFrame) -> dict[str, dict[str, in
     counts: dict[str, dict[str, int]] = {"up": {}, "down": {}, "joined": {}}
     if not len(moves):
         return counts
-    before = moves["from_tier"].to_numpy(dtype=object)
-    after = moves["tier"].to_numpy(dtype=object)
+    before, after = moves["from_tier"], moves["tier"]
     ranks_before, ranks_after = rules.rank(before), rules.rank(after)
-    joined = pd.isna(before)
-    for kind, mask in (("joined", joined & ~pd.isna(after)), ("up", ~joined & (ranks_after < ranks_before)),
+    joined = before.isna().to_numpy()
+    # each distinct name counted once, with bincount: keys in the order they first come
+    codes, uniques = pd.factorize(after)
+    keys = [name if isinstance(name, str) else "none" for name in uniques] + ["none"]
+    codes = np.where(codes < 0, len(uniques), codes)
+    for kind, mask in (("joined", joined & ~after.isna().to_numpy()), ("up", ~joined & (ranks_after < ranks_before)),
                        ("down", ~joined & (ranks_after > ranks_before))):
-        for name in after[mask]:
-            key = name if isinstance(name, str) else "none"
-            counts[kind][key] = counts[kind].get(key, 0) + 1
+        picked = codes[mask]
+        found = np.bincount(picked, minlength=len(keys))
+        present = np.flatnonzero(found)
+        for code in sorted(present, key=lambda code: int(np.argmax(picked == code))):
+            counts[kind][keys[code]] = counts[kind].get(keys[code], 0) + int(found[code])
     return {kind: dict(sorted(found.items(), key=lambda item: rules.rank([item[0]])[0]))
             for kind, found in counts.items()}
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from engine.config.model import CampaignDef, LoadedWorkspace
 from engine.data.keys import is_in
-from engine.data.tiers import MOVE_COLUMNS, decide_tiers, empty_states
+from engine.data.tiers import MOVE_COLUMNS, decide_tiers, empty_states, kept_moves
 from engine.decide.assignment import in_holdout
 from engine.decide.budgets import apply_budgets, budget_caps
 from engine.decide.candidates import arbitrate, candidate_frame
@@ -151,10 +151,13 @@ def evaluate(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: Ru
 
 def member_tier_moves(workspace: LoadedWorkspace, features: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
     """The stored tiers' moves of this run for the customers of ``features`` (the moves the
-    features' ``tier`` column already shows); none with computed tiers."""
-    if not workspace.program.stored_tiers:
+    features' ``tier`` column already shows: those the features kept, when computed from the
+    same stored state); none with computed tiers."""
+    program, timezone = workspace.program, workspace.settings.timezone
+    if not program.stored_tiers:
         return empty_states(MOVE_COLUMNS)
-    return decide_tiers(workspace.program, features, ctx.as_of, workspace.settings.timezone, ctx.tiers).moves
+    kept = kept_moves(features, program, ctx.as_of, timezone, ctx.tiers)
+    return kept if kept is not None else decide_tiers(program, features, ctx.as_of, timezone, ctx.tiers).moves
 
 
 def evaluate_partition(workspace: LoadedWorkspace, tables, features: pd.DataFrame, ctx: RunContext,

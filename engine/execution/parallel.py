@@ -32,6 +32,7 @@ import pandas as pd
 
 from engine.config.model import LoadedWorkspace
 from engine.data.sources import Tables
+from engine.data.tiers import keep_slice
 from engine.decide.budgets import budget_caps
 from engine.decide.triggers import RunContext
 from engine.execution.parts import Decided, combine_parts, decide_part
@@ -141,8 +142,9 @@ def evaluate_in_workers(workspace: LoadedWorkspace, tables: Tables, features: pd
         # deciding reads the customers' features and, for event triggers, their events
         part = replace(tables, customers=tables.customers.iloc[start:stop].reset_index(drop=True),
                        orders=orders, events=events, redemptions=None)
-        return decide_part(workspace, part, features.iloc[start:stop].reset_index(drop=True), ctx, campaigns,
-                           caps)
+        mine = features.iloc[start:stop].reset_index(drop=True)
+        keep_slice(features, mine, start, stop)           # the stored tiers' moves decided with the features
+        return decide_part(workspace, part, mine, ctx, campaigns, caps)
 
     if progress is not None:
         progress(f"deciding in {workers} processes")

@@ -137,3 +137,25 @@ def test_a_credit_is_valid_until_the_same_local_time_expire_after_days_later():
     gone = accounts(entries, 1, EPOCH + pd.Timedelta(days=30), 30, TZ)
     assert (still.balance[0], gone.balance[0], gone.expired[0]) == (10, 0, 10)
     assert shift_days(np.array([start]), 30, TZ)[0] == start + 30 * DAY
+
+
+def _shifted_by_pandas(at: np.ndarray, days: int, timezone: str) -> np.ndarray:
+    """The same local wall-clock time ``days`` later, instant by instant (the first of two, or
+    moved forward over a gap)."""
+    wall = [pd.Timestamp(int(t) * 1000, tz="UTC").tz_convert(timezone).tz_localize(None) for t in at]
+    later = [(w + pd.Timedelta(days=days)).tz_localize(timezone, ambiguous=True, nonexistent="shift_forward")
+             for w in wall]
+    return np.array([t.value // 1000 for t in later], dtype=np.int64)
+
+
+@pytest.mark.parametrize("timezone", ["Europe/London", "America/New_York", "Australia/Lord_Howe", "Pacific/Apia",
+                                      "Asia/Shanghai"])
+@pytest.mark.parametrize("days", [365, 30, 1])
+def test_shift_days_keeps_the_wall_clock_across_changes_of_offset(timezone, days):
+    """Instants around every change of offset from 2010 to 2013 (and those landing on one)."""
+    hours = pd.date_range("2010-01-01", "2013-01-01", freq="h", tz="UTC")
+    offsets = hours.tz_convert(timezone).tz_localize(None).as_unit("us").asi8 - hours.as_unit("us").asi8
+    changes = hours.as_unit("us").asi8[np.flatnonzero(np.diff(offsets))]
+    near = (changes[:, None] + np.arange(-25 * 3600, 25 * 3600, 1799)[None, :] * 1_000_000).ravel()
+    at = np.concatenate([near, near - days * DAY, [int(EPOCH.value) // 1000]])
+    assert np.array_equal(shift_days(at, days, timezone), _shifted_by_pandas(at, days, timezone))

@@ -9,17 +9,24 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from pandas.testing import assert_frame_equal
 from test_tiers import TRIAL, day, programme, tables
 
 from cli import main
 from engine import Workspace
 from engine.app.simulation import format_text
+from engine.data.tiers import TierState, decide_tiers, keep_slice
+from engine.decide import evaluation
+from engine.decide.evaluation import member_tier_moves
+from engine.execution.pipeline import parse_as_of, prepare
 from engine.faults import CHECKPOINTS
+from engine.state.store import StateStore
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBERS = [f"M{i:03d}" for i in range(40)]
@@ -152,3 +159,27 @@ def test_a_simulation_continues_from_the_recorded_tiers(busy_days, tmp_path):
     assert simulated_moves(rest.tier_history) == recorded_moves(real, since=day(15))
     # the points multipliers and features read the simulated history, as the runs read theirs
     assert pd.Index(rest.offers["firing_key"]).isin([k for k, _ in offers(real)]).all()
+
+
+def test_evaluation_takes_the_moves_decided_with_the_features(busy_days, monkeypatch):
+    """The stored tiers' moves are decided once, with the features: evaluation takes them (a
+    worker's slice of the rows, its own members' ones), and they are those deciding again gives."""
+    workspace = Workspace(busy_days[12]).load()
+    as_of = parse_as_of(day(13), "Asia/Shanghai")
+    with StateStore(workspace.settings.state_path) as store:
+        prepared = prepare(workspace, as_of, store)
+    features, ctx = prepared.features, prepared.context
+    again = decide_tiers(workspace.program, features, as_of, "Asia/Shanghai", ctx.tiers).moves
+    part = features.iloc[10:30].reset_index(drop=True)
+    keep_slice(features, part, 10, 30)
+    part_again = decide_tiers(workspace.program, part, as_of, "Asia/Shanghai", ctx.tiers).moves
+    assert len(again) and len(part_again) and len(part_again) < len(again)
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluation, "decide_tiers", lambda *args: pytest.fail("decided again"))
+        assert_frame_equal(member_tier_moves(workspace, features, ctx), again)
+        assert_frame_equal(member_tier_moves(workspace, part, ctx), part_again)
+    # from another stored state (or on a copy of the rows), they are decided again
+    other = replace(ctx, tiers=TierState.empty())
+    assert_frame_equal(member_tier_moves(workspace, features, other),
+                       decide_tiers(workspace.program, features, as_of, "Asia/Shanghai", TierState.empty()).moves)
+    assert_frame_equal(member_tier_moves(workspace, features.copy(), ctx), again)
