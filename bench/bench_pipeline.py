@@ -599,7 +599,10 @@ load + features + segments only.
   ids trimmed, checked unique and linked as integers; timestamps typed); features ~1 s;
   points accounts ~2.8 s (earn rules over 10M orders, the members without a redemption
   summed with `bincount`, only the members with one go through first-in-first-out
-  expiry); stored tiers ~1.5 s; decisions ~8 s over 22 campaigns (segments, triggers, the
+  expiry; ~2.5 s before issue 20's second round, ~1.6 s now: offsets looked up once per
+  day, arrays rather than frames per earn rule); stored tiers ~0.3 s (~2.7 s before: decided
+  once for features and evaluation, on integer codes, matched in Arrow, counted with
+  `bincount`); decisions ~8 s over 22 campaigns (segments, triggers, the
   contact policy, holdouts, candidates ~1.6 s, arbitration, pending firings); budgets, offer
   ids and send times over all offers ~1.7 s.
 - Firing keys and customer ids are matched in Arrow (`engine/data/keys.py`): pandas'
@@ -629,6 +632,17 @@ load + features + segments only.
   files store near-unique columns without dictionary pages, so the reader has to hash every
   value to build the dictionary: the orders' read went from ~2 s to ~5 s, for ~0.5 s saved
   in linking.
+- Memory: a run gives the memory of its dropped orders and events back to the system
+  before rendering (`data.memory.give_back_memory`: Arrow's pool and glibc's heap kept ~1.3
+  GB of 2.3 GB at 1M); the run's own peak went from 4.27 GB to 3.25 GB. The preview's peak
+  (~2.9 GB) comes while the points accounts are made over 10M orders, on top of the tables.
+- `run --engine dask`: the workers render and write their offers to files and the client
+  records them 20,000 at a time in one transaction, so the client holds ~0.6 GB at 1M
+  (docs/scale.md has the figures).
+- Back to back on this machine at 1M (one process, same files), before and after issue 20's
+  second round: preview 22.7-25.8 s -> 18.8-19.4 s, peak 3.05 -> 2.93 GB; run 117 -> 110 s;
+  rerun 40.4 -> 37.7 s (its record step 8.4 -> 5.7 s). The machine was slower that afternoon
+  than in the morning (the same code's preview took 17.9 s then), so compare within a row.
 - Automatic workers: on this 2-core machine the decisions stay in one process (a second
   deciding process was slower than one); rendering uses both cores (docs/operations.md).
 
