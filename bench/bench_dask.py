@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,24 +89,34 @@ def step_convert(folder: Path, partitions: int | None) -> dict:
 
 
 def step_dask(folder: Path, partitions: int | None) -> dict:
+    with _largest_child() as workers_peak:
+        result = _preview(folder, "dask", partitions,
+                          progress=lambda m: print(f"  [{_resident()}] {m}", file=sys.stderr, flush=True))
+    return {**result, "partitions": partitions, "worker_peak": workers_peak[0]}
+
+
+@contextmanager
+def _largest_child():
+    """A one-item list holding the largest resident memory of any child process (the
+    workers), sampled every half second while the block runs."""
     import psutil
-    workers_peak = [0]
+    largest = [0]
     done = threading.Event()
 
-    def sample() -> None:      # the largest worker process's resident memory, every half second
+    def sample() -> None:
         me = psutil.Process()
         while not done.wait(0.5):
             try:
                 rss = [c.memory_info().rss for c in me.children(recursive=True)]
             except psutil.Error:
                 continue
-            workers_peak[0] = max(workers_peak[0], max(rss, default=0))
+            largest[0] = max(largest[0], max(rss, default=0))
 
     threading.Thread(target=sample, daemon=True).start()
-    result = _preview(folder, "dask", partitions,
-                      progress=lambda m: print(f"  [{_resident()}] {m}", file=sys.stderr, flush=True))
-    done.set()
-    return {**result, "partitions": partitions, "worker_peak": workers_peak[0]}
+    try:
+        yield largest
+    finally:
+        done.set()
 
 
 def _fresh_state(folder: Path) -> Path:
@@ -135,28 +146,13 @@ def _recorded_digest(path: Path) -> dict:
 
 def _run(folder: Path, engine: str, partitions: int | None) -> dict:
     """``loyalty run --engine ENGINE --no-deliver`` on a fresh state database."""
-    import psutil
-
     from engine import Workspace
     state = _fresh_state(folder)
-    workers_peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:      # the largest child process's resident memory, every half second
-        me = psutil.Process()
-        while not done.wait(0.5):
-            try:
-                rss = [c.memory_info().rss for c in me.children(recursive=True)]
-            except psutil.Error:
-                continue
-            workers_peak[0] = max(workers_peak[0], max(rss, default=0))
-
-    threading.Thread(target=sample, daemon=True).start()
     progress = (lambda m: print(f"  [{_resident()}] {m}", file=sys.stderr, flush=True)) if engine == "dask" else None
-    start = time.perf_counter()
-    result = Workspace(folder).run(AS_OF, deliver=False, engine=engine, partitions=partitions, progress=progress)
-    seconds = time.perf_counter() - start
-    done.set()
+    with _largest_child() as workers_peak:
+        start = time.perf_counter()
+        result = Workspace(folder).run(AS_OF, deliver=False, engine=engine, partitions=partitions, progress=progress)
+        seconds = time.perf_counter() - start
     peak = _peak_bytes()          # before the digest below reads the offers back
     summary = {name: value for name, value in result.as_dict().items()
                if name not in ("run_id", "timings", "delivery")}

@@ -21,8 +21,7 @@ from engine.decide.evaluation import combine_partitions, keep_within
 from engine.decide.pending import render_outcomes, tally
 from engine.decide.rewards import generate_codes
 from engine.decide.totals import CampaignTotals, campaign_totals
-from engine.execution.partition_tasks import Job, _workspace, within_cutoffs
-from engine.execution.partitions import partition_numbers
+from engine.execution.partition_tasks import Job, _workspace, split_by_partition, within_cutoffs
 from engine.execution.recording import build_messages, edge_state_rows
 from engine.execution.run_files import file_name, run_folder, write_frame, write_records
 from engine.messages.offers import make_renderer, merge_out_of_time_errors, unrendered_offers
@@ -68,19 +67,11 @@ def recorded_hashes_by_partition(store, count: int, as_of_utc: str) -> list[dict
     """Firing key -> payload hash of the offers recorded by runs at ``as_of_utc`` (an earlier
     attempt of this run), split by the customer's partition: a rerun compares them without
     rendering them again, as a local run does (``unrendered_offers``)."""
-    parts: list[dict[str, str]] = [{} for _ in range(count)]
     if store is None:
-        return parts
+        return [{} for _ in range(count)]
     rows = store.db.execute("SELECT o.customer_id, o.firing_key, o.payload_hash FROM offers o "
                             "JOIN runs r ON r.run_id = o.run_id WHERE r.as_of_utc = ?", [as_of_utc])
-    while True:
-        batch = rows.fetchmany(200_000)
-        if not batch:
-            return parts
-        ids, keys, hashes = zip(*batch)
-        numbers = partition_numbers(pd.Series(ids, dtype=object).astype(str), count)
-        for number, key, hashed in zip(numbers.tolist(), keys, hashes):
-            parts[number][key] = hashed
+    return split_by_partition(rows, count)
 
 
 def write_partition(result: tuple, cutoffs: dict, job: Job, number: int, spec: PartitionRun) -> PartitionWritten:

@@ -59,21 +59,27 @@ class Job:
 def recorded_by_partition(store, count: int) -> list[dict[str, str]]:
     """Firing key -> as_of (UTC) of every firing acted on (a recorded offer, a pending firing
     closed as expired or held out: ``StateStore.recorded_at``), split by the customer's partition."""
-    parts: list[dict[str, str]] = [{} for _ in range(count)]
     if store is None:
-        return parts
+        return [{} for _ in range(count)]
     rows = store.db.execute("SELECT o.customer_id, o.firing_key, r.as_of_utc FROM offers o "
                             "JOIN runs r ON r.run_id = o.run_id UNION ALL "
                             "SELECT customer_id, firing_key, status_as_of FROM pending_firings "
                             "WHERE status IN ('expired', 'held_out')")
+    return split_by_partition(rows, count)
+
+
+def split_by_partition(rows, count: int) -> list[dict[str, str]]:
+    """(customer id, key, value) rows of a cursor as key -> value, one dict per partition of
+    the customer, fetched 200,000 rows at a time."""
+    parts: list[dict[str, str]] = [{} for _ in range(count)]
     while True:
         batch = rows.fetchmany(200_000)
         if not batch:
             return parts
-        ids, keys, stamps = zip(*batch)
+        ids, keys, values = zip(*batch)
         numbers = partition_numbers(pd.Series(ids, dtype=object).astype(str), count)
-        for number, key, stamp in zip(numbers.tolist(), keys, stamps):
-            parts[number][key] = stamp
+        for number, key, value in zip(numbers.tolist(), keys, values):
+            parts[number][key] = value
 
 
 class Recorded:

@@ -79,18 +79,24 @@ class TierBook(Database):
                    for row, reward in new_rows if reward and reward.get("kind") == "tier"]
         written = [own]
         if rewards:
-            ids = sorted({reward["customer_id"] for reward in rewards})
-            current = conn.execute(f"SELECT {_STATE_SQL} FROM member_tiers WHERE customer_id IN "
-                                   "(SELECT value FROM json_each(?))", [json.dumps(ids)])
-            states = _states(pd.DataFrame(current.fetchall(), columns=STATE_COLUMNS))
-            moves = campaign_moves(run.rules, run.as_of, states, pd.DataFrame(rewards))
-            seqs = []
-            for customer_id in moves["customer_id"]:
-                done[customer_id] = max(done.get(customer_id, 0), 0) + 1
-                seqs.append(done[customer_id])
-            self._write_moves(conn, run_id, run, moves, seqs)
-            written.append(moves)
+            written.append(self._write_reward_moves(conn, run_id, run, rewards, done))
         return move_counts(run.rules, pd.concat([w for w in written if len(w)] or [own], ignore_index=True))
+
+    def _write_reward_moves(self, conn: sqlite3.Connection, run_id: str, run: TierRun, rewards: list[dict],
+                            done: dict[str, int]) -> pd.DataFrame:
+        """Write the moves of a run's newly recorded tier rewards, each after the member's
+        moves already written at this instant (``done``: customer -> last seq, updated); return them."""
+        ids = sorted({reward["customer_id"] for reward in rewards})
+        current = conn.execute(f"SELECT {_STATE_SQL} FROM member_tiers WHERE customer_id IN "
+                               "(SELECT value FROM json_each(?))", [json.dumps(ids)])
+        states = _states(pd.DataFrame(current.fetchall(), columns=STATE_COLUMNS))
+        moves = campaign_moves(run.rules, run.as_of, states, pd.DataFrame(rewards))
+        seqs = []
+        for customer_id in moves["customer_id"]:
+            done[customer_id] = max(done.get(customer_id, 0), 0) + 1
+            seqs.append(done[customer_id])
+        self._write_moves(conn, run_id, run, moves, seqs)
+        return moves
 
     def _record_tier_chunks(self, conn: sqlite3.Connection, run_id: str, run: TierRun,
                             moves: Iterable[pd.DataFrame], rewards: list[dict]) -> dict[str, dict[str, int]]:
@@ -107,17 +113,8 @@ class TierBook(Database):
             self._write_moves(conn, run_id, run, own, [0] * len(own))
             counts = _added_counts(counts, move_counts(run.rules, own))
         if rewards:
-            ids = sorted({reward["customer_id"] for reward in rewards})
-            done = self._tier_seqs(conn, at_utc, ids)
-            current = conn.execute(f"SELECT {_STATE_SQL} FROM member_tiers WHERE customer_id IN "
-                                   "(SELECT value FROM json_each(?))", [json.dumps(ids)])
-            states = _states(pd.DataFrame(current.fetchall(), columns=STATE_COLUMNS))
-            moved = campaign_moves(run.rules, run.as_of, states, pd.DataFrame(rewards))
-            seqs = []
-            for customer_id in moved["customer_id"]:
-                done[customer_id] = max(done.get(customer_id, 0), 0) + 1
-                seqs.append(done[customer_id])
-            self._write_moves(conn, run_id, run, moved, seqs)
+            done = self._tier_seqs(conn, at_utc, sorted({reward["customer_id"] for reward in rewards}))
+            moved = self._write_reward_moves(conn, run_id, run, rewards, done)
             counts = _added_counts(counts, move_counts(run.rules, moved))
         return {kind: dict(sorted(found.items(), key=lambda item: run.rules.rank([item[0]])[0]))
                 for kind, found in counts.items()}
